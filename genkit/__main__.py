@@ -1,0 +1,3 @@
+from genkit.cli import main
+
+raise SystemExit(main())

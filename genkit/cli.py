@@ -1,0 +1,112 @@
+"""`genkit` command line: parse, call the Python API, print. Errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from genkit import __version__
+from genkit.errors import GenkitError
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genkit", description="Generative models: train, sample, evaluate.")
+    p.add_argument("--version", action="version", version=f"genkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe into a run folder",
+                       description="Train a recipe (a YAML path or a shipped recipe name). Writes "
+                                   "runs/<name>/ with config.yaml, checkpoints/, model/, samples/ "
+                                   "and metrics.jsonl; ends with a sample grid.")
+    t.add_argument("recipe", help="recipe YAML path, or a shipped name such as ddpm_digits (see `genkit recipes`)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.steps=500 data.batch_size=32")
+    t.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run folder from its latest checkpoint (train.steps=N extends a finished run)")
+
+    s = sub.add_parser("sample", help="generate images from a trained run",
+                       description="Generate images from a run folder with a shared sampler.")
+    s.add_argument("run", type=Path, help="run folder written by `genkit train`")
+    s.add_argument("--sampler", help="sampler name (default: the family's; e.g. ddim, ancestral)")
+    s.add_argument("--steps", type=_positive, help="sampler steps (default: the family's)")
+    s.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--batch-size", type=_positive, help="images per network batch (default: all)")
+    s.add_argument("--eta", type=float, help="DDIM noise scale: 0 deterministic, 1 = DDPM posterior")
+    s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
+    s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
+    s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+    sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+    return p
+
+
+def _train(args: argparse.Namespace) -> None:
+    from genkit.api import train
+
+    run = train(args.recipe, overrides=args.overrides, out=args.out, resume=args.resume)
+    print(f"run folder: {run}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from genkit.api import load, sample_with_info
+    from genkit.io import save_grid, save_npz
+
+    family = load(args.run, device=args.device)
+    options = {} if args.eta is None else {"eta": args.eta}
+    out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                           batch_size=args.batch_size, **options)
+    print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}")
+    print(f"grid: {save_grid(out.images, args.out)}")
+    if args.save_npz:
+        path = save_npz(args.save_npz, out.images, sampler=out.sampler, steps=out.steps or 0,
+                        nfe=out.nfe, seed=args.seed)
+        print(f"npz: {path}")
+
+
+def _recipes(args: argparse.Namespace) -> None:
+    from genkit.config import list_recipes
+
+    rows = list_recipes()
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, description in rows:
+        print(f"{name:<{width}}  {description}")
+
+
+COMMANDS = {"train": _train, "sample": _sample, "recipes": _recipes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `genkit` console script."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # overrides may come before or after the options
+        bad = [a for a in extra if a.startswith("-") or "=" not in a]
+        if bad:
+            parser.parse_args(argv)  # argparse's own message and exit 2
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except GenkitError as e:
+        print(f"genkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"genkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

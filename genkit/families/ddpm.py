@@ -1,0 +1,162 @@
+"""DDPM: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel, NeurIPS 2020).
+
+Forward process q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), t = 0 .. T-1,
+alpha_bar_t = prod_{s <= t} (1 - beta_s). The network predicts eps, x_0 or
+v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, trained with plain MSE.
+
+In the samplers' sigma picture (as k-diffusion's discrete-schedule wrapper):
+    sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+    z       = x_t                       (the VP-scaled state of `genkit.samplers`)
+    t(sigma) = interpolation of the table in log-sigma
+so `denoise(z, sigma)` = x0_hat and `sigmas(steps)` is the grid of the chosen timesteps.
+The UNet is diffusers' UNet2DModel; the diffusion math lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from genkit.errors import SamplerError
+from genkit.nn.unet import UNetConfig, build_unet
+from genkit.samplers import sample
+from genkit.samplers.adapters import TO_X0, training_target, vp_coefficients
+
+
+@dataclass
+class DDPMConfig:
+    family: str = "ddpm"
+    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = 1000                        # T
+    beta_start: float = 1e-4                     # linear schedule: beta_0
+    beta_end: float = 0.02                       # linear schedule: beta_{T-1}
+    prediction: Literal["epsilon", "x0", "v"] = "epsilon"
+    clip_sample: bool = True                     # clamp x0_hat to [-1, 1] while sampling
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timesteps of a short grid
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+
+def make_betas(schedule: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """beta_t in float64: linear (Ho et al.) or cosine (Nichol & Dhariwal 2021, max 0.999)."""
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    s = 0.008
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return torch.tensor([min(1 - f(t + 1) / f(t), 0.999) for t in range(T)], dtype=torch.float64)
+
+
+class NoiseSchedule:
+    """The discrete forward process: betas, alpha_bar, its sigma table and posterior."""
+
+    def __init__(self, betas: Tensor):
+        self.betas = betas.double()
+        self.T = len(betas)
+        self.alpha_bar = torch.cumprod(1 - self.betas, 0)
+        self.sigma_table = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()  # increasing in t
+        self.log_sigmas = self.sigma_table.log()
+
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (closed form of q(x_t | x0))."""
+        ab = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def posterior(self, x0: Tensor, xt: Tensor, t: int) -> tuple[Tensor, float]:
+        """Mean and variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
+        ab_t = float(self.alpha_bar[t])
+        ab_prev = float(self.alpha_bar[t - 1]) if t > 0 else 1.0
+        beta = float(self.betas[t])
+        mean = (math.sqrt(ab_prev) * beta / (1 - ab_t)) * x0 \
+            + (math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab_t)) * xt
+        return mean, (1 - ab_prev) / (1 - ab_t) * beta
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Continuous timestep of each sigma: linear interpolation of t in log-sigma."""
+        dtype = torch.float32 if sigma.device.type == "mps" else torch.float64
+        log_sigmas = self.log_sigmas.to(sigma.device, dtype)
+        ls = sigma.to(dtype).clamp_min(float(self.sigma_table[0])).log()
+        hi = torch.searchsorted(log_sigmas, ls).clamp(1, self.T - 1)
+        lo = hi - 1
+        w = (ls - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
+        return (lo + w.clamp(0, 1)).float()
+
+    def timesteps(self, steps: int, spacing: str = "leading") -> Tensor:
+        """Decreasing timesteps of a `steps`-long grid, spaced as diffusers' schedulers."""
+        T = self.T
+        if not 1 <= steps <= T:
+            raise SamplerError(f"steps must be between 1 and T={T} for this schedule, got {steps}")
+        # numpy float64, as diffusers (torch's arange/linspace round some .5 cases the other way);
+        # [:steps]: for some counts (T=1000, steps=61) float arange overshoots to a timestep of -1
+        if spacing == "leading":
+            ts = np.arange(steps) * (T // steps)
+        elif spacing == "trailing":
+            ts = (np.round(np.arange(T, 0, -T / steps))[:steps] - 1)[::-1]
+        else:
+            ts = np.linspace(0, T - 1, steps).round()
+        return torch.from_numpy(ts[::-1].astype(np.int64))
+
+    def sigmas(self, steps: int, spacing: str = "leading") -> Tensor:
+        """The sigma grid of those timesteps, decreasing, with a final 0."""
+        ts = self.timesteps(steps, spacing)
+        return torch.cat([self.sigma_table[ts], torch.zeros(1, dtype=torch.float64)])
+
+
+class DDPM:
+    """DDPM family: a UNet eps/x0/v-predictor over a discrete noise schedule."""
+
+    name = "ddpm"
+    default_sampler = "ddim"
+    default_steps = 50
+
+    def __init__(self, cfg: DDPMConfig, shape: tuple[int, int, int], num_classes: int = 0):
+        self.cfg = cfg
+        self.sample_shape = tuple(shape)  # (C, H, W)
+        self.schedule = NoiseSchedule(make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end))
+        self.nets = nn.ModuleDict({"unet": build_unet(cfg.unet, shape[0], shape[1])})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.nets.parameters()).device
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"model": list(self.nets.parameters())}
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.nets["unet"].enable_gradient_checkpointing()
+
+    def loss(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Simple loss: || target - net(x_t, t) ||^2 averaged over pixels and batch."""
+        ab = self.schedule.alpha_bar.to(x0.device)[t].view(-1, 1, 1, 1).float()
+        alpha, s = ab.sqrt(), (1 - ab).sqrt()
+        xt = alpha * x0 + s * eps
+        out = self.nets["unet"](xt, t.float()).sample
+        target = training_target(self.cfg.prediction, x0, eps, alpha, s)
+        return torch.mean((out.float() - target) ** 2)
+
+    def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+        x0 = batch["image"]
+        t = opt.randint(self.schedule.T, x0.shape[0])
+        eps = opt.randn(*x0.shape)
+        loss = self.loss(x0, t, eps)
+        opt.step("model", loss)
+        return {"loss": loss.detach()}
+
+    def denoise(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        """D(z; sigma) -> x0_hat through the UNet at the timestep of sigma."""
+        t = self.schedule.sigma_to_t(sigma)
+        alpha, s = vp_coefficients(sigma.float().view(-1, 1, 1, 1))
+        out = self.nets["unet"](z, t).sample.to(z.dtype)
+        x0 = TO_X0[self.cfg.prediction](z, out, alpha, s)
+        return x0.clamp(-1, 1) if self.cfg.clip_sample else x0
+
+    def sigmas(self, steps: int) -> Tensor:
+        return self.schedule.sigmas(steps, self.cfg.spacing)
+
+    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
+                 steps: int | None = None, **options: Any) -> Tensor:
+        """n images in [-1, 1] from a shared sampler (default: DDIM, 50 steps)."""
+        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images

@@ -1,0 +1,68 @@
+"""The abstractions every family, sampler and trainer agrees on: Protocols, no logic.
+
+A *family* owns networks, losses and generation. The trainer knows nothing else about it.
+A *sampler* is a plain function over a denoiser and a decreasing sigma grid; see
+`genkit.samplers` for the coordinate convention shared by every iterative family.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+class StepHandle(Protocol):
+    """What the trainer hands to `Family.train_step` as `opt`.
+
+    `step(group, loss)` back-propagates `loss` into that group's parameters only and steps
+    its optimizer when gradients are synchronised (after `grad_accum` micro-batches); it
+    returns whether the optimizer really stepped. Random draws for the *global* batch go
+    through `randn`/`rand`/`randint`, which are seeded by (seed, step, micro-batch, call) and
+    return this process's slice, so that N processes at batch B train exactly like one
+    process at batch N*B and a resumed run draws the same numbers as an uninterrupted one.
+    """
+
+    device: torch.device
+
+    def step(self, group: str, loss: Tensor) -> bool: ...
+
+    def randn(self, *shape: int) -> Tensor: ...
+
+    def rand(self, *shape: int) -> Tensor: ...
+
+    def randint(self, high: int, *shape: int) -> Tensor: ...
+
+
+class Family(Protocol):
+    """Networks + losses + generation; registered in `genkit.families.FAMILIES`."""
+
+    nets: nn.ModuleDict
+    default_sampler: str
+    default_steps: int | None
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]: ...
+
+    def train_step(self, batch: Mapping[str, Tensor], step: int, opt: StepHandle) -> dict[str, Tensor]: ...
+
+    def generate(
+        self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
+        steps: int | None = None, **options: Any,
+    ) -> Tensor: ...
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """D(z; sigma) -> x0_hat, with z = (x0 + sigma * eps) / sqrt(1 + sigma^2) (VP-scaled)."""
+
+    def __call__(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor: ...
+
+
+@runtime_checkable
+class DenoisingFamily(Family, Protocol):
+    """An iterative family: exposes its denoiser and its sigma grid to the shared samplers."""
+
+    def denoise(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor: ...
+
+    def sigmas(self, steps: int) -> Tensor: ...

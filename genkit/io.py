@@ -1,0 +1,152 @@
+"""Run folders, atomic writes, safetensors weights, image grids and sample archives.
+
+Every file genkit writes goes to a temporary name in the same folder, is flushed to disk,
+and is renamed over the target: a crash leaves the previous good file, never half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from genkit.errors import RunError
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp_path), fsync, then rename tmp over `path` (same folder, atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write a text file."""
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write a JSON file (indented, sorted keys off)."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Atomically save tensors as safetensors (contiguous CPU copies)."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Load a safetensors file (never unpickles)."""
+    return load_file(str(path), device=str(device))
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """Atomically torch.save plain containers of tensors (optimizer states, RNG states)."""
+    return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+def load_torch(path: str | Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers, no arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name and rename it into place only if the block succeeds."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    _fsync_dir(tmp)
+    if path.exists():  # replace an older folder of the same name: move it aside first
+        old = path.parent / f".{path.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8 by rounding, exactly as a saved PNG holds them."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] into one (H', W', C) uint8 array."""
+    from torchvision.utils import make_grid as tv_grid
+
+    n = images.shape[0]
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
+    grid = tv_grid(to_uint8(images.cpu()), nrow=nrow, padding=pad, pad_value=255)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, upscale: int = 0) -> Path:
+    """Save images in [-1, 1] as one PNG grid; small images are upscaled (nearest) to be seen."""
+    arr = make_grid(images, nrow)
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    scale = upscale or max(1, 256 // max(images.shape[-1], 1) // 2)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+def save_npz(path: str | Path, images: Tensor, **meta: Any) -> Path:
+    """Save samples as .npz: `images` uint8 (N, C, H, W) plus scalar metadata entries."""
+    arrays = {"images": to_uint8(images.cpu()).numpy()}
+    arrays.update({k: np.asarray(v) for k, v in meta.items()})
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite an existing run unless resuming; refuse to resume a missing one."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not resume:
+        raise RunError(f"run folder '{run_dir}' already exists: pass --resume to continue it, "
+                       f"or --out to train into another folder")
+    if resume and not exists:
+        raise RunError(f"cannot resume: run folder '{run_dir}' does not exist")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(run_dir, os.W_OK):
+        raise RunError(f"run folder '{run_dir}' is not writable")

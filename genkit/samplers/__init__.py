@@ -1,0 +1,135 @@
+"""Shared samplers: one contract for every iterative family (after k-diffusion and EDM).
+
+Convention
+----------
+A sampler is a plain function ``sample_<method>(D, z, sigmas, *, generator, **options)``.
+
+* ``D(z, sigma, **cond) -> x0_hat`` is the family's denoiser; ``sigma`` has shape (B,).
+* ``sigmas`` is a decreasing 1-D grid that ends at 0. It may start at ``inf`` (rectified
+  flow, zero-terminal-SNR schedules).
+* The state is kept in VP-scaled coordinates ``z = (x0 + sigma * eps) / sqrt(1 + sigma^2)``
+  = ``alpha * x0 + s * eps`` with ``alpha = 1/sqrt(1 + sigma^2)``, ``s = sigma * alpha``.
+  For DDPM this is exactly x_t (alpha = sqrt(alpha_bar_t)); it stays finite at
+  sigma = inf, where z is pure noise. Initial noise is therefore plain N(0, I), as in
+  diffusers, and the last step (sigma = 0) returns x0.
+
+Families reach this contract through the adapters in `genkit.samplers.adapters`
+(``from_eps``, ``from_v``, ...). Each sampler declares the capability it needs from a family
+(``denoise`` for iterative families); `sample` refuses a sampler that does not fit with the
+list of those that do, and reports the number of function evaluations (NFE) it spent.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from genkit.errors import SamplerError
+from genkit.samplers.adapters import randn
+from genkit.samplers.ddim import sample_ancestral, sample_ddim
+
+
+class SamplerSpec(NamedTuple):
+    fn: Callable[..., Tensor]
+    needs: str  # the family capability (method name) this sampler calls
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ancestral": SamplerSpec(sample_ancestral, "denoise"),
+    "ddim": SamplerSpec(sample_ddim, "denoise"),
+}
+
+
+@dataclass
+class SampleOutput:
+    images: Tensor  # (n, C, H, W) in [-1, 1]
+    nfe: int        # network evaluations per image batch (the sampler's cost)
+    sampler: str
+    steps: int | None
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its calls (NFE)."""
+
+    def __init__(self, D: Callable[..., Tensor]):
+        self.D, self.nfe = D, 0
+
+    def __call__(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        self.nfe += 1
+        return self.D(z, sigma, **cond)
+
+
+def samplers_for(family: Any) -> list[str]:
+    """Names of the samplers whose capability the family has."""
+    return [name for name, spec in SAMPLERS.items() if hasattr(family, spec.needs)]
+
+
+def resolve_sampler(family: Any, name: str | None) -> tuple[str, SamplerSpec]:
+    """The family's default sampler, or `name` if it exists and fits the family."""
+    name = name or family.default_sampler
+    fitting = samplers_for(family)
+    if name not in SAMPLERS:
+        raise SamplerError(f"unknown sampler '{name}'; known: {', '.join(SAMPLERS)}")
+    if name not in fitting:
+        raise SamplerError(
+            f"sampler '{name}' does not fit family '{family.name}'; use one of: {', '.join(fitting)}")
+    return name, SAMPLERS[name]
+
+
+def sampler_options(family: Any, sample_cfg: Any) -> dict[str, Any]:
+    """The options of a recipe's `sample` section that its sampler takes (e.g. DDIM's eta)."""
+    _, spec = resolve_sampler(family, sample_cfg.sampler)
+    return {"eta": sample_cfg.eta} if "eta" in inspect.signature(spec.fn).parameters else {}
+
+
+def _check_options(name: str, fn: Callable, options: dict[str, Any]) -> None:
+    params = inspect.signature(fn).parameters
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "generator"]
+        raise SamplerError(f"sampler '{name}' has no option '{unknown[0]}'; its options: "
+                           f"{', '.join(allowed) or 'none'}")
+
+
+@torch.inference_mode()
+def sample(
+    family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
+    generator: torch.Generator | None = None, batch_size: int | None = None, **options: Any,
+) -> SampleOutput:
+    """Generate n images with a registered sampler, in batches, networks in eval mode."""
+    if n < 1:
+        raise SamplerError(f"n must be >= 1, got {n}")
+    if steps is not None and steps < 1:
+        raise SamplerError(f"steps must be >= 1, got {steps}")
+    name, spec = resolve_sampler(family, sampler)
+    _check_options(name, spec.fn, options)
+    steps = steps or family.default_steps
+    batch_size = batch_size or n
+    was_training = family.nets.training
+    family.nets.eval()
+    try:
+        if spec.needs == "denoise":
+            images, nfe = _sample_denoising(family, n, spec.fn, steps, generator, batch_size, options)
+        else:
+            images, nfe = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size,
+                                                      **options), 1
+    finally:
+        family.nets.train(was_training)
+    return SampleOutput(images.clamp(-1, 1), nfe, name, steps)
+
+
+def _sample_denoising(family, n, fn, steps, generator, batch_size, options) -> tuple[Tensor, int]:
+    sigmas = family.sigmas(steps)
+    device = family.device
+    chunks, nfe = [], 0
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z = randn((b, *family.sample_shape), generator, device)
+        D = CountingDenoiser(family.denoise)
+        chunks.append(fn(D, z, sigmas, generator=generator, **options).float())
+        nfe = D.nfe
+    return torch.cat(chunks), nfe

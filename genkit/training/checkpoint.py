@@ -1,0 +1,122 @@
+"""Atomic, complete training checkpoints: checkpoints/step-N/ appears whole or not at all.
+
+step-N/
+  nets.safetensors      trainable networks (unwrapped)
+  ema.safetensors       EMA shadow weights (when EMA is on)
+  optim-<group>.pt      optimizer state dict      (torch.save; loaded with weights_only=True)
+  sched-<group>.pt      LR scheduler state dict
+  scaler.pt             fp16 GradScaler state (fp16 only)
+  rng-<rank>.pt         torch / CUDA / numpy / python RNG states of each process
+  state.json            step, data position, EMA updates, world size, genkit version
+The folder is assembled as .step-N.tmp and renamed, so "latest" is always a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genkit import __version__
+from genkit.errors import RunError
+from genkit.io import load_tensors, load_torch, save_tensors, save_torch, write_json
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary folders are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor([np_state[2], np_state[3]]),
+        "numpy_gauss": torch.tensor(np_state[4], dtype=torch.float64),
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_gauss": torch.tensor(float("nan") if py_gauss is None else py_gauss, dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss = (int(v) for v in state["numpy_pos"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(state["numpy_gauss"])))
+    gauss = float(state["python_gauss"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), None if gauss != gauss else gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, accelerator: Any, nets: torch.nn.Module, ema: Any,
+                    optimizers: dict[str, Any], schedulers: dict[str, Any], state: dict[str, Any],
+                    keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically from every process, then prune to `keep_last`."""
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_torch(tmp / f"rng-{accelerator.process_index}.pt", rng_state())
+    if accelerator.is_main_process:
+        save_tensors(tmp / "nets.safetensors", nets.state_dict())
+        if ema is not None:
+            save_tensors(tmp / "ema.safetensors", ema.state_dict())
+        for group, opt in optimizers.items():
+            save_torch(tmp / f"optim-{group}.pt", opt.state_dict())
+            save_torch(tmp / f"sched-{group}.pt", schedulers[group].state_dict())
+        if accelerator.scaler is not None:
+            save_torch(tmp / "scaler.pt", accelerator.scaler.state_dict())
+        meta = dict(state, step=step, world_size=accelerator.num_processes, genkit_version=__version__)
+        write_json(tmp / "state.json", meta)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, accelerator: Any, nets: torch.nn.Module, ema: Any,
+                    optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict[str, Any]:
+    """Restore every piece written by `save_checkpoint`; returns state.json."""
+    state = json.loads((path / "state.json").read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise RunError(f"checkpoint '{path}' was written by {state['world_size']} processes, "
+                       f"this run has {accelerator.num_processes}: resume with the same number")
+    nets.load_state_dict(load_tensors(path / "nets.safetensors"))
+    if ema is not None:
+        ema.load_state_dict(load_tensors(path / "ema.safetensors"), state["ema_updates"])
+    for group, opt in optimizers.items():
+        opt.load_state_dict(load_torch(path / f"optim-{group}.pt"))
+        schedulers[group].load_state_dict(load_torch(path / f"sched-{group}.pt"))
+    if accelerator.scaler is not None and (path / "scaler.pt").exists():
+        accelerator.scaler.load_state_dict(load_torch(path / "scaler.pt"))
+    set_rng_state(load_torch(path / f"rng-{accelerator.process_index}.pt"))
+    return state

@@ -1,0 +1,61 @@
+"""Exponential moving average of network weights (Polyak averaging), with warmup."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    """Shadow copies of every floating-point parameter and buffer of `nets`.
+
+    With warmup the decay at update k is min(decay, (1 + k) / (10 + k)), as in
+    TensorFlow's ExponentialMovingAverage with num_updates, so early weights do not linger.
+    """
+
+    def __init__(self, nets: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.shadow = {k: v.detach().clone() for k, v in self._floats(nets).items()}
+
+    @staticmethod
+    def _floats(nets: nn.Module) -> dict[str, Tensor]:
+        return {k: v for k, v in nets.state_dict(keep_vars=True).items() if v.is_floating_point()}
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, nets: nn.Module) -> None:
+        """shadow <- decay * shadow + (1 - decay) * weights."""
+        weight = 1.0 - self.current_decay()
+        live = self._floats(nets)
+        keys = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [live[k].detach() for k in keys], weight)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, Tensor], updates: int) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+        self.updates = updates
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self, nets: nn.Module) -> Iterator[None]:
+        """Temporarily load the EMA weights into `nets` (restored on exit)."""
+        live = self._floats(nets)
+        backup = {k: v.detach().clone() for k, v in live.items()}
+        for k, v in live.items():
+            v.data.copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            for k, v in live.items():
+                v.data.copy_(backup[k])

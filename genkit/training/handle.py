@@ -1,0 +1,102 @@
+"""The optimizer handle a family's `train_step` receives as `opt`, and the optimizers behind it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from genkit.config import OptimConfig, TrainConfig
+from genkit.errors import ConfigError, GenkitError
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam, AdamW, RMSProp or SGD (momentum = betas[0]) from an `optim.<group>` section."""
+    if cfg.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup over `train.warmup` steps, then constant, cosine or linear decay to 0."""
+
+    def factor(k: int) -> float:
+        if k < cfg.warmup:
+            return (k + 1) / cfg.warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (k - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1.0 - frac
+
+    return factor
+
+
+def check_groups(groups: dict[str, Any], optim: dict[str, OptimConfig], family: str) -> None:
+    """Every `optim.<group>` of the recipe must name a parameter group of the family."""
+    for name in optim:
+        if name not in groups:
+            raise ConfigError(f"optim.{name}: family '{family}' has no parameter group '{name}'; "
+                              f"its groups: {', '.join(groups)}")
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class OptimHandle:
+    """`opt` of `Family.train_step`: per-group backward/step and global-batch random draws."""
+
+    def __init__(self, accelerator: Any, optimizers: dict[str, Any], schedulers: dict[str, Any],
+                 params: dict[str, list[nn.Parameter]], clip_grad: float | None, seed: int):
+        self.accelerator, self.optimizers, self.schedulers = accelerator, optimizers, schedulers
+        self.params, self.clip_grad, self.seed = params, clip_grad, seed
+        self.device = accelerator.device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.stepped: set[str] = set()
+        self.begin(0, 0)
+
+    def begin(self, step: int, micro: int) -> None:
+        """Called by the trainer before each micro-batch: fixes the random stream."""
+        self._step, self._micro, self._calls = step, micro, 0
+
+    def step(self, group: str, loss: Tensor) -> bool:
+        """Backward into `group`'s parameters only; step its optimizer when gradients sync."""
+        if group not in self.optimizers:
+            raise GenkitError(f"train_step stepped unknown group '{group}'; groups: {', '.join(self.optimizers)}")
+        self.accelerator.backward(loss, inputs=self.params[group])
+        if not self.accelerator.sync_gradients:
+            return False
+        if self.clip_grad:
+            self.accelerator.clip_grad_norm_(self.params[group], self.clip_grad)
+        self.optimizers[group].step()
+        self.schedulers[group].step()
+        self.optimizers[group].zero_grad(set_to_none=True)
+        self.stepped.add(group)
+        return True
+
+    def _generator(self) -> torch.Generator:
+        self._calls += 1
+        return torch.Generator().manual_seed(mix_seed(self.seed, self._step, self._micro, self._calls))
+
+    def _local(self, full: Tensor) -> Tensor:
+        n = full.shape[0] // self.world
+        return full[self.rank * n:(self.rank + 1) * n].to(self.device)
+
+    def randn(self, *shape: int) -> Tensor:
+        """This process's slice of N(0, I) drawn for the global batch (first dim = local batch)."""
+        return self._local(torch.randn((shape[0] * self.world, *shape[1:]), generator=self._generator()))
+
+    def rand(self, *shape: int) -> Tensor:
+        """This process's slice of U[0, 1) drawn for the global batch."""
+        return self._local(torch.rand((shape[0] * self.world, *shape[1:]), generator=self._generator()))
+
+    def randint(self, high: int, *shape: int) -> Tensor:
+        """This process's slice of integers in [0, high) drawn for the global batch."""
+        return self._local(torch.randint(high, (shape[0] * self.world, *shape[1:]), generator=self._generator()))

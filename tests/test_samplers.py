@@ -1,0 +1,269 @@
+"""Shared samplers: parity with diffusers' DDPM/DDIM schedulers, exactness on Gaussian data, the contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from test_ddpm import DIFFUSERS_PREDICTION, tiny_ddpm
+
+from genkit.errors import SamplerError
+from genkit.families.ddpm import NoiseSchedule, make_betas
+from genkit.samplers import SAMPLERS, CountingDenoiser, sample
+from genkit.samplers.adapters import vp_coefficients
+from genkit.samplers.ddim import sample_ancestral, sample_ddim
+
+SHAPE = (2, 1, 8, 8)
+
+
+def initial_noise(seed: int = 0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- parity with diffusers
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+def test_ancestral_equals_diffusers_ddpm_scheduler(prediction, clip):
+    """All T steps, one generator per loop seeded alike: genkit draws where diffusers does (t > 0)."""
+    T = 50
+    family = tiny_ddpm(T, out_scale=4.0, prediction=prediction, clip_sample=clip)
+    unet = family.nets["unet"].eval()
+    sched = DDPMScheduler(num_train_timesteps=T, prediction_type=DIFFUSERS_PREDICTION[prediction],
+                          clip_sample=clip)
+    sched.set_timesteps(T)
+    z = initial_noise()
+    with torch.no_grad():
+        ours = sample_ancestral(family.denoise, z, family.sigmas(T), generator=torch.Generator().manual_seed(1))
+        x, g, x0_max = z.clone(), torch.Generator().manual_seed(1), 0.0
+        for t in sched.timesteps:
+            step = sched.step(unet(x, t).sample, t, x, generator=g)
+            x, x0_max = step.prev_sample, max(x0_max, float(step.pred_original_sample.abs().max()))
+    # the flag is exercised: clipping saturates x0_hat, and without it x0_hat leaves [-1, 1]
+    assert x0_max == 1.0 if clip else x0_max > 1.0
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-4)
+
+
+DDIM_CASES = [  # prediction, clip, spacing, eta
+    ("epsilon", False, "leading", 0.0),
+    ("epsilon", True, "leading", 0.0),
+    ("v", True, "leading", 0.0),
+    ("x0", False, "leading", 0.0),
+    ("epsilon", False, "trailing", 0.0),
+    ("v", False, "trailing", 0.0),
+    ("epsilon", False, "leading", 0.5),
+    ("x0", True, "trailing", 0.5),
+]
+
+
+@pytest.mark.parametrize("prediction,clip,spacing,eta", DDIM_CASES)
+def test_ddim_through_sigmas_equals_diffusers_ddim_scheduler(prediction, clip, spacing, eta):
+    """10 steps over T=1000; set_alpha_to_one=True and steps_offset=0 (diffusers' defaults).
+
+    With clipping, genkit's eps comes from the clipped x0_hat (Glide): use_clipped_model_output=True.
+    With eta > 0 diffusers draws noise at every step and genkit only where its std c > 0; the last
+    step (to sigma = 0) has std 0 in both, so the draws line up one for one before it.
+    """
+    T, steps = 1000, 10
+    family = tiny_ddpm(T, out_scale=4.0, prediction=prediction, clip_sample=clip, spacing=spacing)
+    unet = family.nets["unet"].eval()
+    sched = DDIMScheduler(num_train_timesteps=T, prediction_type=DIFFUSERS_PREDICTION[prediction],
+                          clip_sample=clip, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    z = initial_noise()
+
+    def reference(use_clipped: bool) -> torch.Tensor:
+        x, g = z.clone(), torch.Generator().manual_seed(1)
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x, eta=eta, use_clipped_model_output=use_clipped,
+                           generator=g).prev_sample
+        return x
+
+    with torch.no_grad():
+        ours = sample_ddim(family.denoise, z, family.sigmas(steps), eta=eta,
+                           generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(ours, reference(use_clipped=clip), rtol=0, atol=1e-4)
+        if clip:  # and the convention matters: diffusers' default (raw eps) is another sampler
+            assert (ours - reference(use_clipped=False)).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------- Gaussian data, exact denoiser
+
+M = torch.tensor([0.3, -0.5, 0.0], dtype=torch.float64)
+V = torch.tensor([0.04, 0.25, 1.0], dtype=torch.float64)
+LINEAR = NoiseSchedule(make_betas("linear", 1000))
+
+
+def gaussian_denoiser(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[x0 | z] for x0 ~ N(M, diag V) and z = alpha x0 + s eps."""
+    alpha, s = vp_coefficients(sigma.view(-1, 1))
+    return M + alpha * V / (alpha**2 * V + s**2) * (z - alpha * M)
+
+
+def exact_marginal(sigma: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n draws of z at noise level sigma: N(alpha M, alpha^2 V + s^2)."""
+    alpha, s = vp_coefficients(sigma)
+    eps = torch.randn(n, len(M), generator=generator, dtype=torch.float64)
+    return alpha * M + (alpha**2 * V + s**2).sqrt() * eps
+
+
+def ddim_pushforward(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact mean and variance after DDIM (eta=0): the map is affine per dimension, z -> A z + B."""
+    sigmas = LINEAR.sigmas(steps, "leading")
+    probe = torch.stack([torch.zeros_like(M), torch.ones_like(M), 2 * torch.ones_like(M)])
+    out = sample_ddim(gaussian_denoiser, probe, sigmas)
+    A, B = out[1] - out[0], out[0]
+    torch.testing.assert_close(out[2], 2 * A + B, rtol=1e-12, atol=1e-12)  # affine indeed
+    alpha, s = vp_coefficients(float(sigmas[0]))
+    return A * alpha * M + B, A**2 * (alpha**2 * V + s**2)
+
+
+def test_ddim_maps_the_exact_marginal_onto_the_gaussian_data():
+    """50 steps over the linear schedule's grid, from the exact marginal at sigma_max."""
+    mean, var = ddim_pushforward(50)
+    torch.testing.assert_close(mean, M, rtol=0, atol=1e-12)  # the mean path is followed exactly
+    assert ((var / V - 1).abs() < 0.25).all(), var / V   # first-order error at 50 steps (see next test)
+    n = 20_000
+    x = sample_ddim(gaussian_denoiser, exact_marginal(float(LINEAR.sigmas(50)[0]), n, torch.Generator().manual_seed(0)),
+                    LINEAR.sigmas(50, "leading"))
+    assert ((x.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all()
+    assert ((x.var(0) / var - 1).abs() < 5 * math.sqrt(2 / (n - 1))).all()
+
+
+def test_ddim_error_shrinks_at_first_order_with_steps():
+    """|Var/V - 1| falls ~5x for each 5x more steps (exact, no Monte Carlo noise)."""
+    err = {k: (ddim_pushforward(k)[1] / V - 1).abs() for k in (10, 50, 250)}
+    assert (err[10] > 2.5 * err[50]).all() and (err[50] > 3.5 * err[250]).all(), err
+    assert (err[250] < 0.06).all(), err[250]
+
+
+def test_ddim_eta_one_over_all_steps_lands_on_the_data_distribution():
+    """eta = 1 on every timestep is ancestral sampling: compare with the DDPM chain's exact moments.
+
+    That chain (Ho et al.'s fixed-small variance beta_tilde, exact x0_hat) keeps the mean exactly
+    but is slightly under-dispersed (a few percent for V = 0.04), so it is the tight reference;
+    N(M, V) itself is met within 5 standard errors.
+    """
+    sigmas = LINEAR.sigmas(1000, "leading")
+    g = torch.Generator().manual_seed(0)
+    # two chunks of 10000 stay under torch's parallel grain: fast on 2 busy cores
+    x = torch.cat([sample_ddim(gaussian_denoiser, exact_marginal(float(sigmas[0]), 10_000, g), sigmas,
+                               eta=1.0, generator=g) for _ in range(2)])
+    n = len(x)
+    alpha, s = vp_coefficients(float(sigmas[0]))
+    mean, var = alpha * M, alpha**2 * V + s**2
+    for t in range(LINEAR.T - 1, -1, -1):  # moments through x_{t-1} ~ q(. | x_t, x0_hat(x_t))
+        ab = float(LINEAR.alpha_bar[t])
+        k = math.sqrt(ab) * V / (ab * V + 1 - ab)  # x0_hat = M + k (x_t - sqrt(ab) M)
+        c0 = LINEAR.posterior(torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), t)[0]
+        ct, beta_tilde = LINEAR.posterior(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64), t)
+        a = c0 * k + ct
+        mean, var = c0 * (M + k * (mean - math.sqrt(ab) * M)) + ct * mean, a**2 * var + beta_tilde
+    se_mean, se_var = (var / n).sqrt(), var * math.sqrt(2 / (n - 1))
+    assert ((x.mean(0) - mean).abs() < 5 * se_mean).all()
+    assert ((x.var(0) - var).abs() < 5 * se_var).all()
+    assert ((x.mean(0) - M).abs() < 5 * se_mean).all()
+    assert ((x.var(0) - V).abs() < 5 * se_var).all()
+
+
+# ---------------------------------------------------------------- the `sample` contract
+
+
+@pytest.fixture(scope="module")
+def family():
+    return tiny_ddpm(100)
+
+
+def test_sample_reports_nfe_shape_and_range(family):
+    for name, steps in [("ddim", 4), ("ancestral", 3)]:
+        out = sample(family, 3, sampler=name, steps=steps, generator=torch.Generator().manual_seed(0),
+                     batch_size=2)
+        assert out.nfe == steps and out.sampler == name and out.steps == steps
+        assert out.images.shape == (3, 1, 8, 8) and out.images.dtype == torch.float32
+        assert out.images.abs().max() <= 1 and out.images.std() > 0
+
+
+def test_sample_defaults_come_from_the_family(family, monkeypatch):
+    monkeypatch.setattr(family, "default_steps", 3)
+    out = sample(family, 1, generator=torch.Generator().manual_seed(0))
+    assert (out.sampler, out.steps, out.nfe) == (family.default_sampler, 3, 3)
+
+
+def test_same_seed_same_images_per_batch_size(family):
+    def run(seed, batch_size):
+        return sample(family, 3, sampler="ancestral", steps=5, generator=torch.Generator().manual_seed(seed),
+                      batch_size=batch_size).images
+
+    for batch_size in (1, 3):
+        assert torch.equal(run(0, batch_size), run(0, batch_size))
+        assert not torch.allclose(run(0, batch_size), run(1, batch_size))
+
+
+def test_deterministic_ddim_does_not_depend_on_batch_size(family):
+    """With eta = 0 the generator only draws the initial noise, which torch's CPU generator yields
+    identically in one draw of n or n draws of 1; the images then agree up to float noise."""
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    if not torch.equal(torch.randn(3, 1, 8, 8, generator=g1),
+                       torch.cat([torch.randn(1, 1, 8, 8, generator=g2) for _ in range(3)])):
+        pytest.skip("this torch draws batched noise differently")
+
+    def run(batch_size):
+        return sample(family, 3, sampler="ddim", steps=4, generator=torch.Generator().manual_seed(0),
+                      batch_size=batch_size).images
+
+    torch.testing.assert_close(run(1), run(3), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_networks_sample_in_eval_mode_and_get_their_mode_back(family, monkeypatch, training):
+    seen = []
+    denoise = family.denoise
+
+    def spy(z, sigma, **cond):
+        seen.append(any(m.training for m in family.nets.modules()))
+        return denoise(z, sigma, **cond)
+
+    monkeypatch.setattr(family, "denoise", spy)
+    family.nets.train(training)
+    sample(family, 1, sampler="ddim", steps=2, generator=torch.Generator().manual_seed(0))
+    assert seen == [False, False]
+    assert all(m.training == training for m in family.nets.modules())
+    family.nets.eval()
+
+
+def one_line_error(match: str, *args, **kwargs) -> str:
+    with pytest.raises(SamplerError, match=match) as info:
+        sample(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_sample_refuses_bad_requests_with_one_line_errors(family):
+    msg = one_line_error("unknown sampler 'dpm-7'", family, 1, sampler="dpm-7")
+    assert all(name in msg for name in SAMPLERS)
+    msg = one_line_error("no option 'eta'", family, 1, sampler="ancestral", eta=0.3)
+    assert msg.endswith("none")  # ancestral takes no options
+    msg = one_line_error("no option 'etaa'", family, 1, sampler="ddim", etaa=0.3)
+    assert msg.endswith("eta")  # ... and DDIM lists its one
+    one_line_error("steps must be >= 1", family, 1, steps=0)
+    one_line_error("n must be >= 1", family, 0)
+    one_line_error("between 1 and T=100", family, 1, steps=101)
+
+
+def test_sampler_needing_a_missing_capability_is_refused(family):
+    class OnePass:  # a family without `denoise` (a GAN, a flow)
+        name, default_sampler, default_steps = "gan", "ddim", 1
+        nets = torch.nn.ModuleDict()
+
+    with pytest.raises(SamplerError, match="does not fit family 'gan'"):
+        sample(OnePass(), 1)
+
+
+def test_counting_denoiser_counts_calls():
+    D = CountingDenoiser(lambda z, sigma: torch.zeros_like(z))
+    sample_ddim(D, torch.zeros(2, 3), torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=torch.float64))
+    assert D.nfe == 3

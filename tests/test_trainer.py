@@ -1,0 +1,162 @@
+"""The trainer's contracts: accumulation, per-group optimizers, exact resume, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from conftest import TINY_UNET
+from toy_family import Toy, ToyConfig
+
+import genkit
+from genkit.config import load_recipe, recipe_from_dict
+from genkit.data import build_dataset
+from genkit.errors import GenkitError, RunError
+from genkit.io import load_tensors, load_torch
+from genkit.training.checkpoint import latest_checkpoint, list_checkpoints
+
+
+def toy_recipe(batch=8, accum=1, steps=2, two_groups=False, optim="sgd", lr=0.1, **train):
+    groups = ["a", "b"] if two_groups else ["model"]
+    return recipe_from_dict({
+        "name": "toy",
+        "model": {"family": "toy", "two_groups": two_groups},
+        "data": {"source": "digits", "image_size": 8, "batch_size": batch},
+        "optim": {g: {"name": optim, "lr": lr, "betas": [0.0, 0.999]} for g in groups},
+        "train": {"steps": steps, "grad_accum": accum, "clip_grad": None, "ema_decay": None,
+                  "checkpoint_every": 100, "log_every": 1, **train},
+        "sample": {"n": 4},
+    })
+
+
+def final_weights(run):
+    return load_tensors(run / "model" / "weights.safetensors")
+
+
+def test_accumulation_equals_larger_batch(tmp_path, toy_family):
+    a = genkit.train(toy_recipe(batch=8, accum=2, steps=3), out=tmp_path / "accum")
+    b = genkit.train(toy_recipe(batch=16, accum=1, steps=3), out=tmp_path / "big")
+    wa, wb = final_weights(a), final_weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    # and accumulation is not a no-op: one micro-batch of 8 trains differently
+    c = genkit.train(toy_recipe(batch=8, accum=1, steps=3), out=tmp_path / "small")
+    assert any(not torch.allclose(wa[k], final_weights(c)[k], atol=1e-6) for k in wa)
+
+
+def _expected_two_group_update(recipe, lr):
+    """One SGD step per group on the mean gradient of two micro-batches, each group's own loss."""
+    set_seed(recipe.train.seed)
+    fam = Toy(ToyConfig(two_groups=True), (1, 8, 8))
+    data = build_dataset(recipe.data, "train")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(recipe.train.seed))
+    B = recipe.data.batch_size
+    grads = {name: [torch.zeros_like(p) for p in fam.nets[name].parameters()] for name in ("a", "b")}
+    for micro in range(2):
+        x = torch.stack([data[int(i)]["image"] for i in perm[micro * B:(micro + 1) * B]])
+        losses = fam.losses(x)
+        for name, loss in (("a", losses["loss_a"]), ("b", losses["loss_b"])):
+            params = list(fam.nets[name].parameters())
+            for g, dg in zip(grads[name], torch.autograd.grad(loss, params, retain_graph=True)):
+                g += dg / 2
+    return {f"{name}.{k}": p - lr * grads[name][i]
+            for name in ("a", "b") for i, (k, p) in enumerate(fam.nets[name].named_parameters())}
+
+
+def test_two_groups_step_once_per_accumulation_on_their_own_loss(tmp_path, toy_family):
+    recipe = toy_recipe(batch=8, accum=2, steps=1, two_groups=True, lr=0.5)
+    run = genkit.train(recipe, out=tmp_path / "two")
+    got = final_weights(run)
+    want = _expected_two_group_update(recipe, 0.5)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_each_optimizer_steps_once_per_trainer_step(tmp_path, toy_family):
+    recipe = toy_recipe(batch=8, accum=3, steps=2, two_groups=True, optim="adam", lr=1e-3, warmup=4)
+    run = genkit.train(recipe, out=tmp_path / "adam")
+    ckpt = latest_checkpoint(run / "checkpoints")
+    for group in ("a", "b"):
+        state = load_torch(ckpt / f"optim-{group}.pt")["state"]
+        assert all(int(s["step"]) == 2 for s in state.values())
+    # the LR schedule advanced once per optimizer step: warmup factor (2 + 1) / 4 after 2 steps
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["lr"] == pytest.approx(1e-3 * 3 / 4)
+
+
+def ddpm_recipe(steps, **extra):
+    overrides = [*TINY_UNET, "data.image_size=8", "data.batch_size=8", "data.hflip=true",
+                 "model.unet.dropout=0.1", f"train.steps={steps}", "train.checkpoint_every=3",
+                 "train.keep_last=10", "train.lr_schedule=constant", "train.warmup=2",
+                 "train.sample_every=0", "train.log_every=1", "sample.n=4", "sample.steps=2",
+                 "model.timesteps=50", *[f"{k}={v}" for k, v in extra.items()]]
+    return load_recipe("ddpm_digits", overrides)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = genkit.train(ddpm_recipe(6), out=tmp_path / "straight")
+    genkit.train(ddpm_recipe(3), out=tmp_path / "stopped")
+    resumed = genkit.train(ddpm_recipe(6), out=tmp_path / "stopped", resume=True)
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = (latest_checkpoint(r / "checkpoints") for r in (straight, resumed))
+    for k, v in load_tensors(sa / "nets.safetensors").items():
+        assert torch.equal(v, load_tensors(sb / "nets.safetensors")[k]), k
+    # the resumed run's log has each step once
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def test_resume_from_a_copied_mid_run_checkpoint(tmp_path):
+    straight = genkit.train(ddpm_recipe(6), out=tmp_path / "straight")
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-6")
+    shutil.rmtree(copy / "model")
+    genkit.train(ddpm_recipe(6), out=copy, resume=True)
+    a, b = final_weights(straight), final_weights(copy)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_while_checkpointing_keeps_the_last_good_one(tmp_path, monkeypatch, toy_family):
+    import genkit.training.checkpoint as ckpt
+
+    real = ckpt.save_tensors
+
+    def dying(path, tensors, metadata=None):
+        if "step-4" in str(path):
+            raise OSError("disk full (simulated)")
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(ckpt, "save_tensors", dying)
+    run = tmp_path / "crash"
+    with pytest.raises(OSError, match="simulated"):
+        genkit.train(toy_recipe(steps=6, checkpoint_every=2, keep_last=5), out=run)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-2"]
+    assert load_tensors(run / "checkpoints" / "step-2" / "nets.safetensors")
+    monkeypatch.setattr(ckpt, "save_tensors", real)
+    genkit.train(toy_recipe(steps=6, checkpoint_every=2, keep_last=5), out=run, resume=True)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-2", "step-4", "step-6"]
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, toy_family):
+    run = genkit.train(toy_recipe(steps=5, checkpoint_every=1, keep_last=2), out=tmp_path / "k")
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-4", "step-5"]
+
+
+def test_run_folder_is_not_overwritten(tmp_path, toy_family):
+    run = genkit.train(toy_recipe(steps=1), out=tmp_path / "r")
+    with pytest.raises(RunError, match="--resume"):
+        genkit.train(toy_recipe(steps=1), out=run)
+    with pytest.raises(RunError, match="does not exist"):
+        genkit.train(toy_recipe(steps=1), out=tmp_path / "missing", resume=True)
+
+
+def test_non_finite_loss_stops_with_the_step_named(tmp_path, toy_family):
+    with pytest.raises(GenkitError, match=r"loss term 'loss' is (nan|inf) at step \d+"):
+        genkit.train(toy_recipe(steps=30, lr=1e6), out=tmp_path / "nan")

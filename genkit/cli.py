@@ -52,10 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from genkit.api import train
+    from genkit.api import _is_main_process, train
 
     run = train(args.recipe, overrides=args.overrides, out=args.out, resume=args.resume)
-    print(f"run folder: {run}")
+    if _is_main_process():
+        print(f"run folder: {run}")
 
 
 def _sample(args: argparse.Namespace) -> None:

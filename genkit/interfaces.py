@@ -38,9 +38,14 @@ class StepHandle(Protocol):
 class Family(Protocol):
     """Networks + losses + generation; registered in `genkit.families.FAMILIES`."""
 
-    nets: nn.ModuleDict
+    name: str                            # the key in FAMILIES
+    nets: nn.ModuleDict                  # trainable networks; the trainer prepares each
+    sample_shape: tuple[int, int, int]   # (C, H, W) of generated images
     default_sampler: str
     default_steps: int | None
+
+    @property
+    def device(self) -> torch.device: ...
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]: ...
 

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from genkit.data.base import to_uint8
 from genkit.errors import RunError
 
 
@@ -100,11 +101,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     else:
         os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 by rounding, exactly as a saved PNG holds them."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:

@@ -23,3 +23,15 @@ TINY_UNET = [
     "model.unet.channels=[8,16]", "model.unet.attention=[false,true]",
     "model.unet.layers_per_block=1", "model.unet.norm_groups=4",
 ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread, and one thread is immune to OpenMP spin-waits
+    when another process (a subprocess test, a parallel job) shares the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,8 +19,9 @@ DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction
 
 def tiny_ddpm(timesteps: int = 100, out_scale: float = 1.0, seed: int = 0, **cfg) -> DDPM:
     """A DDPM on (1, 8, 8) images with a tiny UNet; out_scale widens the untrained output."""
-    torch.manual_seed(seed)
-    family = DDPM(DDPMConfig(timesteps=timesteps, unet=TINY_UNET, **cfg), shape=(1, 8, 8))
+    with torch.random.fork_rng(devices=[]):  # seeded weights, global RNG left as it was
+        torch.manual_seed(seed)
+        family = DDPM(DDPMConfig(timesteps=timesteps, unet=TINY_UNET, **cfg), shape=(1, 8, 8))
     with torch.no_grad():  # an untrained UNet predicts ~N(0, 0.25^2): widen it so clipping bites
         family.nets["unet"].conv_out.weight.mul_(out_scale)
         family.nets["unet"].conv_out.bias.mul_(out_scale)

@@ -160,3 +160,37 @@ def test_run_folder_is_not_overwritten(tmp_path, toy_family):
 def test_non_finite_loss_stops_with_the_step_named(tmp_path, toy_family):
     with pytest.raises(GenkitError, match=r"loss term 'loss' is (nan|inf) at step \d+"):
         genkit.train(toy_recipe(steps=30, lr=1e6), out=tmp_path / "nan")
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, toy_family):
+    fp32 = final_weights(genkit.train(toy_recipe(steps=3), out=tmp_path / "fp32"))
+    bf16 = final_weights(genkit.train(toy_recipe(steps=3, precision="bf16"), out=tmp_path / "bf16"))
+    for k in fp32:
+        assert bf16[k].dtype == torch.float32
+        torch.testing.assert_close(bf16[k], fp32[k], rtol=0, atol=0.05)  # bf16 matmuls: close
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in fp32)  # but autocast really ran
+
+
+def test_two_processes_at_batch_b_equal_one_process_at_2b(tmp_path):
+    """torchrun DDP on CPU (gloo): noise, timesteps and flips come from one global stream."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    common = [*TINY_UNET, "data.image_size=8", "train.steps=3", "train.sample_every=0", "sample.steps=2",
+              "sample.n=4", "model.timesteps=50", "data.hflip=true"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "genkit.cli",
+           "train", "ddpm_digits", "--out", str(tmp_path / "two"), *common, "data.batch_size=8"]
+    one = [sys.executable, "-m", "genkit.cli", "train", "ddpm_digits", "--out", str(tmp_path / "one"),
+           *common, "data.batch_size=16"]
+    for cmd in (two, one):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    ckpt = latest_checkpoint(tmp_path / "two" / "checkpoints")
+    assert (ckpt / "rng-0.pt").exists() and (ckpt / "rng-1.pt").exists()

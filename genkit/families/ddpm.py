@@ -148,7 +148,8 @@ class DDPM:
     def denoise(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         """D(z; sigma) -> x0_hat through the UNet at the timestep of sigma."""
         t = self.schedule.sigma_to_t(sigma)
-        alpha, s = vp_coefficients(sigma.float().view(-1, 1, 1, 1))
+        dtype = torch.promote_types(z.dtype, torch.float32)  # float64 sampling stays float64
+        alpha, s = vp_coefficients(sigma.to(dtype).view(-1, 1, 1, 1))
         out = self.nets["unet"](z, t).sample.to(z.dtype)
         x0 = TO_X0[self.cfg.prediction](z, out, alpha, s)
         return x0.clamp(-1, 1) if self.cfg.clip_sample else x0

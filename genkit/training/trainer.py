@@ -8,6 +8,7 @@ checkpoints and exact resume. Multi-GPU / multi-node is `accelerate launch` (or 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +37,9 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     cfg = recipe.train
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        warnings.warn("train.precision=fp16 without CUDA: Accelerate runs fp32 on CPU; use bf16 there",
+                      stacklevel=2)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.precision,

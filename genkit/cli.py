@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from genkit import __version__
 from genkit.errors import GenkitError
@@ -48,7 +48,43 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
     sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+    _eval_parser(sub)
     return p
+
+
+SPEC_HELP = ("a folder of images, an .npz of images (key `images`), a statistics .npz (prefix foreign "
+             "ones with their protocol: pytorch-fid:ref.npz), recipe:NAME[:SPLIT], or a run folder")
+
+
+def _eval_parser(sub: Any) -> None:
+    e = sub.add_parser("eval", help="evaluate samples: fid, kid, is, prdc, stats",
+                       description="Evaluation metrics with the protocol recorded in the output.")
+    metrics = e.add_subparsers(dest="metric", required=True, metavar="METRIC")
+    helps = {"fid": "Frechet distance between the feature Gaussians of --real and --fake",
+             "kid": "Kernel Inception Distance (unbiased MMD^2, polynomial kernel)",
+             "is": "Inception Score of --fake", "prdc": "precision, recall, density, coverage",
+             "stats": "save reference statistics of SPEC to --out"}
+    for name, text in helps.items():
+        m = metrics.add_parser(name, help=text, description=text + ". A SPEC is " + SPEC_HELP + ".")
+        if name == "stats":
+            m.add_argument("spec", metavar="SPEC", help="images to summarise")
+            m.add_argument("--out", type=Path, required=True, help="statistics .npz to write")
+        else:
+            if name != "is":
+                m.add_argument("--real", required=True, metavar="SPEC", help="reference images or statistics")
+            m.add_argument("--fake", required=True, metavar="SPEC", help="images to evaluate")
+            m.add_argument("--json", action="store_true", help="print only the JSON result")
+            m.add_argument("--out", type=Path, help="also write the JSON result to this file")
+        m.add_argument("--features", default="inception",
+                       help="feature extractor: inception (default), clip, dinov2, digits")
+        m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
+        m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
+        m.add_argument("--n", type=_positive, help="images per side (default: all; required for run folders)")
+        m.add_argument("--batch-size", type=_positive, default=100, help="images per batch (default 100)")
+        m.add_argument("--sampler", help="sampler for run folders (default: the family's)")
+        m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
+        m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
+        m.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -84,7 +120,34 @@ def _recipes(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {description}")
 
 
-COMMANDS = {"train": _train, "sample": _sample, "recipes": _recipes}
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from genkit.eval import engine
+    from genkit.eval.specs import SampleSettings
+    from genkit.io import write_json
+
+    s = engine.EvalSettings(features=args.features, protocol=args.protocol, weights=args.weights,
+                            n=args.n, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                            sample=SampleSettings(sampler=args.sampler, steps=args.steps))
+    if args.metric == "stats":
+        result = engine.write_stats(args.spec, args.out, s)
+    elif args.metric == "is":
+        result = engine.compute_is(args.fake, s)
+    else:
+        fn = {"fid": engine.compute_fid, "kid": engine.compute_kid, "prdc": engine.compute_prdc}[args.metric]
+        result = fn(args.real, args.fake, s)
+    if getattr(args, "out", None) and args.metric != "stats":
+        write_json(args.out, result)
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+        return
+    shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    print("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    print(f"protocol: {json.dumps(result['protocol'])}")
+
+
+COMMANDS = {"train": _train, "sample": _sample, "recipes": _recipes, "eval": _eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except GenkitError as e:
-        print(f"genkit {args.command}: error: {e}", file=sys.stderr)
+        where = f"{args.command} {args.metric}" if args.command == "eval" else args.command
+        print(f"genkit {where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"genkit {args.command}: interrupted", file=sys.stderr)

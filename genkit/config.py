@@ -82,7 +82,14 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings (none yet; `eval: {}` loads)."""
+    """In-training evaluation (`train.eval_every`): FD of `n` samples vs the training data."""
+
+    features: str = "digits"        # a name in genkit.eval.features.FEATURES
+    protocol: str | None = None     # extractor protocol (inception: tf | pytorch-fid)
+    weights: str | None = None      # weights file/folder (else GENKIT_WEIGHTS_DIR, hub cache)
+    n: int = 1000                   # generated samples per evaluation
+    batch_size: int = 250
+    best: bool = False              # keep best/ (weights of the lowest FD so far)
 
 
 @dataclass
@@ -338,6 +345,7 @@ def validate(recipe: Recipe) -> None:
         ("train.eval_every", t.eval_every, 0), ("train.warmup", t.warmup, 0),
         ("data.batch_size", d.batch_size, 1), ("data.image_size", d.image_size, 4),
         ("data.num_workers", d.num_workers, 0), ("sample.n", s.n, 1),
+        ("eval.n", recipe.eval.n, 2), ("eval.batch_size", recipe.eval.batch_size, 1),
     ]:
         _check(value >= low, key, f">= {low}", value)
     ema, clip = t.ema_decay, t.clip_grad

@@ -53,15 +53,19 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(values / 257).astype(np.uint8), mode="L")
 
 
-def decode(path: Path, channels: int, size: int) -> Tensor:
-    """Read one image file as float32 (C, size, size) in [-1, 1]; DataError names the file."""
+def open_image(path: Path) -> Image.Image:
+    """Read one image file, upright (EXIF) and 8-bit; a DataError names an unreadable file."""
     try:
         with Image.open(path) as image:
             image.load()  # truncated files fail here, not at open
-            image = ImageOps.exif_transpose(image)
-            image = to_8bit(image).convert(MODES[channels])
+            return to_8bit(ImageOps.exif_transpose(image))
     except PIL_ERRORS as error:
         raise DataError(f"cannot read image '{path}': {error}") from error
+
+
+def decode(path: Path, channels: int, size: int) -> Tensor:
+    """Read one image file as float32 (C, size, size) in [-1, 1]; DataError names the file."""
+    image = open_image(path).convert(MODES[channels])
     pixels = np.asarray(resize_crop(image, size), dtype=np.uint8).reshape(size, size, channels)
     return from_uint8(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (C, S, S)
 

@@ -8,6 +8,7 @@ checkpoints and exact resume. Multi-GPU / multi-node is `accelerate launch` (or 
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -63,6 +64,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: str | Path, resume: bool = False):
         self.recipe, self.run_dir, self.resume = recipe, Path(run_dir), resume
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.evaluator = None
 
     def fit(self) -> Path:
         """Train for `train.steps` steps (from the latest checkpoint when resuming)."""
@@ -79,6 +81,8 @@ class Trainer:
             log.add(self._train_step(step, batches))
             done = step + 1
             log.step(done, self.lr())
+            if cfg.eval_every and done % cfg.eval_every == 0:
+                self._evaluate(done, log)
             if done == cfg.steps:
                 break
             if cfg.sample_every and done % cfg.sample_every == 0:
@@ -219,12 +223,32 @@ class Trainer:
     def _export(self) -> None:
         """model/: final (EMA) weights as safetensors with the resolved recipe, plus genkit.json."""
         if self.acc.is_main_process:
-            weights = dict(self.raw.state_dict())
-            if self.ema is not None:
-                weights.update(self.ema.state_dict())
-            with atomic_dir(self.run_dir / "model") as tmp:
-                save_tensors(tmp / "weights.safetensors", weights,
-                             metadata={"genkit_config": dump_recipe(self.recipe), "genkit_version": __version__})
-                write_json(tmp / "genkit.json", dict(self._state(), genkit_version=__version__,
-                                                     ema=self.ema is not None))
+            self._write_weights(self.run_dir / "model")
+        self.acc.wait_for_everyone()
+
+    def _write_weights(self, folder: Path, **info: Any) -> None:
+        weights = dict(self.raw.state_dict())
+        if self.ema is not None:
+            weights.update(self.ema.state_dict())
+        with atomic_dir(folder) as tmp:
+            save_tensors(tmp / "weights.safetensors", weights,
+                         metadata={"genkit_config": dump_recipe(self.recipe), "genkit_version": __version__})
+            write_json(tmp / "genkit.json", dict(self._state(), genkit_version=__version__,
+                                                 ema=self.ema is not None, **info))
+
+    def _evaluate(self, step: int, log: TrainLogger) -> None:
+        """FD vs the training data (recipe's eval section); best/ keeps the lowest-FD weights."""
+        if self.acc.is_main_process:
+            from genkit.eval.in_training import TrainingEvaluator
+
+            if self.evaluator is None:
+                self.evaluator = TrainingEvaluator(self.recipe, self.run_dir, self.dataset, self.acc.device)
+            with self._eval_weights():
+                fd = self.evaluator.frechet(self.family, seed=self.recipe.sample.seed)
+            log.write(step, {self.evaluator.key: fd})
+            log.message(f"step {step}: {self.evaluator.key} {fd:.5g}")
+            best = self.run_dir / "best" / "genkit.json"
+            best_fd = json.loads(best.read_text())["fd"] if best.exists() else float("inf")
+            if self.recipe.eval.best and fd < best_fd:
+                self._write_weights(self.run_dir / "best", fd=fd, step=step, fd_key=self.evaluator.key)
         self.acc.wait_for_everyone()

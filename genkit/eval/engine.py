@@ -1,0 +1,146 @@
+"""The evaluation engine: SPECs -> features -> FD, KID, IS, PRDC, with the protocol recorded.
+
+Every result is a JSON-able dict holding the value(s) and everything needed to reproduce
+them: feature extractor, protocol, weights SHA-256, resize method, image counts, sampler
+settings for generated images, seed and genkit version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from genkit import __version__
+from genkit.errors import GenkitError
+from genkit.eval.frechet import GaussianStats, frechet_distance
+from genkit.eval.metrics import inception_score, kid, prdc
+from genkit.eval.specs import SampleSettings, describe, iter_images
+from genkit.eval.stats import RefStats, check_same_protocol, is_stats_file, load_stats, save_stats
+
+METRICS = ("fid", "kid", "is", "prdc")
+
+
+@dataclass
+class EvalSettings:
+    """What a metric is computed with (the CLI's options)."""
+
+    features: str = "inception"
+    protocol: str | None = None
+    weights: str | None = None
+    n: int | None = None            # images per side (None: all real images; required for runs)
+    batch_size: int = 100
+    device: str | None = None
+    seed: int = 0
+    sample: SampleSettings = field(default_factory=SampleSettings)
+
+
+def protocol_of(extractor: Any) -> dict[str, Any]:
+    """The extractor's identity: what must match for two feature sets to be compared."""
+    return {"features": extractor.name, "protocol": extractor.protocol, "dim": int(extractor.dim),
+            "weights_sha256": extractor.weights_sha256, "resize": extractor.resize}
+
+
+def build_extractor(s: EvalSettings) -> Any:
+    from genkit.eval.features import build_features
+
+    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return build_features(s.features, protocol=s.protocol, weights=s.weights, device=device)
+
+
+@torch.inference_mode()
+def _features(spec: str, extractor: Any, s: EvalSettings, logits: bool = False) -> Iterator[Tensor]:
+    device = next(extractor.parameters()).device
+    sample = SampleSettings(**{**asdict(s.sample), "seed": s.seed, "device": s.sample.device or str(device)})
+    for batch in iter_images(spec, s.n, s.batch_size, sample):
+        batch = batch.to(device)
+        yield (extractor.logits(batch) if logits else extractor(batch)).double().cpu()
+
+
+def _all_features(spec: str, extractor: Any, s: EvalSettings, logits: bool = False) -> Tensor:
+    feats = list(_features(spec, extractor, s, logits))
+    if not feats:
+        raise GenkitError(f"no images in '{spec}'")
+    return torch.cat(feats)
+
+
+def reference_stats(spec: str, extractor: Any, s: EvalSettings) -> RefStats:
+    """Gaussian statistics of a SPEC: read from a statistics file, or computed from its images."""
+    if is_stats_file(spec):
+        stats = load_stats(spec)
+        check_same_protocol(stats.protocol, protocol_of(extractor), f"'{spec}' and --features {s.features}")
+        return stats
+    acc = None
+    for feats in _features(spec, extractor, s):
+        acc = acc or GaussianStats(feats.shape[1])
+        acc.update(feats)
+    if acc is None:
+        raise GenkitError(f"no images in '{spec}'")
+    mu, sigma = acc.mean_cov()
+    return RefStats(mu, sigma, acc.count, protocol_of(extractor), source=spec)
+
+
+def _record(metric: str, s: EvalSettings, extractor: Any, real: str | None, fake: str, **values) -> dict:
+    record = {"metric": metric, **values, "protocol": protocol_of(extractor),
+              "real": real, "fake": fake, "seed": s.seed, "genkit_version": __version__}
+    if describe(fake) == "run":
+        record["sampling"] = {"sampler": s.sample.sampler, "steps": s.sample.steps, **(s.sample.options or {})}
+    return record
+
+
+def compute_fid(real: str, fake: str, s: EvalSettings, extractor: Any | None = None) -> dict[str, Any]:
+    """Frechet distance between the feature Gaussians of two SPECs (FID with inception)."""
+    extractor = extractor or build_extractor(s)
+    a, b = reference_stats(real, extractor, s), reference_stats(fake, extractor, s)
+    check_same_protocol(a.protocol, b.protocol, f"'{real}' and '{fake}'")
+    value = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    name = "fid" if extractor.name == "inception" else f"fd_{extractor.name}"
+    return _record("fid", s, extractor, real, fake, **{name: value, "value": value, "n_real": a.n, "n_fake": b.n})
+
+
+def _raw_pair(real: str, fake: str, s: EvalSettings, extractor: Any) -> tuple[Tensor, Tensor]:
+    for spec in (real, fake):
+        if is_stats_file(spec):
+            raise GenkitError(f"'{spec}' holds only statistics; this metric needs images")
+    return _all_features(real, extractor, s), _all_features(fake, extractor, s)
+
+
+def compute_kid(real: str, fake: str, s: EvalSettings, extractor: Any | None = None) -> dict[str, Any]:
+    """Kernel Inception Distance (unbiased polynomial-kernel MMD^2 over subsets)."""
+    extractor = extractor or build_extractor(s)
+    fr, ff = _raw_pair(real, fake, s, extractor)
+    mean, std = kid(fr, ff, generator=torch.Generator().manual_seed(s.seed))
+    return _record("kid", s, extractor, real, fake, kid=mean, kid_std=std, value=mean,
+                   n_real=len(fr), n_fake=len(ff))
+
+
+def compute_is(fake: str, s: EvalSettings, extractor: Any | None = None) -> dict[str, Any]:
+    """Inception Score of a SPEC's images (classifier logits; `digits` uses its own classes)."""
+    extractor = extractor or build_extractor(s)
+    if not hasattr(extractor, "logits"):
+        raise GenkitError(f"--features {s.features} has no classifier head: IS needs inception or digits")
+    logits = _all_features(fake, extractor, s, logits=True)
+    mean, std = inception_score(logits)
+    return _record("is", s, extractor, None, fake, inception_score=mean, inception_score_std=std,
+                   value=mean, n_fake=len(logits))
+
+
+def compute_prdc(real: str, fake: str, s: EvalSettings, extractor: Any | None = None,
+                 k: int = 5) -> dict[str, Any]:
+    """Precision, recall, density and coverage (Naeem et al. 2020) in feature space."""
+    extractor = extractor or build_extractor(s)
+    fr, ff = _raw_pair(real, fake, s, extractor)
+    return _record("prdc", s, extractor, real, fake, **prdc(fr, ff, k=k), k=k,
+                   n_real=len(fr), n_fake=len(ff))
+
+
+def write_stats(spec: str, out: str | Path, s: EvalSettings) -> dict[str, Any]:
+    """Compute a SPEC's reference statistics and save them (with their protocol) to `out`."""
+    extractor = build_extractor(s)
+    stats = reference_stats(spec, extractor, s)
+    path = save_stats(out, stats)
+    return {"stats": str(path), "n": stats.n, "protocol": stats.protocol, "source": spec,
+            "genkit_version": __version__}

@@ -1,0 +1,62 @@
+"""Evaluation during training: FD of generated samples against cached reference statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genkit.data.base import to_uint8
+from genkit.eval.engine import EvalSettings, build_extractor, protocol_of
+from genkit.eval.frechet import GaussianStats, frechet_distance
+from genkit.eval.stats import RefStats, check_same_protocol, load_stats, save_stats
+from genkit.samplers import sampler_options
+
+
+class TrainingEvaluator:
+    """FD of `eval.n` samples vs the recipe's training data; reference statistics cached on disk."""
+
+    def __init__(self, recipe: Any, run_dir: Path, dataset: Any, device: torch.device):
+        cfg = recipe.eval
+        self.recipe, self.dataset = recipe, dataset
+        self.settings = EvalSettings(features=cfg.features, protocol=cfg.protocol, weights=cfg.weights,
+                                     n=cfg.n, batch_size=cfg.batch_size, device=str(device))
+        self.extractor = build_extractor(self.settings)
+        self.key = f"fd_{cfg.features}"
+        self.cache = run_dir / "eval" / f"reference-{cfg.features}.npz"
+        self.reference = self._reference()
+
+    @torch.inference_mode()
+    def _reference(self) -> RefStats:
+        if self.cache.exists():
+            stats = load_stats(str(self.cache))
+            check_same_protocol(stats.protocol, protocol_of(self.extractor), f"'{self.cache}'")
+            return stats
+        acc = GaussianStats(self.extractor.dim)
+        bs = self.settings.batch_size
+        for start in range(0, len(self.dataset), bs):
+            images = torch.stack([self.dataset[i]["image"] for i in range(start, min(start + bs, len(self.dataset)))])
+            acc.update(self._features(to_uint8(images)))
+        mu, sigma = acc.mean_cov()
+        stats = RefStats(mu, sigma, acc.count, protocol_of(self.extractor), source=f"recipe:{self.recipe.name}")
+        save_stats(self.cache, stats)
+        return stats
+
+    def _features(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        device = next(self.extractor.parameters()).device
+        return self.extractor(images_uint8.to(device)).double().cpu()
+
+    @torch.inference_mode()
+    def frechet(self, family: Any, seed: int = 0) -> float:
+        """FD between `eval.n` samples of the family (recipe's sampler) and the reference."""
+        s = self.recipe.sample
+        acc = GaussianStats(self.extractor.dim)
+        generator = torch.Generator().manual_seed(seed)
+        for start in range(0, self.settings.n, self.settings.batch_size):
+            b = min(self.settings.batch_size, self.settings.n - start)
+            images = family.generate(b, generator=generator, sampler=s.sampler, steps=s.steps,
+                                     **sampler_options(family, s))
+            acc.update(self._features(to_uint8(images)))
+        mu, sigma = acc.mean_cov()
+        return frechet_distance(self.reference.mu, self.reference.sigma, mu, sigma)

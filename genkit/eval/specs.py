@@ -1,0 +1,145 @@
+"""Image SPECs for evaluation: where the images of `--real` / `--fake` come from.
+
+A SPEC is one of
+    DIR                     a folder of images (recursive; png, jpg, jpeg, bmp, webp, gif)
+    FILE.npz                an array `images`: uint8 (N, C, H, W) or floats in [-1, 1]
+    recipe:RECIPE[:SPLIT]   a recipe's dataset (e.g. recipe:ddpm_digits, recipe:ddpm_digits:test)
+    RUN_DIR                 a genkit run folder: images are generated (sampler, steps, seed)
+Statistics files (mu/sigma .npz) are handled by `genkit.eval.stats`.
+Every source yields uint8 batches (B, C, H, W); generated images are quantized by rounding,
+exactly as saved PNGs would be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from genkit.data.base import to_uint8
+from genkit.data.folder import EXTENSIONS, find_images, open_image
+from genkit.errors import GenkitError
+
+@dataclass
+class SampleSettings:
+    """How to generate images when a SPEC is a run folder."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    seed: int = 0
+    device: str | None = None
+    options: dict[str, Any] | None = None
+
+
+def describe(spec: str) -> str:
+    """The kind of a SPEC, for messages and the JSON protocol."""
+    if spec.startswith("recipe:"):
+        return "recipe"
+    p = Path(spec)
+    if p.suffix == ".npz":
+        return "npz"
+    if (p / "config.yaml").exists():
+        return "run"
+    return "folder"
+
+
+def iter_images(spec: str, n: int | None, batch_size: int,
+                sample: SampleSettings | None = None) -> Iterator[Tensor]:
+    """uint8 batches (B, C, H, W) from a SPEC, at most n images (all, or n generated, if None)."""
+    kind = describe(spec)
+    if kind == "recipe":
+        yield from _limit(_recipe_batches(spec[len("recipe:"):], batch_size), n)
+    elif kind == "npz":
+        yield from _limit(_npz_batches(Path(spec), batch_size), n)
+    elif kind == "run":
+        yield from _run_batches(Path(spec), n, batch_size, sample or SampleSettings())
+    else:
+        yield from _limit(_folder_batches(Path(spec), batch_size), n)
+
+
+def _limit(batches: Iterator[Tensor], n: int | None) -> Iterator[Tensor]:
+    left = n
+    for batch in batches:
+        if left is not None:
+            batch = batch[:left]
+            left -= len(batch)
+        if len(batch):
+            yield batch
+        if left == 0:
+            return
+
+
+def _recipe_batches(ref: str, batch_size: int) -> Iterator[Tensor]:
+    from genkit.config import load_recipe
+    from genkit.data import build_dataset
+
+    name, _, split = ref.partition(":")
+    dataset = build_dataset(load_recipe(name).data, split or "train")
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))]
+        yield to_uint8(torch.stack(items))
+
+
+def _npz_batches(path: Path, batch_size: int) -> Iterator[Tensor]:
+    if not path.is_file():
+        raise GenkitError(f"'{path}' not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise GenkitError(f"'{path}' has no array 'images' (it has: {', '.join(z.files)})")
+            images = z["images"]
+    except (OSError, ValueError) as e:
+        raise GenkitError(f"cannot read '{path}': {e}") from None
+    images = _as_uint8(images, path)
+    for start in range(0, len(images), batch_size):
+        yield torch.from_numpy(images[start:start + batch_size])
+
+
+def _as_uint8(images: np.ndarray, path: Path) -> np.ndarray:
+    """Check an npz image array: (N, C, H, W) uint8, or floats in [-1, 1] quantized by rounding."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise GenkitError(f"'{path}': images must be (N, C, H, W) with C = 1 or 3, got {images.shape}")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise GenkitError(f"'{path}': images must be uint8 or float, got {images.dtype}")
+    if not np.isfinite(images).all():
+        raise GenkitError(f"'{path}': images hold NaN or inf values")
+    return to_uint8(torch.from_numpy(images)).numpy()
+
+
+def _folder_batches(root: Path, batch_size: int) -> Iterator[Tensor]:
+    """Images at their own size (the feature extractor resizes); RGB unless the first is grey."""
+    if not root.is_dir():
+        raise GenkitError(f"'{root}' is neither an image folder, an .npz, a run folder, nor recipe:NAME")
+    files = find_images(root)
+    if not files:
+        raise GenkitError(f"no images under '{root}' (read: {', '.join(EXTENSIONS)})")
+    mode = "L" if open_image(files[0]).mode in ("L", "1", "LA") else "RGB"
+    shape = None
+    for start in range(0, len(files), batch_size):
+        arrays = []
+        for path in files[start:start + batch_size]:
+            a = np.asarray(open_image(path).convert(mode))
+            shape = shape or a.shape
+            if a.shape != shape:
+                raise GenkitError(f"image '{path}' is {a.shape[1]}x{a.shape[0]}, the folder's first is "
+                                  f"{shape[1]}x{shape[0]}: evaluation needs one size")
+            arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        yield torch.from_numpy(np.stack(arrays))
+
+
+def _run_batches(run: Path, n: int | None, batch_size: int, s: SampleSettings) -> Iterator[Tensor]:
+    from genkit.api import load, sample
+
+    if n is None:
+        raise GenkitError(f"'{run}' is a run folder: say how many images to generate with --n")
+    family = load(run, device=s.device)
+    for i, start in enumerate(range(0, n, batch_size)):
+        b = min(batch_size, n - start)
+        images = sample(family, b, sampler=s.sampler, steps=s.steps, seed=s.seed + i, **(s.options or {}))
+        yield to_uint8(images)

@@ -31,6 +31,7 @@ from torch import Tensor
 from genkit.errors import SamplerError
 from genkit.samplers.adapters import randn
 from genkit.samplers.ddim import sample_ancestral, sample_ddim
+from genkit.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun, sample_rk45
 
 
 class SamplerSpec(NamedTuple):
@@ -41,6 +42,10 @@ class SamplerSpec(NamedTuple):
 SAMPLERS: dict[str, SamplerSpec] = {
     "ancestral": SamplerSpec(sample_ancestral, "denoise"),
     "ddim": SamplerSpec(sample_ddim, "denoise"),
+    "euler": SamplerSpec(sample_euler, "denoise"),
+    "heun": SamplerSpec(sample_heun, "denoise"),
+    "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "denoise"),
+    "rk45": SamplerSpec(sample_rk45, "denoise"),
 }
 
 

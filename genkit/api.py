@@ -91,15 +91,17 @@ def load(run: str | Path, device: str | torch.device | None = None) -> Any:
 
 
 def sample_with_info(family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
-                     seed: int = 0, batch_size: int | None = None, **options: Any) -> SampleOutput:
+                     seed: int = 0, batch_size: int | None = None, schedule: str | None = None,
+                     **options: Any) -> SampleOutput:
     """Like `sample`, but also returns the sampler's NFE and the resolved sampler/steps."""
     generator = torch.Generator().manual_seed(seed)
     return _sample(family, n, sampler=sampler, steps=steps, generator=generator,
-                   batch_size=batch_size, **options)
+                   batch_size=batch_size, schedule=schedule, **options)
 
 
 def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
-           seed: int = 0, batch_size: int | None = None, **options: Any) -> torch.Tensor:
+           seed: int = 0, batch_size: int | None = None, schedule: str | None = None,
+           **options: Any) -> torch.Tensor:
     """Generate n images in [-1, 1], shape (n, C, H, W), with a shared sampler.
 
     Args:
@@ -109,10 +111,11 @@ def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None
         steps: sampler steps; default the family's.
         seed: seeds the initial noise and any injected noise (same images on any device).
         batch_size: images per network batch (default all n at once).
-        **options: sampler options, e.g. ``eta=0.5`` for DDIM.
+        schedule: sigma grid: None (the family's own), "karras" or "uniform".
+        **options: sampler options, e.g. ``eta=0.5`` for DDIM, ``rtol``/``atol`` for rk45.
     """
-    return sample_with_info(family, n, sampler=sampler, steps=steps, seed=seed,
-                            batch_size=batch_size, **options).images
+    return sample_with_info(family, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
+                            schedule=schedule, **options).images
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--batch-size", type=_positive, help="images per network batch (default: all)")
     s.add_argument("--eta", type=float, help="DDIM noise scale: 0 deterministic, 1 = DDPM posterior")
+    s.add_argument("--schedule", choices=["karras", "uniform"],
+                   help="sigma grid: the family's own (default), karras (EDM rho=7) or uniform (arctan time)")
+    s.add_argument("--rtol", type=float, help="rk45 relative tolerance (default 1e-5)")
+    s.add_argument("--atol", type=float, help="rk45 absolute tolerance (default 1e-5)")
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
     s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -63,12 +67,21 @@ def _eval_parser(sub: Any) -> None:
     helps = {"fid": "Frechet distance between the feature Gaussians of --real and --fake",
              "kid": "Kernel Inception Distance (unbiased MMD^2, polynomial kernel)",
              "is": "Inception Score of --fake", "prdc": "precision, recall, density, coverage",
-             "stats": "save reference statistics of SPEC to --out"}
+             "stats": "save reference statistics of SPEC to --out",
+             "curve": "FD vs NFE of a run's samplers (table, CSV and PNG plot)"}
     for name, text in helps.items():
         m = metrics.add_parser(name, help=text, description=text + ". A SPEC is " + SPEC_HELP + ".")
         if name == "stats":
             m.add_argument("spec", metavar="SPEC", help="images to summarise")
             m.add_argument("--out", type=Path, required=True, help="statistics .npz to write")
+        elif name == "curve":
+            m.add_argument("run", type=Path, help="run folder")
+            m.add_argument("--samplers", default="ddim,euler,heun,dpmpp-2m", help="comma-separated samplers")
+            m.add_argument("--steps-list", "--steps", dest="steps_list", default="5,10,20,50",
+                           help="comma-separated step counts (default 5,10,20,50)")
+            m.add_argument("--schedule", choices=["karras", "uniform"], help="sigma grid (default: the family's)")
+            m.add_argument("--real", metavar="SPEC", help="reference (default: the run's training data)")
+            m.add_argument("--out", type=Path, help="folder for curve.csv/.png/.json (default RUN/eval)")
         else:
             if name != "is":
                 m.add_argument("--real", required=True, metavar="SPEC", help="reference images or statistics")
@@ -81,8 +94,9 @@ def _eval_parser(sub: Any) -> None:
         m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
         m.add_argument("--n", type=_positive, help="images per side (default: all; required for run folders)")
         m.add_argument("--batch-size", type=_positive, default=100, help="images per batch (default 100)")
-        m.add_argument("--sampler", help="sampler for run folders (default: the family's)")
-        m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
+        if name != "curve":
+            m.add_argument("--sampler", help="sampler for run folders (default: the family's)")
+            m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
         m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
         m.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
 
@@ -100,14 +114,14 @@ def _sample(args: argparse.Namespace) -> None:
     from genkit.io import save_grid, save_npz
 
     family = load(args.run, device=args.device)
-    options = {} if args.eta is None else {"eta": args.eta}
+    options = {k: getattr(args, k) for k in ("eta", "rtol", "atol") if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                           batch_size=args.batch_size, **options)
-    print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}")
+                           batch_size=args.batch_size, schedule=args.schedule, **options)
+    print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")
     print(f"grid: {save_grid(out.images, args.out)}")
     if args.save_npz:
         path = save_npz(args.save_npz, out.images, sampler=out.sampler, steps=out.steps or 0,
-                        nfe=out.nfe, seed=args.seed)
+                        nfe=out.nfe, seed=args.seed, schedule=args.schedule or "family")
         print(f"npz: {path}")
 
 
@@ -129,7 +143,10 @@ def _eval(args: argparse.Namespace) -> None:
 
     s = engine.EvalSettings(features=args.features, protocol=args.protocol, weights=args.weights,
                             n=args.n, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                            sample=SampleSettings(sampler=args.sampler, steps=args.steps))
+                            sample=SampleSettings(sampler=getattr(args, "sampler", None),
+                                                  steps=getattr(args, "steps", None)))
+    if args.metric == "curve":
+        return _curve(args, s)
     if args.metric == "stats":
         result = engine.write_stats(args.spec, args.out, s)
     elif args.metric == "is":
@@ -145,6 +162,33 @@ def _eval(args: argparse.Namespace) -> None:
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     print(f"protocol: {json.dumps(result['protocol'])}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise GenkitError(f"{flag}: expected comma-separated positive integers, got '{text}'")
+    return values
+
+
+def _curve(args: argparse.Namespace, s: Any) -> None:
+    from genkit.eval import curve
+    from genkit.io import write_json
+
+    s.n = s.n or 500
+    samplers = [x.strip() for x in args.samplers.split(",") if x.strip()]
+    rows = curve.fd_curve(args.run, samplers, _int_list(args.steps_list, "--steps"), s,
+                          real=args.real, schedule=args.schedule)
+    out = args.out or args.run / "eval"
+    name = f"fd_{s.features}" if s.features != "inception" else "FID"
+    write_json(out / "curve.json", {"rows": rows, "features": s.features, "n": s.n, "seed": s.seed})
+    curve.write_csv(rows, out / "curve.csv")
+    curve.plot(rows, out / "curve.png", f"{args.run.name}: {name} vs NFE ({s.n} samples)", name)
+    print(curve.table(rows))
+    print(f"saved {out / 'curve.csv'}, {out / 'curve.png'}, {out / 'curve.json'}")
 
 
 COMMANDS = {"train": _train, "sample": _sample, "recipes": _recipes, "eval": _eval}

@@ -157,6 +157,10 @@ class DDPM:
     def sigmas(self, steps: int) -> Tensor:
         return self.schedule.sigmas(steps, self.cfg.spacing)
 
+    def sigma_range(self) -> tuple[float, float]:
+        """(sigma of t=0, sigma of t=T-1): the span of the Karras and uniform grids."""
+        return float(self.schedule.sigma_table[0]), float(self.schedule.sigma_table[-1])
+
     def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
                  steps: int | None = None, **options: Any) -> Tensor:
         """n images in [-1, 1] from a shared sampler (default: DDIM, 50 steps)."""

@@ -22,6 +22,7 @@ list of those that do, and reports the number of function evaluations (NFE) it s
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -31,12 +32,14 @@ from torch import Tensor
 from genkit.errors import SamplerError
 from genkit.samplers.adapters import randn
 from genkit.samplers.ddim import sample_ancestral, sample_ddim
+from genkit.samplers.schedules import grid
 from genkit.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun, sample_rk45
 
 
 class SamplerSpec(NamedTuple):
     fn: Callable[..., Tensor]
-    needs: str  # the family capability (method name) this sampler calls
+    needs: str              # the family capability (method name) this sampler calls
+    adaptive: bool = False  # chooses its own steps: integrates over the family's whole sigma range
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -45,7 +48,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "euler": SamplerSpec(sample_euler, "denoise"),
     "heun": SamplerSpec(sample_heun, "denoise"),
     "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "denoise"),
-    "rk45": SamplerSpec(sample_rk45, "denoise"),
+    "rk45": SamplerSpec(sample_rk45, "denoise", adaptive=True),
 }
 
 
@@ -55,6 +58,7 @@ class SampleOutput:
     nfe: int        # network evaluations per image batch (the sampler's cost)
     sampler: str
     steps: int | None
+    seconds: float  # wall time of the whole call
 
 
 class CountingDenoiser:
@@ -103,32 +107,61 @@ def _check_options(name: str, fn: Callable, options: dict[str, Any]) -> None:
 @torch.inference_mode()
 def sample(
     family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
-    generator: torch.Generator | None = None, batch_size: int | None = None, **options: Any,
+    generator: torch.Generator | None = None, batch_size: int | None = None, schedule: str | None = None,
+    **options: Any,
 ) -> SampleOutput:
-    """Generate n images with a registered sampler, in batches, networks in eval mode."""
+    """Generate n images with a registered sampler, in batches, networks in eval mode.
+
+    `schedule` picks the sigma grid of iterative families: None is the family's own
+    (DDPM: its discrete timesteps), "karras" (EDM rho=7) or "uniform" (arctan time) span
+    the family's sigma range.
+    """
     if n < 1:
         raise SamplerError(f"n must be >= 1, got {n}")
     if steps is not None and steps < 1:
         raise SamplerError(f"steps must be >= 1, got {steps}")
     name, spec = resolve_sampler(family, sampler)
     _check_options(name, spec.fn, options)
-    steps = steps or family.default_steps
+    steps = None if spec.adaptive else steps or family.default_steps
     batch_size = batch_size or n
+    t0 = time.perf_counter()
     was_training = family.nets.training
     family.nets.eval()
     try:
         if spec.needs == "denoise":
-            images, nfe = _sample_denoising(family, n, spec.fn, steps, generator, batch_size, options)
+            sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
+            images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options)
         else:
             images, nfe = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size,
                                                       **options), 1
     finally:
         family.nets.train(was_training)
-    return SampleOutput(images.clamp(-1, 1), nfe, name, steps)
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return SampleOutput(images.clamp(-1, 1), nfe, name, steps, time.perf_counter() - t0)
 
 
-def _sample_denoising(family, n, fn, steps, generator, batch_size, options) -> tuple[Tensor, int]:
-    sigmas = family.sigmas(steps)
+def _sigma_range(family: Any) -> tuple[float, float]:
+    if hasattr(family, "sigma_range"):
+        return family.sigma_range()
+    own = family.sigmas(family.default_steps)
+    return float(own[own > 0].min()), float(own.max())
+
+
+def sigma_grid(family: Any, steps: int, schedule: str | None = None) -> Tensor:
+    """The family's own grid, or a named one (karras, uniform) over its sigma range."""
+    if schedule is None:
+        return family.sigmas(steps)
+    return grid(schedule, steps, *_sigma_range(family))
+
+
+def full_range(family: Any) -> Tensor:
+    """[sigma_max, sigma_min, 0]: the end points an adaptive solver integrates between."""
+    sigma_min, sigma_max = _sigma_range(family)
+    return torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
+
+
+def _sample_denoising(family, n, fn, sigmas, generator, batch_size, options) -> tuple[Tensor, int]:
     device = family.device
     chunks, nfe = [], 0
     for start in range(0, n, batch_size):

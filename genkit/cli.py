@@ -68,12 +68,23 @@ def _eval_parser(sub: Any) -> None:
              "kid": "Kernel Inception Distance (unbiased MMD^2, polynomial kernel)",
              "is": "Inception Score of --fake", "prdc": "precision, recall, density, coverage",
              "stats": "save reference statistics of SPEC to --out",
-             "curve": "FD vs NFE of a run's samplers (table, CSV and PNG plot)"}
+             "curve": "FD vs NFE of a run's samplers (table, CSV and PNG plot)",
+             "bpd": "bits/dim of held-out data under a run's model (exact likelihood)"}
     for name, text in helps.items():
         m = metrics.add_parser(name, help=text, description=text + ". A SPEC is " + SPEC_HELP + ".")
         if name == "stats":
             m.add_argument("spec", metavar="SPEC", help="images to summarise")
             m.add_argument("--out", type=Path, required=True, help="statistics .npz to write")
+        elif name == "bpd":
+            m.add_argument("run", type=Path, help="run folder")
+            m.add_argument("--data", metavar="SPEC", help="images (default: the run recipe's held-out split)")
+            m.add_argument("--divergence", choices=["auto", "exact", "hutchinson"], default="auto",
+                           help="exact trace (auto: up to 256 dims) or Hutchinson's estimator")
+            m.add_argument("--probes", type=_positive, default=1, help="Hutchinson probes per image (default 1)")
+            m.add_argument("--rtol", type=float, default=1e-5, help="ODE solver relative tolerance")
+            m.add_argument("--atol", type=float, default=1e-5, help="ODE solver absolute tolerance")
+            m.add_argument("--json", action="store_true", help="print only the JSON result")
+            m.add_argument("--out", type=Path, help="also write the JSON result to this file")
         elif name == "curve":
             m.add_argument("run", type=Path, help="run folder")
             m.add_argument("--samplers", default="ddim,euler,heun,dpmpp-2m", help="comma-separated samplers")
@@ -88,13 +99,14 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--fake", required=True, metavar="SPEC", help="images to evaluate")
             m.add_argument("--json", action="store_true", help="print only the JSON result")
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
-        m.add_argument("--features", default="inception",
-                       help="feature extractor: inception (default), clip, dinov2, digits")
-        m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
-        m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
+        if name != "bpd":
+            m.add_argument("--features", default="inception",
+                           help="feature extractor: inception (default), clip, dinov2, digits")
+            m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
+            m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
         m.add_argument("--n", type=_positive, help="images per side (default: all; required for run folders)")
-        m.add_argument("--batch-size", type=_positive, default=100, help="images per batch (default 100)")
-        if name != "curve":
+        m.add_argument("--batch-size", type=_positive, help="images per batch (default 100; bpd 16)")
+        if name not in ("curve", "bpd"):
             m.add_argument("--sampler", help="sampler for run folders (default: the family's)")
             m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
         m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
@@ -141,14 +153,19 @@ def _eval(args: argparse.Namespace) -> None:
     from genkit.eval.specs import SampleSettings
     from genkit.io import write_json
 
-    s = engine.EvalSettings(features=args.features, protocol=args.protocol, weights=args.weights,
-                            n=args.n, batch_size=args.batch_size, device=args.device, seed=args.seed,
+    s = engine.EvalSettings(features=getattr(args, "features", ""), protocol=getattr(args, "protocol", None),
+                            weights=getattr(args, "weights", None),
+                            n=args.n, batch_size=args.batch_size or (16 if args.metric == "bpd" else 100),
+                            device=args.device, seed=args.seed,
                             sample=SampleSettings(sampler=getattr(args, "sampler", None),
                                                   steps=getattr(args, "steps", None)))
     if args.metric == "curve":
         return _curve(args, s)
     if args.metric == "stats":
         result = engine.write_stats(args.spec, args.out, s)
+    elif args.metric == "bpd":
+        result = engine.compute_bpd(args.run, args.data, s, divergence=args.divergence, probes=args.probes,
+                                    rtol=args.rtol, atol=args.atol)
     elif args.metric == "is":
         result = engine.compute_is(args.fake, s)
     else:
@@ -161,7 +178,10 @@ def _eval(args: argparse.Namespace) -> None:
         return
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
-    print(f"protocol: {json.dumps(result['protocol'])}")
+    if "protocol" in result:
+        print(f"protocol: {json.dumps(result['protocol'])}")
+    else:
+        print(f"divergence: {result['divergence']} ({result['probes']} probes), data: {result['data']}")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -108,3 +108,44 @@ def test_help_explains_every_subcommand(tmp_path):
         r = genkit(cmd, "--help", cwd=tmp_path)
         assert r.returncode == 0 and "usage: genkit " + cmd in r.stdout
     assert "--save-npz" in genkit("sample", "--help", cwd=tmp_path).stdout
+
+
+def test_eval_fid_of_a_run_prints_json_with_the_protocol(trained_run):
+    cwd, run = trained_run
+    r = genkit("eval", "fid", "--real", "recipe:ddpm_digits:test", "--fake", str(run), "--features", "digits",
+               "--n", "24", "--sampler", "ddim", "--steps", "3", "--json", "--out", "fid.json", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out == json.loads((cwd / "fid.json").read_text())
+    shipped = json.loads((ROOT / "genkit" / "assets" / "digits_classifier.json").read_text())
+    assert out["protocol"]["weights_sha256"] == shipped["sha256"]
+    assert out["n_real"] == out["n_fake"] == 24 and out["fd_digits"] > 0
+    assert out["sampling"] == {"sampler": "ddim", "steps": 3}
+
+
+def test_missing_inception_weights_is_a_clear_one_line_error(tmp_path):
+    env_dirs = {"GENKIT_WEIGHTS_DIR": str(tmp_path / "w"), "TORCH_HOME": str(tmp_path / "t"),
+                "XDG_CACHE_HOME": str(tmp_path / "c")}
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_dirs)
+    r = subprocess.run([sys.executable, "-m", "genkit", "eval", "fid", "--real", "recipe:ddpm_digits",
+                        "--fake", "recipe:ddpm_digits:test"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "weights-inception-2015-12-05-6726825d.pth" in r.stderr and "GENKIT_WEIGHTS_DIR" in r.stderr
+
+
+def test_eval_curve_and_bpd_of_a_run(trained_run):
+    cwd, run = trained_run
+    r = genkit("eval", "curve", str(run), "--samplers", "ddim,euler", "--steps", "2,3", "--n", "20",
+               "--features", "digits", "--out", "curve", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    rows = (cwd / "curve" / "curve.csv").read_text().splitlines()
+    assert rows[0] == "sampler,steps,schedule,nfe,fd,seconds" and len(rows) == 5
+    assert [row.split(",")[3] for row in rows[1:]] == ["2", "3", "2", "3"]  # NFE
+    assert Image.open(cwd / "curve" / "curve.png").size[0] > 100
+    r = genkit("eval", "bpd", str(run), "--n", "2", "--divergence", "hutchinson", "--rtol", "1e-2",
+               "--atol", "1e-2", "--json", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["divergence"] == "hutchinson" and out["n"] == 2 and 0 < out["bits_per_dim"] < 20
+    assert out["data"].endswith(":test")

@@ -194,3 +194,14 @@ def test_two_processes_at_batch_b_equal_one_process_at_2b(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     ckpt = latest_checkpoint(tmp_path / "two" / "checkpoints")
     assert (ckpt / "rng-0.pt").exists() and (ckpt / "rng-1.pt").exists()
+
+
+def test_in_training_fd_is_logged_and_best_kept(tmp_path):
+    run = genkit.train(ddpm_recipe(4, **{"train.eval_every": 2, "eval.n": 16, "eval.batch_size": 8,
+                                         "eval.best": "true"}), out=tmp_path / "ev")
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    fds = {r["step"]: r["fd_digits"] for r in records if "fd_digits" in r}
+    assert sorted(fds) == [2, 4] and all(v > 0 for v in fds.values())
+    best = json.loads((run / "best" / "genkit.json").read_text())
+    assert best["fd"] == min(fds.values()) and best["step"] == min(fds, key=fds.get)
+    assert (run / "eval" / "reference-digits.npz").exists()  # cached reference statistics

@@ -132,5 +132,7 @@ def sample_rk45(
     if sigma_max > sigma_min:
         ts = torch.tensor([arctan_time(sigma_max), arctan_time(sigma_min)], dtype=z.dtype, device=z.device)
         field = lambda t, z_t: velocity(D, z_t, t, **cond)  # noqa: E731
-        z = odeint(field, z, ts, rtol=rtol, atol=atol, method="dopri5")[-1]
+        # step_t: land exactly on the end time; dopri5 otherwise steps past it and interpolates
+        # back, evaluating the field beyond sigma_min (even at negative sigma)
+        z = odeint(field, z, ts, rtol=rtol, atol=atol, method="dopri5", options={"step_t": ts[1:]})[-1]
     return D(z, z.new_full((z.shape[0],), sigma_min), **cond)

@@ -1,0 +1,259 @@
+"""Likelihoods: the probability-flow ODE against closed-form Gaussian marginals, Hutchinson
+against the exact divergence, and the one bits/dim formula (genkit/eval/likelihood.py)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from genkit.errors import GenkitError
+from genkit.eval.likelihood import (bits_per_dim, dequantize, family_bits_per_dim, ode_log_likelihood,
+                                    rademacher, velocity_and_divergence)
+from genkit.samplers.adapters import vp_coefficients
+
+INF = math.inf
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class Gaussian:
+    """Data N(m, Q diag(v) Q^T) in float64, with its exact denoiser and its marginals."""
+
+    def __init__(self, d: int, rotate: bool, seed: int = 0):
+        g = seeded(seed)
+        self.m = 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+        self.v = 0.05 + 0.5 * torch.rand(d, generator=g, dtype=torch.float64)
+        q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+        self.q = q if rotate else torch.eye(d, dtype=torch.float64)
+
+    def denoise(self, z, sigma):
+        """E[x0 | z] = m + alpha Sigma (alpha^2 Sigma + s^2 I)^-1 (z - alpha m), one sigma per batch."""
+        alpha, s = vp_coefficients(float(sigma[0]))
+        gain = alpha * self.v / (alpha**2 * self.v + s**2)
+        return self.m + (((z - alpha * self.m) @ self.q) * gain) @ self.q.T
+
+    def log_marginal(self, x, sigma):
+        """log N(x; alpha m, alpha^2 Sigma + s^2 I): the density of z at sigma."""
+        alpha, s = vp_coefficients(sigma)
+        cov = alpha**2 * (self.q * self.v) @ self.q.T + s**2 * torch.eye(len(self.m), dtype=torch.float64)
+        return torch.distributions.MultivariateNormal(alpha * self.m, cov).log_prob(x)
+
+    def points(self, n, seed=1):
+        g = seeded(seed)
+        return 0.6 * torch.randn(n, len(self.m), generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("d,rotate", [(4, False), (8, True)])
+@pytest.mark.parametrize("sigma_min,sigma_max", [(1e-3, INF), (0.5, INF), (1e-3, 1e4)])
+def test_ode_likelihood_matches_gaussian_marginal(d, rotate, sigma_min, sigma_max):
+    data = Gaussian(d, rotate)
+    x = data.points(5)
+    log_p, info = ode_log_likelihood(data.denoise, x, sigma_min, sigma_max)
+    assert info["divergence"] == "exact" and info["probes"] == d and info["nfe"] > 0
+    assert log_p.dtype == torch.float64 and log_p.shape == (5,)
+    err = (log_p - data.log_marginal(x, sigma_min)).abs().max() / d
+    # ~1e-5 at the default tolerances; at sigma_max = 1e4 the N(0, I) prior adds O(alpha_max) = 1e-4
+    assert err < (1e-4 if sigma_max == INF else 1e-3), f"{err:.2e} nats/dim"
+
+
+def test_field_is_never_evaluated_past_sigma_max():
+    """The solver lands on t_max instead of stepping past it and interpolating back."""
+    data = Gaussian(4, rotate=True)
+    seen = []
+
+    def D(z, sigma):
+        seen.append(float(sigma[0]))
+        return data.denoise(z, sigma)
+
+    ode_log_likelihood(D, data.points(2), 0.05, 2.0)
+    assert 0.05 * (1 - 1e-12) <= min(seen) and max(seen) <= 2.0 * (1 + 1e-12)
+
+
+def test_ode_likelihood_converges_with_tolerance():
+    """Solver error is the only error at sigma_max = inf: it vanishes with the tolerance."""
+    data = Gaussian(6, rotate=True)
+    x = data.points(3)
+    log_p, _ = ode_log_likelihood(data.denoise, x, 1e-3, INF, rtol=1e-9, atol=1e-9)
+    assert (log_p - data.log_marginal(x, 1e-3)).abs().max() / 6 < 1e-8
+    # and at small sigma_min the marginal is the data density itself, to ~s_min^2 / v
+    assert (log_p - data.log_marginal(x, 0.0)).abs().max() / 6 < 1e-4
+
+
+def test_exact_divergence_is_the_jacobian_trace_on_a_unet():
+    """The batched basis-vector trick equals the autograd Jacobian's trace sample by sample."""
+    from genkit.samplers.ode import velocity
+
+    family = tiny_ddpm()
+    z = torch.randn(2, 1, 8, 8, generator=seeded(0))
+    t = torch.tensor(0.6)
+    with torch.no_grad():
+        v_ref = velocity(family.denoise, z, t)
+    traces = []
+    for b in range(2):
+        jac = torch.autograd.functional.jacobian(lambda zb: velocity(family.denoise, zb[None], t)[0], z[b])
+        traces.append(torch.trace(jac.reshape(64, 64)))
+    for max_batch in (1024, 20):  # one network call, then 13 chunks of 10 basis vectors x 2 samples
+        v, div = velocity_and_divergence(family.denoise, z, t, max_batch=max_batch)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(div, torch.stack(traces), rtol=1e-4, atol=1e-4)
+
+
+def test_hutchinson_is_unbiased_and_noisy_at_a_point():
+    data = Gaussian(6, rotate=True)
+    n = 2000
+    z = data.points(1).expand(n, 6)  # one point, one single-probe estimate per row
+    t = torch.tensor(0.7, dtype=torch.float64)
+    _, exact = velocity_and_divergence(data.denoise, z[:1], t)
+    probes = rademacher((1, n, 6), seeded(0), "cpu", torch.float64)
+    _, single = velocity_and_divergence(data.denoise, z, t, probes)
+    std_err = single.std() / math.sqrt(n)
+    assert single.std() > 0.05 * exact.abs()
+    assert (single.mean() - exact).abs() < 4 * std_err
+
+
+def test_hutchinson_is_exact_for_a_diagonal_jacobian():
+    """Rademacher probes have p_i^2 = 1, so a diagonal Jacobian leaves no variance."""
+    data = Gaussian(6, rotate=False)
+    z = data.points(4)
+    t = torch.tensor(0.7, dtype=torch.float64)
+    probes = rademacher((3, 4, 6), seeded(0), "cpu", torch.float64)
+    torch.testing.assert_close(velocity_and_divergence(data.denoise, z, t, probes)[1],
+                               velocity_and_divergence(data.denoise, z, t)[1])
+
+
+def test_hutchinson_likelihood_agrees_with_exact():
+    data = Gaussian(6, rotate=True)
+    x = data.points(5)
+    exact, _ = ode_log_likelihood(data.denoise, x, 1e-3, INF)
+    est, info = ode_log_likelihood(data.denoise, x, 1e-3, INF, exact_divergence=False, hutchinson_samples=400,
+                                   generator=seeded(0))
+    assert info["divergence"] == "hutchinson" and info["probes"] == 400
+    # one probe scatters the log-likelihood by ~0.6 nats here, so 400 by ~0.03: 0.2 is ~6 standard errors
+    assert (est - exact).abs().max() < 0.2
+    assert (est - exact).abs().max() > 0  # it is an estimate, not the exact value
+
+
+def test_same_generator_same_hutchinson_estimate():
+    data = Gaussian(6, rotate=True)
+    x = data.points(2)
+    runs = [ode_log_likelihood(data.denoise, x, 1e-2, INF, exact_divergence=False, rtol=1e-3, atol=1e-3,
+                               generator=seeded(s))[0] for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("d,expected", [(256, "exact"), (257, "hutchinson")])
+def test_divergence_defaults_to_exact_up_to_256_dims(d, expected):
+    data = Gaussian(d, rotate=False)
+    log_p, info = ode_log_likelihood(data.denoise, data.points(1), 0.1, INF, rtol=1e-3, atol=1e-3,
+                                     generator=seeded(0))
+    assert info["divergence"] == expected and torch.isfinite(log_p).all()
+
+
+def test_runs_under_inference_mode():
+    data = Gaussian(4, rotate=True)
+    x = data.points(2)
+    ref, _ = ode_log_likelihood(data.denoise, x, 1e-2, INF, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        log_p, _ = ode_log_likelihood(data.denoise, x.clone(), 1e-2, INF, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(log_p.clone(), ref)
+
+
+@pytest.mark.parametrize("args,kwargs", [
+    ((0.0, INF), {}), ((1.0, 0.5), {}), ((1e-2, INF), {"hutchinson_samples": 0}),
+])
+def test_ode_likelihood_refuses_bad_input(args, kwargs):
+    data = Gaussian(4, rotate=False)
+    with pytest.raises(GenkitError):
+        ode_log_likelihood(data.denoise, data.points(2), *args, **kwargs)
+    with pytest.raises(GenkitError):
+        ode_log_likelihood(data.denoise, torch.zeros(4, dtype=torch.float64), 1e-2, INF)
+
+
+@pytest.mark.parametrize("n_bits", [8, 5])
+def test_uniform_model_scores_n_bits_per_dim(n_bits):
+    dims = 3 * 4 * 4
+    nll = torch.full((7,), dims * math.log(2), dtype=torch.float64)  # uniform on [-1, 1]^D
+    assert torch.equal(bits_per_dim(nll, dims, n_bits), torch.full((7,), float(n_bits), dtype=torch.float64))
+
+
+def test_bits_per_dim_by_hand_for_a_standard_normal():
+    # N(0, I) at x = 0 in D = 3: nll = 1.5 ln(2 pi); bpd = log2(2 pi) / 2 - 1 + 8 = 8.325748...
+    nll = torch.tensor([1.5 * math.log(2 * math.pi)])
+    assert bits_per_dim(nll, 3).item() == pytest.approx(8.3257480, abs=1e-6)
+    with pytest.raises(GenkitError):
+        bits_per_dim(nll, 0)
+
+
+def test_dequantize_fills_each_bin():
+    k = torch.arange(256, dtype=torch.uint8).repeat(200)
+    x = dequantize(k, seeded(0))
+    lo, hi = 2 * k.double() / 256 - 1, 2 * (k.double() + 1) / 256 - 1
+    assert x.dtype == torch.float32 and ((x >= lo) & (x < hi)).all()
+    u = (x.double() + 1) * 128 - k.double()  # the uniform noise, U[0, 1)
+    assert abs(u.mean().item() - 0.5) < 0.01 and u.min() < 0.01 and u.max() > 0.99
+    assert torch.equal(x, dequantize(k, seeded(0)))
+    assert dequantize(torch.tensor([15]), torch.Generator(), n_bits=4).item() > 2 * 15 / 16 - 1
+
+
+def test_dequantize_refuses_floats_and_out_of_range():
+    with pytest.raises(GenkitError):
+        dequantize(torch.rand(4), None)
+    with pytest.raises(GenkitError):
+        dequantize(torch.tensor([16]), None, n_bits=4)
+
+
+class GaussianFamily:
+    """An ODE family whose density is known: the exact denoiser of Gaussian data, sigma in [1e-3, inf]."""
+
+    def __init__(self):
+        self.data = Gaussian(4, rotate=True, seed=2)
+        self.sample_shape = (1, 2, 2)
+        self.nets = nn.ModuleDict()
+        self.device = torch.device("cpu")
+
+    def denoise(self, z, sigma):
+        return self.data.denoise(z.flatten(1).double(), sigma).view_as(z).to(z.dtype)
+
+    def sigma_range(self):
+        return 1e-3, INF
+
+
+def test_family_bits_per_dim_matches_the_closed_form():
+    """Dequantize + ODE + formula, end to end, against log N of the same dequantized points."""
+    family = GaussianFamily()
+    images = torch.randint(100, 156, (6, 1, 2, 2), generator=seeded(0), dtype=torch.uint8)
+    out = family_bits_per_dim(family, images, batch_size=4, generator=seeded(1))
+    x = dequantize(images, seeded(1)).flatten(1).double()
+    expected = bits_per_dim(-family.data.log_marginal(x, 1e-3), 4)
+    assert out["n"] == 6 and out["divergence"] == "exact" and out["dims"] == 4
+    assert out["bits_per_dim"] == pytest.approx(expected.mean().item(), abs=1e-3 / math.log(2))
+    assert out["bits_per_dim_std"] == pytest.approx(expected.std().item(), abs=1e-2)
+    assert out["nats_per_dim"] == pytest.approx(out["bits_per_dim"] * math.log(2))
+
+
+def tiny_ddpm():
+    from genkit.families.ddpm import DDPM, DDPMConfig
+    from genkit.nn.unet import UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
+    return DDPM(DDPMConfig(timesteps=100, unet=unet), shape=(1, 8, 8))
+
+
+@pytest.mark.parametrize("options,divergence", [({}, "exact"), ({"exact_divergence": False}, "hutchinson")])
+def test_family_bits_per_dim_on_a_tiny_ddpm(options, divergence):
+    family = tiny_ddpm()
+    family.nets.train()
+    images = torch.randint(0, 256, (2, 1, 8, 8), generator=seeded(0), dtype=torch.uint8)
+    out = family_bits_per_dim(family, images, generator=seeded(0),
+                              rtol=1e-3, atol=1e-3, **options)
+    assert {"bits_per_dim", "bits_per_dim_std", "nats_per_dim", "n", "divergence"} <= set(out)
+    assert out["divergence"] == divergence and out["n"] == 2
+    assert math.isfinite(out["bits_per_dim"]) and math.isfinite(out["bits_per_dim_std"])
+    assert (out["sigma_min"], out["sigma_max"]) == family.sigma_range()
+    assert family.nets.training  # the mode is restored
+    with pytest.raises(GenkitError):
+        family_bits_per_dim(family, images[:, :, :4])

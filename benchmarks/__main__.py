@@ -1,0 +1,58 @@
+"""Run benchmarks and append their tables to docs/benchmarks.md with the machine, versions and date.
+
+    python -m benchmarks                 # all
+    python -m benchmarks frechet eval    # some (names below)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+from pathlib import Path
+
+BENCHMARKS = {
+    "frechet": ("benchmarks.bench_frechet", "Frechet distance: eigh trace vs scipy sqrtm (pytorch-fid)"),
+    "eval": ("benchmarks.bench_eval", "FID pipeline throughput: genkit vs torchmetrics, same network"),
+    "samplers": ("benchmarks.bench_samplers", "FD vs NFE of the shared samplers on the digits default"),
+}
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def environment() -> str:
+    import diffusers
+    import torch
+    import torchmetrics
+
+    import genkit
+
+    cpu = platform.processor() or platform.machine()
+    return (f"{datetime.date.today().isoformat()} · {platform.system()} {cpu}, {os.cpu_count()} cores, "
+            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'} · "
+            f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"torchmetrics {torchmetrics.__version__}, genkit {genkit.__version__}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", choices=list(BENCHMARKS), help="benchmarks to run (default: all)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    args = p.parse_args()
+    names = args.names or list(BENCHMARKS)
+    env = environment()
+    for name in names:
+        module, title = BENCHMARKS[name]
+        bench = importlib.import_module(module)
+        text = bench.markdown(bench.run())
+        section = f"\n### {title}\n\n_{env}_ · `python -m benchmarks {name}`\n\n{text}\n"
+        print(section)
+        if not args.no_write:
+            DOC.parent.mkdir(exist_ok=True)
+            with open(DOC, "a") as f:
+                f.write(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -255,3 +255,20 @@ def test_every_denoising_sampler_runs_on_a_tiny_ddpm(name):
     assert out.images.shape == (3, 1, 8, 8) and out.images.abs().max() <= 1 and out.images.std() > 0
     assert torch.isfinite(out.images).all()
     assert out.nfe == NFE[name](steps) if name in NFE else out.nfe >= 1, out.nfe
+
+
+def test_named_grids_span_the_family_range_and_karras_is_capped_at_edm_sigma_max():
+    from genkit.families.ddpm import DDPM, DDPMConfig
+    from genkit.nn.unet import UNetConfig
+    from genkit.samplers import KARRAS_SIGMA_MAX, full_range, sigma_grid
+
+    unet = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
+    family = DDPM(DDPMConfig(schedule="cosine", unet=unet), shape=(1, 8, 8))
+    lo, hi = family.sigma_range()
+    assert hi > 1000  # the cosine schedule's last sigma is huge
+    karras = sigma_grid(family, 10, "karras")
+    assert float(karras[0]) == pytest.approx(KARRAS_SIGMA_MAX) and float(karras[-2]) == pytest.approx(lo)
+    uniform = sigma_grid(family, 10, "uniform")
+    assert float(uniform[0]) == pytest.approx(hi) and float(uniform[-1]) == 0.0
+    assert torch.equal(sigma_grid(family, 10), family.sigmas(10))
+    assert full_range(family).tolist() == pytest.approx([hi, lo, 0.0])

@@ -148,11 +148,19 @@ def _sigma_range(family: Any) -> tuple[float, float]:
     return float(own[own > 0].min()), float(own.max())
 
 
+# EDM's sigma_max: above it the data signal is ~1% of the noise for data in [-1, 1]; a Karras grid
+# over a cosine DDPM's full range (sigma_max ~ 2e4) would waste its large steps there.
+KARRAS_SIGMA_MAX = 80.0
+
+
 def sigma_grid(family: Any, steps: int, schedule: str | None = None) -> Tensor:
-    """The family's own grid, or a named one (karras, uniform) over its sigma range."""
+    """The family's own grid, or a named one over its sigma range (karras: capped at EDM's 80)."""
     if schedule is None:
         return family.sigmas(steps)
-    return grid(schedule, steps, *_sigma_range(family))
+    sigma_min, sigma_max = _sigma_range(family)
+    if schedule == "karras":
+        sigma_max = min(sigma_max, KARRAS_SIGMA_MAX)
+    return grid(schedule, steps, sigma_min, sigma_max)
 
 
 def full_range(family: Any) -> Tensor:

@@ -61,7 +61,7 @@ SPEC_HELP = ("a folder of images, an .npz of images (key `images`), a statistics
 
 
 def _eval_parser(sub: Any) -> None:
-    e = sub.add_parser("eval", help="evaluate samples: fid, kid, is, prdc, stats",
+    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, stats, curve, bpd",
                        description="Evaluation metrics with the protocol recorded in the output.")
     metrics = e.add_subparsers(dest="metric", required=True, metavar="METRIC")
     helps = {"fid": "Frechet distance between the feature Gaussians of --real and --fake",

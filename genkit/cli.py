@@ -51,6 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
+    r = sub.add_parser("reflow", help="write reflow pairs (noise, ODE(noise)) of a rectified-flow run",
+                       description="Solve a run's ODE from seeded noise and write the pairs as safetensors "
+                                   "shards plus manifest.json (resumable: complete shards are kept). Train "
+                                   "on them with data.source=pairs data.root=PAIRS model.init_from=RUN.")
+    r.add_argument("run", type=Path, help="run folder written by `genkit train`")
+    r.add_argument("--pairs", type=_positive, required=True, help="number of pairs")
+    r.add_argument("--out", type=Path, required=True, help="pairs folder to write (or resume)")
+    r.add_argument("--sampler", default="rk45", help="deterministic sampler (default rk45; ddim = Euler)")
+    r.add_argument("--steps", type=_positive, help="sampler steps (ignored by rk45)")
+    r.add_argument("--rtol", type=float, help="rk45 relative tolerance (default 1e-5)")
+    r.add_argument("--atol", type=float, help="rk45 absolute tolerance (default 1e-5)")
+    r.add_argument("--batch-size", type=_positive, default=256, help="pairs per network batch (default 256)")
+    r.add_argument("--shard-size", type=_positive, default=1024, help="pairs per shard file (default 1024)")
+    r.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
     sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
     _eval_parser(sub)
     return p
@@ -61,7 +77,7 @@ SPEC_HELP = ("a folder of images, an .npz of images (key `images`), a statistics
 
 
 def _eval_parser(sub: Any) -> None:
-    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, stats, curve, bpd",
+    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, stats, curve, bpd, straightness",
                        description="Evaluation metrics with the protocol recorded in the output.")
     metrics = e.add_subparsers(dest="metric", required=True, metavar="METRIC")
     helps = {"fid": "Frechet distance between the feature Gaussians of --real and --fake",
@@ -69,7 +85,8 @@ def _eval_parser(sub: Any) -> None:
              "is": "Inception Score of --fake", "prdc": "precision, recall, density, coverage",
              "stats": "save reference statistics of SPEC to --out",
              "curve": "FD vs NFE of a run's samplers (table, CSV and PNG plot)",
-             "bpd": "bits/dim of held-out data under a run's model (exact likelihood)"}
+             "bpd": "bits/dim of held-out data under a run's model (exact likelihood)",
+             "straightness": "the rectified-flow paper's straightness S(Z) of a run's Euler paths"}
     for name, text in helps.items():
         m = metrics.add_parser(name, help=text, description=text + ". A SPEC is " + SPEC_HELP + ".")
         if name == "stats":
@@ -83,6 +100,11 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--probes", type=_positive, default=1, help="Hutchinson probes per image (default 1)")
             m.add_argument("--rtol", type=float, default=1e-5, help="ODE solver relative tolerance")
             m.add_argument("--atol", type=float, default=1e-5, help="ODE solver absolute tolerance")
+            m.add_argument("--json", action="store_true", help="print only the JSON result")
+            m.add_argument("--out", type=Path, help="also write the JSON result to this file")
+        elif name == "straightness":
+            m.add_argument("run", type=Path, help="run folder")
+            m.add_argument("--steps", type=_positive, default=50, help="Euler steps per path (default 50)")
             m.add_argument("--json", action="store_true", help="print only the JSON result")
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
         elif name == "curve":
@@ -99,14 +121,16 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--fake", required=True, metavar="SPEC", help="images to evaluate")
             m.add_argument("--json", action="store_true", help="print only the JSON result")
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
-        if name != "bpd":
+        if name not in ("bpd", "straightness"):
             m.add_argument("--features", default="inception",
                            help="feature extractor: inception (default), clip, dinov2, digits")
             m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
             m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
-        m.add_argument("--n", type=_positive, help="images per side (default: all; required for run folders)")
-        m.add_argument("--batch-size", type=_positive, help="images per batch (default 100; bpd 16)")
-        if name not in ("curve", "bpd"):
+        m.add_argument("--n", type=_positive, help="images per side (default: all; required for run "
+                                                    "folders; straightness: paths, default 256)")
+        if name != "straightness":
+            m.add_argument("--batch-size", type=_positive, help="images per batch (default 100; bpd 16)")
+        if name not in ("curve", "bpd", "straightness"):
             m.add_argument("--sampler", help="sampler for run folders (default: the family's)")
             m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
         m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
@@ -153,6 +177,8 @@ def _eval(args: argparse.Namespace) -> None:
     from genkit.eval.specs import SampleSettings
     from genkit.io import write_json
 
+    if args.metric == "straightness":
+        return _straightness(args)
     s = engine.EvalSettings(features=getattr(args, "features", ""), protocol=getattr(args, "protocol", None),
                             weights=getattr(args, "weights", None),
                             n=args.n, batch_size=args.batch_size or (16 if args.metric == "bpd" else 100),
@@ -184,6 +210,31 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"divergence: {result['divergence']} ({result['probes']} probes), data: {result['data']}")
 
 
+def _straightness(args: argparse.Namespace) -> None:
+    import json
+
+    from genkit.io import write_json
+    from genkit.reflow import straightness
+
+    result = straightness(args.run, n=args.n or 256, steps=args.steps, seed=args.seed, device=args.device)
+    if args.out:
+        write_json(args.out, result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"straightness {result['straightness']:.6g}  n {result['n']}  steps {result['steps']}")
+
+
+def _reflow(args: argparse.Namespace) -> None:
+    from genkit.reflow import generate_pairs
+
+    options = {k: getattr(args, k) for k in ("rtol", "atol") if getattr(args, k) is not None}
+    out = generate_pairs(args.run, args.out, args.pairs, sampler=args.sampler, steps=args.steps,
+                         batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size,
+                         device=args.device, **options)
+    print(f"pairs: {out} (train with data.source=pairs data.root={out} model.init_from={args.run})")
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -211,7 +262,7 @@ def _curve(args: argparse.Namespace, s: Any) -> None:
     print(f"saved {out / 'curve.csv'}, {out / 'curve.png'}, {out / 'curve.json'}")
 
 
-COMMANDS = {"train": _train, "sample": _sample, "recipes": _recipes, "eval": _eval}
+COMMANDS = {"train": _train, "sample": _sample, "reflow": _reflow, "recipes": _recipes, "eval": _eval}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

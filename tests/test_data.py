@@ -49,7 +49,7 @@ def sk_digits():
 
 
 def test_sources_registry():
-    assert set(SOURCES) == {"digits", "folder", "cifar10", "mnist"}
+    assert set(SOURCES) == {"digits", "folder", "cifar10", "mnist", "pairs"}
 
 
 @pytest.mark.parametrize("size", [16, 32])

@@ -18,6 +18,7 @@ from genkit.data.base import (SPLITS, ImageDataset, InMemoryImageDataset, datase
                               from_uint8, to_uint8)
 from genkit.data.digits import build_digits
 from genkit.data.folder import FolderDataset, build_folder
+from genkit.data.pairs import PairsDataset, build_pairs
 from genkit.data.torchvision_data import build_cifar10, build_mnist
 from genkit.errors import DataError
 
@@ -26,6 +27,7 @@ SOURCES: dict[str, Callable[[Any, str], ImageDataset]] = {
     "folder": build_folder,
     "cifar10": build_cifar10,
     "mnist": build_mnist,
+    "pairs": build_pairs,
 }
 
 
@@ -51,5 +53,5 @@ def _suggest(name: Any) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-__all__ = ["SOURCES", "SPLITS", "FolderDataset", "ImageDataset", "InMemoryImageDataset",
+__all__ = ["SOURCES", "SPLITS", "FolderDataset", "ImageDataset", "InMemoryImageDataset", "PairsDataset",
            "build_dataset", "dataset_from_tensor", "from_uint8", "to_uint8"]

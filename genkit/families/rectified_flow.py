@@ -20,6 +20,14 @@ Samplers: DDIM (eta = 0) on this family IS the paper's Euler step x_{t'} = x_t +
 (and diffusers' FlowMatchEulerDiscreteScheduler.step), exact in one step on straight (reflowed)
 couplings; genkit's `euler` is Euler in arctan time (`genkit.samplers.ode`), a different
 first-order discretisation of the same ODE. So the default sampler is `ddim`.
+
+Reflow and distillation (the paper's sections 2.3 and 3): `genkit reflow RUN` writes pairs
+(eps, x = ODE_RUN(eps)) and `data.source=pairs` trains on that coupling (`train_step` uses
+the batch's "noise"), starting from the run's weights with `model.init_from`
+(`genkit.reflow.init_from_run`, called by the trainer). k-step distillation sets
+`time_sampling: grid` with `distill_steps: k`: t is drawn from the k start points
+{1, 1 - 1/k, ..., 1/k} of the uniform sampling grid, so at the optimum v_hat(x_t, t) = eps - x
+there and k `ddim` steps (with `shift: 1`) reproduce each pair exactly.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from genkit.errors import SamplerError
+from genkit.errors import ConfigError, SamplerError
 from genkit.nn.unet import UNetConfig, build_unet
 from genkit.samplers import sample
 from genkit.samplers.adapters import randn, vp_coefficients
@@ -39,11 +47,14 @@ from genkit.samplers.adapters import randn, vp_coefficients
 @dataclass
 class RectifiedFlowConfig:
     family: str = "rectified_flow"
-    time_sampling: Literal["uniform", "logit_normal"] = "uniform"  # t ~ U[0,1] or sigmoid(N(m, s^2)) (SD3)
+    time_sampling: Literal["uniform", "logit_normal", "grid"] = "uniform"  # U[0,1], sigmoid(N(m, s^2)) (SD3),
+                                                 # or the distill_steps grid start points (distillation)
+    distill_steps: int = 1                       # k of k-step distillation (time_sampling: grid)
     logit_mean: float = 0.0                      # m of the logit-normal
     logit_std: float = 1.0                       # s of the logit-normal
     shift: float = 1.0                           # SD3 timestep shift of the sampling grid: sigma -> shift sigma
     clip_sample: bool = False                    # clamp x0_hat to [-1, 1] while sampling
+    init_from: str | None = None                 # run folder whose final (EMA) weights start training (reflow)
     unet: UNetConfig = field(default_factory=UNetConfig)
 
 
@@ -70,6 +81,8 @@ class RectifiedFlow:
     default_steps = 50
 
     def __init__(self, cfg: RectifiedFlowConfig, shape: tuple[int, int, int], num_classes: int = 0):
+        if cfg.distill_steps < 1:
+            raise ConfigError(f"model.distill_steps: must be >= 1, got {cfg.distill_steps}")
         self.cfg = cfg
         self.sample_shape = tuple(shape)  # (C, H, W)
         self.nets = nn.ModuleDict({"unet": build_unet(cfg.unet, shape[0], shape[1])})
@@ -90,9 +103,16 @@ class RectifiedFlow:
         return self.nets["unet"](x_t, 1000 * t).sample
 
     def sample_t(self, n: int, opt: Any) -> Tensor:
-        """Training times: U[0, 1) or SD3's logit-normal sigmoid(m + s N(0, 1))."""
+        """Training times: U[0, 1), SD3's logit-normal sigmoid(m + s N(0, 1)), or the k-step grid.
+
+        "grid" (k-step distillation): t = 1 - i / k with i uniform in {0, ..., k-1}, the start
+        points of the k Euler (`ddim`) steps that sample from t = 1 to 0.
+        """
         if self.cfg.time_sampling == "uniform":
             return opt.rand(n)
+        if self.cfg.time_sampling == "grid":
+            k = self.cfg.distill_steps
+            return 1 - opt.randint(k, n).float() / k
         return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * opt.randn(n))
 
     def loss(self, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:

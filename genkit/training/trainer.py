@@ -25,6 +25,7 @@ from genkit.config import OptimConfig, Recipe, dump_recipe
 from genkit.data import build_dataset
 from genkit.errors import ConfigError, DataError, GenkitError, RunError
 from genkit.families import FAMILIES
+from genkit.reflow import init_from_run
 from genkit.samplers import sampler_options
 from genkit.io import atomic_dir, save_grid, save_tensors, write_json, write_text
 from genkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -105,6 +106,8 @@ class Trainer:
         self.dataset = build_dataset(recipe.data, "train")
         self.shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
         self.family = build_family(recipe, self.shape, self.dataset.num_classes)
+        if getattr(recipe.model, "init_from", None):
+            init_from_run(self.family, recipe.model.init_from)
         if recipe.train.gradient_checkpointing:
             if not hasattr(self.family, "enable_gradient_checkpointing"):
                 raise ConfigError(f"train.gradient_checkpointing: family '{recipe.model.family}' does not support it")

@@ -20,11 +20,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from genkit.errors import SamplerError
-from genkit.nn.unet import UNetConfig, build_unet
-from genkit.samplers import sample
+from genkit.families.unet_family import UNetFamily
+from genkit.nn.unet import UNetConfig
 from genkit.samplers.adapters import TO_X0, training_target, vp_coefficients
 
 
@@ -105,7 +105,7 @@ class NoiseSchedule:
         return torch.cat([self.sigma_table[ts], torch.zeros(1, dtype=torch.float64)])
 
 
-class DDPM:
+class DDPM(UNetFamily):
     """DDPM family: a UNet eps/x0/v-predictor over a discrete noise schedule."""
 
     name = "ddpm"
@@ -113,20 +113,8 @@ class DDPM:
     default_steps = 50
 
     def __init__(self, cfg: DDPMConfig, shape: tuple[int, int, int], num_classes: int = 0):
-        self.cfg = cfg
-        self.sample_shape = tuple(shape)  # (C, H, W)
+        super().__init__(cfg, shape, cfg.unet)
         self.schedule = NoiseSchedule(make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end))
-        self.nets = nn.ModuleDict({"unet": build_unet(cfg.unet, shape[0], shape[1])})
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.nets.parameters()).device
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"model": list(self.nets.parameters())}
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.nets["unet"].enable_gradient_checkpointing()
 
     def loss(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Simple loss: || target - net(x_t, t) ||^2 averaged over pixels and batch."""
@@ -161,7 +149,3 @@ class DDPM:
         """(sigma of t=0, sigma of t=T-1): the span of the Karras and uniform grids."""
         return float(self.schedule.sigma_table[0]), float(self.schedule.sigma_table[-1])
 
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """n images in [-1, 1] from a shared sampler (default: DDIM, 50 steps)."""
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images

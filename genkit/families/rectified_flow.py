@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from genkit.errors import ConfigError, SamplerError
-from genkit.nn.unet import UNetConfig, build_unet
-from genkit.samplers import sample
+from genkit.families.unet_family import UNetFamily
+from genkit.nn.unet import UNetConfig
 from genkit.samplers.adapters import randn, vp_coefficients
 
 
@@ -73,7 +73,7 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.to(like.dtype).view(-1, *[1] * (like.dim() - 1))  # (B,) -> (B, 1, 1, 1)
 
 
-class RectifiedFlow:
+class RectifiedFlow(UNetFamily):
     """Rectified flow: a UNet velocity field v_hat(x_t, t) ~ eps - x on straight interpolations."""
 
     name = "rectified_flow"
@@ -83,19 +83,7 @@ class RectifiedFlow:
     def __init__(self, cfg: RectifiedFlowConfig, shape: tuple[int, int, int], num_classes: int = 0):
         if cfg.distill_steps < 1:
             raise ConfigError(f"model.distill_steps: must be >= 1, got {cfg.distill_steps}")
-        self.cfg = cfg
-        self.sample_shape = tuple(shape)  # (C, H, W)
-        self.nets = nn.ModuleDict({"unet": build_unet(cfg.unet, shape[0], shape[1])})
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.nets.parameters()).device
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"model": list(self.nets.parameters())}
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.nets["unet"].enable_gradient_checkpointing()
+        super().__init__(cfg, shape, cfg.unet)
 
     # -- training ----------------------------------------------------------------------
     def velocity(self, x_t: Tensor, t: Tensor) -> Tensor:
@@ -153,10 +141,6 @@ class RectifiedFlow:
         t_min = 1e-3
         return t_min / (1 - t_min), float("inf")
 
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """n images in [-1, 1] from a shared sampler (default: DDIM = the paper's Euler, 50 steps)."""
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images
 
     @torch.inference_mode()
     def straightness(self, n: int, generator: torch.Generator | None = None, steps: int = 50) -> float:

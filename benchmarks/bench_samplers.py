@@ -39,7 +39,7 @@ def summary(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    return curve.table(rows) + "\n\n" + summary(rows)
+    return curve.table(rows) + "\n\n" + summary(rows) + "\n\n![FD vs NFE](fd_vs_nfe_digits.png)"
 
 
 if __name__ == "__main__":

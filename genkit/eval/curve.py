@@ -77,9 +77,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, fd_name: str = "FD"
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for sampler in dict.fromkeys(r["sampler"] for r in rows):
-        pts = sorted((r["nfe"], r["fd"]) for r in rows if r["sampler"] == sampler)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sampler)
+    for sampler, schedule in dict.fromkeys((r["sampler"], r["schedule"]) for r in rows):
+        pts = sorted((r["nfe"], r["fd"]) for r in rows if (r["sampler"], r["schedule"]) == (sampler, schedule))
+        label = sampler if schedule == "family" else f"{sampler} ({schedule})"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE (network evaluations)")

@@ -13,7 +13,6 @@ trains on the same pairs with `time_sampling: grid` (see `genkit.families.rectif
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,9 @@ from torch import Tensor
 
 from genkit import __version__
 from genkit.data.pairs import MANIFEST, num_shards, read_manifest, shard_name, shard_rows
-from genkit.errors import ConfigError, GenkitError, RunError, SamplerError
+from genkit.errors import ConfigError, GenkitError, RunError
 from genkit.io import save_tensors, write_json
-from genkit.samplers import CountingDenoiser, full_range, resolve_sampler, sigma_grid
+from genkit.samplers import resolve_sampler, sample
 from genkit.samplers.adapters import randn
 
 # manifest keys that must agree when an interrupted generation is resumed
@@ -40,25 +39,7 @@ def transport(family: Any, noise: Tensor, sampler: str | None = "rk45", steps: i
     state is eps exactly). Adaptive samplers (rk45) ignore `steps`; rk45 shares its step sizes
     across a batch, so the same noise in another batch composition differs at its tolerance.
     """
-    name, spec = resolve_sampler(family, sampler)
-    if spec.needs != "denoise":
-        raise SamplerError(f"sampler '{name}' does not start from given noise; use a denoising sampler")
-    params = inspect.signature(spec.fn).parameters
-    unknown = [k for k in options if k not in params or k == "generator"]
-    if unknown:
-        raise SamplerError(f"sampler '{name}' has no option '{unknown[0]}'")
-    if steps is not None and steps < 1:
-        raise SamplerError(f"steps must be >= 1, got {steps}")
-    sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps or family.default_steps)
-    was_training = family.nets.training
-    family.nets.eval()
-    try:
-        with torch.inference_mode():
-            D = CountingDenoiser(family.denoise)
-            x = spec.fn(D, noise.to(family.device), sigmas, generator=None, **options)
-    finally:
-        family.nets.train(was_training)
-    return x.float().clamp(-1, 1)
+    return sample(family, len(noise), sampler=sampler, steps=steps, noise=noise, **options).images
 
 
 def _shard_noise(seed: int, k: int, rows: int, shape: tuple[int, ...]) -> Tensor:

@@ -108,14 +108,17 @@ def _check_options(name: str, fn: Callable, options: dict[str, Any]) -> None:
 def sample(
     family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
     generator: torch.Generator | None = None, batch_size: int | None = None, schedule: str | None = None,
-    **options: Any,
+    noise: Tensor | None = None, **options: Any,
 ) -> SampleOutput:
     """Generate n images with a registered sampler, in batches, networks in eval mode.
 
     `schedule` picks the sigma grid of iterative families: None is the family's own
     (DDPM: its discrete timesteps), "karras" (EDM rho=7) or "uniform" (arctan time) span
-    the family's sigma range.
+    the family's sigma range. `noise` (n, C, H, W), if given, is the initial state at the
+    grid's first sigma instead of fresh N(0, I) (reflow pairs, fixed-noise comparisons).
     """
+    if noise is not None and len(noise) != n:
+        raise SamplerError(f"noise holds {len(noise)} states for n={n}")
     if n < 1:
         raise SamplerError(f"n must be >= 1, got {n}")
     if steps is not None and steps < 1:
@@ -130,7 +133,9 @@ def sample(
     try:
         if spec.needs == "denoise":
             sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
-            images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options)
+            images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options, noise)
+        elif noise is not None:
+            raise SamplerError(f"sampler '{name}' does not start from given noise; use a denoising sampler")
         else:
             images, nfe = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size,
                                                       **options), 1
@@ -169,12 +174,15 @@ def full_range(family: Any) -> Tensor:
     return torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
 
 
-def _sample_denoising(family, n, fn, sigmas, generator, batch_size, options) -> tuple[Tensor, int]:
+def _sample_denoising(family, n, fn, sigmas, generator, batch_size, options, noise=None) -> tuple[Tensor, int]:
     device = family.device
     chunks, nfe = [], 0
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        z = randn((b, *family.sample_shape), generator, device)
+        if noise is None:
+            z = randn((b, *family.sample_shape), generator, device)
+        else:
+            z = noise[start:start + b].to(device)
         D = CountingDenoiser(family.denoise)
         chunks.append(fn(D, z, sigmas, generator=generator, **options).float())
         nfe = D.nfe

@@ -13,32 +13,15 @@ import io
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from genkit.api import load
-from genkit.data.base import to_uint8
-from genkit.eval.engine import EvalSettings, build_extractor, protocol_of, reference_stats
-from genkit.eval.frechet import GaussianStats, frechet_distance
+from genkit.eval.engine import EvalSettings, build_extractor, generated_stats, protocol_of, reference_stats
+from genkit.eval.frechet import frechet_distance
 from genkit.eval.stats import check_same_protocol
 from genkit.io import atomic_write, write_text
 from genkit.samplers import resolve_sampler
-from genkit.samplers import sample as run_sampler
 
 COLUMNS = ("sampler", "steps", "schedule", "nfe", "fd", "seconds")
-
-
-@torch.inference_mode()
-def _generated_stats(family: Any, extractor: Any, s: EvalSettings, sampler: str, steps: int,
-                     schedule: str | None) -> tuple[GaussianStats, int, float]:
-    acc, nfe, seconds = GaussianStats(extractor.dim), 0, 0.0
-    generator = torch.Generator().manual_seed(s.seed)
-    device = next(extractor.parameters()).device
-    for start in range(0, s.n, s.batch_size):
-        b = min(s.batch_size, s.n - start)
-        out = run_sampler(family, b, sampler=sampler, steps=steps, generator=generator, schedule=schedule)
-        nfe, seconds = out.nfe, seconds + out.seconds
-        acc.update(extractor(to_uint8(out.images).to(device)).double().cpu())
-    return acc, nfe, seconds
 
 
 def fd_curve(run: str | Path, samplers: list[str], steps: list[int], s: EvalSettings,
@@ -54,7 +37,8 @@ def fd_curve(run: str | Path, samplers: list[str], steps: list[int], s: EvalSett
     rows = []
     for sampler in samplers:
         for k in [None] if resolve_sampler(family, sampler)[1].adaptive else steps:
-            acc, nfe, seconds = _generated_stats(family, extractor, s, sampler, k, schedule)
+            acc, nfe, seconds = generated_stats(family, extractor, s.n, s.batch_size, s.seed,
+                                                sampler=sampler, steps=k, schedule=schedule)
             mu, sigma = acc.mean_cov()
             rows.append({"sampler": sampler, "steps": k, "schedule": schedule or "family", "nfe": nfe,
                          "fd": frechet_distance(ref.mu, ref.sigma, mu, sigma), "seconds": seconds})

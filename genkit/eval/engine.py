@@ -83,6 +83,26 @@ def reference_stats(spec: str, extractor: Any, s: EvalSettings) -> RefStats:
     return RefStats(mu, sigma, acc.count, protocol_of(extractor), source=spec)
 
 
+@torch.inference_mode()
+def generated_stats(family: Any, extractor: Any, n: int, batch_size: int, seed: int = 0,
+                    **sampling: Any) -> tuple[GaussianStats, int, float]:
+    """Feature statistics of n generated images (quantized to uint8), with the sampler's NFE and time.
+
+    `sampling` goes to `genkit.samplers.sample` (sampler, steps, schedule, sampler options).
+    """
+    from genkit.data.base import to_uint8
+    from genkit.samplers import sample
+
+    acc, nfe, seconds = GaussianStats(extractor.dim), 0, 0.0
+    generator = torch.Generator().manual_seed(seed)
+    device = next(extractor.parameters()).device
+    for start in range(0, n, batch_size):
+        out = sample(family, min(batch_size, n - start), generator=generator, **sampling)
+        nfe, seconds = out.nfe, seconds + out.seconds
+        acc.update(extractor(to_uint8(out.images).to(device)).double().cpu())
+    return acc, nfe, seconds
+
+
 def _record(metric: str, s: EvalSettings, extractor: Any, real: str | None, fake: str, **values) -> dict:
     record = {"metric": metric, **values, "protocol": protocol_of(extractor),
               "real": real, "fake": fake, "seed": s.seed, "genkit_version": __version__}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from genkit.data.base import to_uint8
-from genkit.eval.engine import EvalSettings, build_extractor, protocol_of
+from genkit.eval.engine import EvalSettings, build_extractor, generated_stats, protocol_of
 from genkit.eval.frechet import GaussianStats, frechet_distance
 from genkit.eval.stats import RefStats, check_same_protocol, load_stats, save_stats
 from genkit.samplers import sampler_options
@@ -51,12 +51,7 @@ class TrainingEvaluator:
     def frechet(self, family: Any, seed: int = 0) -> float:
         """FD between `eval.n` samples of the family (recipe's sampler) and the reference."""
         s = self.recipe.sample
-        acc = GaussianStats(self.extractor.dim)
-        generator = torch.Generator().manual_seed(seed)
-        for start in range(0, self.settings.n, self.settings.batch_size):
-            b = min(self.settings.batch_size, self.settings.n - start)
-            images = family.generate(b, generator=generator, sampler=s.sampler, steps=s.steps,
-                                     **sampler_options(family, s))
-            acc.update(self._features(to_uint8(images)))
+        acc, _, _ = generated_stats(family, self.extractor, self.settings.n, self.settings.batch_size, seed,
+                                    sampler=s.sampler, steps=s.steps, **sampler_options(family, s))
         mu, sigma = acc.mean_cov()
         return frechet_distance(self.reference.mu, self.reference.sigma, mu, sigma)

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "frechet": ("benchmarks.bench_frechet", "Frechet distance: eigh trace vs scipy sqrtm (pytorch-fid)"),
     "eval": ("benchmarks.bench_eval", "FID pipeline throughput: genkit vs torchmetrics, same network"),
     "samplers": ("benchmarks.bench_samplers", "FD vs NFE of the shared samplers on the digits default"),
+    "reflow": ("benchmarks.bench_reflow", "Rectified flow, reflow and 1-step distillation on digits: FD vs Euler steps"),
 }
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

@@ -78,6 +78,9 @@ class SampleConfig:
     n: int = 64
     seed: int = 0
     eta: float = 0.0  # DDIM eta
+    temperature: float | None = None  # `direct` sampling of flows: prior scaled by this (Glow's 0.7)
+    truncation: float | None = None   # `direct` sampling of GANs: latents resampled beyond |z| > this
+    guidance: float = 1.0             # classifier-free guidance scale of conditional families (1: none)
 
 
 @dataclass

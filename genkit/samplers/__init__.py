@@ -37,7 +37,7 @@ from genkit.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun, samp
 
 
 class SamplerSpec(NamedTuple):
-    fn: Callable[..., Tensor]
+    fn: Callable[..., Tensor] | None  # None: the family's own method `needs` generates (direct, autoregressive)
     needs: str              # the family capability (method name) this sampler calls
     adaptive: bool = False  # chooses its own steps: integrates over the family's whole sigma range
 
@@ -49,6 +49,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "heun": SamplerSpec(sample_heun, "denoise"),
     "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "denoise"),
     "rk45": SamplerSpec(sample_rk45, "denoise", adaptive=True),
+    # one network pass per batch (GAN generator, flow inverse): family.direct(n, *, generator,
+    # batch_size, **options) with the family's own options (truncation, temperature)
+    "direct": SamplerSpec(None, "direct"),
 }
 
 
@@ -89,17 +92,28 @@ def resolve_sampler(family: Any, name: str | None) -> tuple[str, SamplerSpec]:
     return name, SAMPLERS[name]
 
 
+RECIPE_OPTIONS = ("eta", "temperature", "truncation")  # sampler options a recipe's `sample` section sets
+
+
+def sampler_function(family: Any, spec: SamplerSpec) -> Callable[..., Tensor]:
+    """The function that takes the sampler's options: the shared sampler or the family's method."""
+    return spec.fn if spec.fn is not None else getattr(family, spec.needs)
+
+
 def sampler_options(family: Any, sample_cfg: Any) -> dict[str, Any]:
-    """The options of a recipe's `sample` section that its sampler takes (e.g. DDIM's eta)."""
+    """The options of a recipe's `sample` section that its sampler takes (DDIM's eta, temperature ...)."""
     _, spec = resolve_sampler(family, sample_cfg.sampler)
-    return {"eta": sample_cfg.eta} if "eta" in inspect.signature(spec.fn).parameters else {}
+    params = inspect.signature(sampler_function(family, spec)).parameters
+    return {k: getattr(sample_cfg, k) for k in RECIPE_OPTIONS
+            if k in params and getattr(sample_cfg, k, None) is not None}
 
 
 def _check_options(name: str, fn: Callable, options: dict[str, Any]) -> None:
     params = inspect.signature(fn).parameters
     unknown = [k for k in options if k not in params]
     if unknown:
-        allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY and p != "generator"]
+        allowed = [p for p, v in params.items()
+                   if v.kind is v.KEYWORD_ONLY and p not in ("generator", "batch_size")]
         raise SamplerError(f"sampler '{name}' has no option '{unknown[0]}'; its options: "
                            f"{', '.join(allowed) or 'none'}")
 
@@ -124,8 +138,8 @@ def sample(
     if steps is not None and steps < 1:
         raise SamplerError(f"steps must be >= 1, got {steps}")
     name, spec = resolve_sampler(family, sampler)
-    _check_options(name, spec.fn, options)
-    steps = None if spec.adaptive else steps or family.default_steps
+    _check_options(name, sampler_function(family, spec), options)
+    steps = None if spec.adaptive or spec.needs != "denoise" else steps or family.default_steps
     batch_size = batch_size or n
     t0 = time.perf_counter()
     was_training = family.nets.training
@@ -137,8 +151,8 @@ def sample(
         elif noise is not None:
             raise SamplerError(f"sampler '{name}' does not start from given noise; use a denoising sampler")
         else:
-            images, nfe = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size,
-                                                      **options), 1
+            out = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size, **options)
+            images, nfe = out if isinstance(out, tuple) else (out, 1)  # (images, nfe) or images
     finally:
         family.nets.train(was_training)
     if images.is_cuda:

@@ -92,15 +92,18 @@ def load(run: str | Path, device: str | torch.device | None = None) -> Any:
 
 def sample_with_info(family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
                      seed: int = 0, batch_size: int | None = None, schedule: str | None = None,
+                     labels: Sequence[int] | torch.Tensor | None = None, guidance: float | None = None,
                      **options: Any) -> SampleOutput:
     """Like `sample`, but also returns the sampler's NFE and the resolved sampler/steps."""
     generator = torch.Generator().manual_seed(seed)
-    return _sample(family, n, sampler=sampler, steps=steps, generator=generator,
-                   batch_size=batch_size, schedule=schedule, **options)
+    condition = None if labels is None else {"labels": labels}
+    return _sample(family, n, sampler=sampler, steps=steps, generator=generator, batch_size=batch_size,
+                   schedule=schedule, condition=condition, guidance=guidance, **options)
 
 
 def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
            seed: int = 0, batch_size: int | None = None, schedule: str | None = None,
+           labels: Sequence[int] | torch.Tensor | None = None, guidance: float | None = None,
            **options: Any) -> torch.Tensor:
     """Generate n images in [-1, 1], shape (n, C, H, W), with a shared sampler.
 
@@ -112,10 +115,14 @@ def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None
         seed: seeds the initial noise and any injected noise (same images on any device).
         batch_size: images per network batch (default all n at once).
         schedule: sigma grid: None (the family's own), "karras" or "uniform".
+        labels: class labels of a class-conditional run (one for all, or n); default
+            class-balanced (0, 1, ..., C-1, 0, ...).
+        guidance: classifier-free guidance scale w: 1 conditional (default), 0 unconditional,
+            > 1 guided (two network evaluations per step on a doubled batch).
         **options: sampler options, e.g. ``eta=0.5`` for DDIM, ``rtol``/``atol`` for rk45.
     """
     return sample_with_info(family, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-                            schedule=schedule, **options).images
+                            schedule=schedule, labels=labels, guidance=guidance, **options).images
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="sigma grid: the family's own (default), karras (EDM rho=7) or uniform (arctan time)")
     s.add_argument("--rtol", type=float, help="rk45 relative tolerance (default 1e-5)")
     s.add_argument("--atol", type=float, help="rk45 absolute tolerance (default 1e-5)")
+    s.add_argument("--class", dest="labels", type=_labels,
+                   help="class label(s) of a class-conditional run, e.g. 7 or 0,1,2 (default: all classes in turn)")
+    s.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale: 1 conditional (default), 0 unconditional, >1 guided")
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
     s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -152,7 +156,8 @@ def _sample(args: argparse.Namespace) -> None:
     family = load(args.run, device=args.device)
     options = {k: getattr(args, k) for k in ("eta", "rtol", "atol") if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                           batch_size=args.batch_size, schedule=args.schedule, **options)
+                           batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
+                           guidance=args.guidance, **options)
     print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")
     print(f"grid: {save_grid(out.images, args.out)}")
     if args.save_npz:
@@ -233,6 +238,17 @@ def _reflow(args: argparse.Namespace) -> None:
                          batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size,
                          device=args.device, **options)
     print(f"pairs: {out} (train with data.source=pairs data.root={out} model.init_from={args.run})")
+
+
+def _labels(text: str) -> list[int]:
+    """--class: comma-separated class labels >= 0."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class labels >= 0, got '{text}'")
+    return values
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -38,6 +38,8 @@ class DDPMConfig:
     prediction: Literal["epsilon", "x0", "v"] = "epsilon"
     clip_sample: bool = True                     # clamp x0_hat to [-1, 1] while sampling
     spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timesteps of a short grid
+    class_cond: bool = False                     # condition on data labels (classifier-free guidance)
+    cond_dropout: float = 0.1                    # P(label -> null label) in training (Ho & Salimans: 0.1-0.2)
     unet: UNetConfig = field(default_factory=UNetConfig)
 
 
@@ -113,15 +115,15 @@ class DDPM(UNetFamily):
     default_steps = 50
 
     def __init__(self, cfg: DDPMConfig, shape: tuple[int, int, int], num_classes: int = 0):
-        super().__init__(cfg, shape, cfg.unet)
+        super().__init__(cfg, shape, cfg.unet, num_classes)
         self.schedule = NoiseSchedule(make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end))
 
-    def loss(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Simple loss: || target - net(x_t, t) ||^2 averaged over pixels and batch."""
+    def loss(self, x0: Tensor, t: Tensor, eps: Tensor, label: Tensor | None = None) -> Tensor:
+        """Simple loss: || target - net(x_t, t[, y]) ||^2 averaged over pixels and batch."""
         ab = self.schedule.alpha_bar.to(x0.device)[t].view(-1, 1, 1, 1).float()
         alpha, s = ab.sqrt(), (1 - ab).sqrt()
         xt = alpha * x0 + s * eps
-        out = self.nets["unet"](xt, t.float()).sample
+        out = self.unet(xt, t.float(), label)
         target = training_target(self.cfg.prediction, x0, eps, alpha, s)
         return torch.mean((out.float() - target) ** 2)
 
@@ -129,16 +131,16 @@ class DDPM(UNetFamily):
         x0 = batch["image"]
         t = opt.randint(self.schedule.T, x0.shape[0])
         eps = opt.randn(*x0.shape)
-        loss = self.loss(x0, t, eps)
+        loss = self.loss(x0, t, eps, self.train_labels(batch, opt))
         opt.step("model", loss)
         return {"loss": loss.detach()}
 
-    def denoise(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        """D(z; sigma) -> x0_hat through the UNet at the timestep of sigma."""
+    def denoise(self, z: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
+        """D(z; sigma[, y]) -> x0_hat through the UNet at the timestep of sigma."""
         t = self.schedule.sigma_to_t(sigma)
         dtype = torch.promote_types(z.dtype, torch.float32)  # float64 sampling stays float64
         alpha, s = vp_coefficients(sigma.to(dtype).view(-1, 1, 1, 1))
-        out = self.nets["unet"](z, t).sample.to(z.dtype)
+        out = self.unet(z, t, label).to(z.dtype)
         x0 = TO_X0[self.cfg.prediction](z, out, alpha, s)
         return x0.clamp(-1, 1) if self.cfg.clip_sample else x0
 

@@ -55,6 +55,8 @@ class RectifiedFlowConfig:
     shift: float = 1.0                           # SD3 timestep shift of the sampling grid: sigma -> shift sigma
     clip_sample: bool = False                    # clamp x0_hat to [-1, 1] while sampling
     init_from: str | None = None                 # run folder whose final (EMA) weights start training (reflow)
+    class_cond: bool = False                     # condition on data labels (classifier-free guidance)
+    cond_dropout: float = 0.1                    # P(label -> null label) in training
     unet: UNetConfig = field(default_factory=UNetConfig)
 
 
@@ -83,12 +85,12 @@ class RectifiedFlow(UNetFamily):
     def __init__(self, cfg: RectifiedFlowConfig, shape: tuple[int, int, int], num_classes: int = 0):
         if cfg.distill_steps < 1:
             raise ConfigError(f"model.distill_steps: must be >= 1, got {cfg.distill_steps}")
-        super().__init__(cfg, shape, cfg.unet)
+        super().__init__(cfg, shape, cfg.unet, num_classes)
 
     # -- training ----------------------------------------------------------------------
-    def velocity(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """v_hat(x_t, t) = net(x_t, 1000 t) ~ E[eps - x | x_t] (diffusers' flow-matching output)."""
-        return self.nets["unet"](x_t, 1000 * t).sample
+    def velocity(self, x_t: Tensor, t: Tensor, label: Tensor | None = None) -> Tensor:
+        """v_hat(x_t, t[, y]) = net(x_t, 1000 t) ~ E[eps - x | x_t] (diffusers' flow-matching output)."""
+        return self.unet(x_t, 1000 * t, label)
 
     def sample_t(self, n: int, opt: Any) -> Tensor:
         """Training times: U[0, 1), SD3's logit-normal sigmoid(m + s N(0, 1)), or the k-step grid.
@@ -103,29 +105,29 @@ class RectifiedFlow(UNetFamily):
             return 1 - opt.randint(k, n).float() / k
         return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * opt.randn(n))
 
-    def loss(self, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Conditional flow matching: mean || v_hat((1-t) x + t eps, t) - (eps - x) ||^2."""
+    def loss(self, x: Tensor, t: Tensor, eps: Tensor, label: Tensor | None = None) -> Tensor:
+        """Conditional flow matching: mean || v_hat((1-t) x + t eps, t[, y]) - (eps - x) ||^2."""
         tb = _bcast(t, x)
         x_t = (1 - tb) * x + tb * eps
-        return torch.mean((self.velocity(x_t, t).float() - (eps - x).float()) ** 2)
+        return torch.mean((self.velocity(x_t, t, label).float() - (eps - x).float()) ** 2)
 
     def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
         """One step; a batch with "noise" (reflow pairs {"image": x, "noise": eps}) trains on that coupling."""
         x = batch["image"]
         t = self.sample_t(x.shape[0], opt)
         eps = batch["noise"] if "noise" in batch else opt.randn(*x.shape)
-        loss = self.loss(x, t, eps)
+        loss = self.loss(x, t, eps, self.train_labels(batch, opt))
         opt.step("model", loss)
         return {"loss": loss.detach()}
 
     # -- sampling ----------------------------------------------------------------------
-    def denoise(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        """D(z; sigma) -> x0_hat = x_t - t v_hat(x_t, t) with x_t = z / (alpha + s)."""
+    def denoise(self, z: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
+        """D(z; sigma[, y]) -> x0_hat = x_t - t v_hat(x_t, t) with x_t = z / (alpha + s)."""
         dtype = torch.promote_types(z.dtype, torch.float32)  # float64 sampling stays float64
         alpha, s = vp_coefficients(sigma.to(dtype))
         t = s / (alpha + s)                              # (B,), 1 at sigma = inf
         x_t = z / _bcast(alpha + s, z)
-        v = self.nets["unet"](x_t, 1000 * t).sample.to(z.dtype)
+        v = self.unet(x_t, 1000 * t, label).to(z.dtype)
         x0 = x_t - _bcast(t, z) * v
         return x0.clamp(-1, 1) if self.cfg.clip_sample else x0
 
@@ -155,10 +157,11 @@ class RectifiedFlow(UNetFamily):
         self.nets.eval()
         try:
             eps = randn((n, *self.sample_shape), generator, self.device)
+            label = self.conditions(n)[0].get("label")  # class-balanced labels when conditional
             ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
             x, vs = eps, []
             for t, t_next in zip(ts[:-1], ts[1:]):
-                v = self.velocity(x, x.new_full((n,), t))
+                v = self.velocity(x, x.new_full((n,), t), label)
                 vs.append(v)
                 x = x + (t_next - t) * v
             dev = torch.stack([((eps - x) - v).flatten(1).pow(2).mean(1) for v in vs])  # (steps, n)

@@ -1,6 +1,13 @@
 """What every single-UNet iterative family shares: its one network, device, parameter group,
-gradient checkpointing and generation through the shared samplers. The math stays in each
-family's own module."""
+class conditioning with classifier-free guidance, gradient checkpointing and generation through
+the shared samplers. The math stays in each family's own module.
+
+Class conditioning (`model.class_cond: true`) follows Ho & Salimans 2022, "Classifier-Free
+Diffusion Guidance": the UNet embeds num_classes + 1 labels, the last one being the null label
+"no class"; training replaces each label by the null one with probability `model.cond_dropout`
+(drawn from the global-batch stream), so one network learns both D(z; sigma, y) and
+D(z; sigma, null). Sampling combines them with `genkit.samplers.guidance`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from genkit.errors import ConfigError, SamplerError
 from genkit.nn.unet import UNetConfig, build_unet
 from genkit.samplers import sample
 
@@ -20,10 +28,19 @@ class UNetFamily:
     default_sampler: str
     default_steps: int
 
-    def __init__(self, cfg: Any, shape: tuple[int, int, int], unet: UNetConfig):
+    def __init__(self, cfg: Any, shape: tuple[int, int, int], unet: UNetConfig, num_classes: int = 0):
         self.cfg = cfg
         self.sample_shape = tuple(shape)  # (C, H, W)
-        self.nets = nn.ModuleDict({"unet": build_unet(unet, shape[0], shape[1])})
+        self.num_classes = 0
+        if cfg.class_cond:
+            if num_classes < 2:
+                raise ConfigError(f"model.class_cond: the dataset has {num_classes} classes; "
+                                  "class conditioning needs labelled data (e.g. data.source: digits)")
+            if not 0 <= cfg.cond_dropout < 1:
+                raise ConfigError(f"model.cond_dropout: must be in [0, 1), got {cfg.cond_dropout}")
+            self.num_classes = num_classes
+        embeds = self.num_classes + 1 if self.num_classes else None  # + the null label
+        self.nets = nn.ModuleDict({"unet": build_unet(unet, shape[0], shape[1], num_class_embeds=embeds)})
 
     @property
     def device(self) -> torch.device:
@@ -34,6 +51,59 @@ class UNetFamily:
 
     def enable_gradient_checkpointing(self) -> None:
         self.nets["unet"].enable_gradient_checkpointing()
+
+    # -- conditioning ------------------------------------------------------------------
+    @property
+    def null_label(self) -> int:
+        """The label index meaning "no class" (the last embedding of a class-conditional UNet)."""
+        return self.num_classes
+
+    def unet(self, x: Tensor, t: Tensor, label: Tensor | None = None) -> Tensor:
+        """The UNet's output at (x, timestep t), with class labels when the family is conditional."""
+        if not self.num_classes:
+            if label is not None:
+                raise SamplerError(f"family '{self.name}' is unconditional (model.class_cond: false); "
+                                   "it takes no class labels")
+            return self.nets["unet"](x, t).sample
+        if label is None:
+            label = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+        return self.nets["unet"](x, t, class_labels=label.to(x.device)).sample
+
+    def train_labels(self, batch: dict[str, Tensor], opt: Any) -> Tensor | None:
+        """The batch's labels with each replaced by the null label with probability cond_dropout.
+
+        Unlabelled items (label -1) get the null label. None for an unconditional family.
+        """
+        if not self.num_classes:
+            return None
+        label = batch["label"].long()
+        drop = opt.rand(label.shape[0]) < self.cfg.cond_dropout
+        return torch.where(drop | (label < 0), torch.full_like(label, self.null_label), label)
+
+    def conditions(self, n: int, labels: Tensor | list[int] | None = None
+                   ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """(cond, uncond) denoiser keywords for n samples; uncond None for an unconditional family.
+
+        Without `labels`, a class-conditional family cycles through its classes (0, 1, ..., C-1,
+        0, ...), so a grid or an FD sample is class-balanced.
+        """
+        if not self.num_classes:
+            if labels is not None:
+                raise SamplerError(f"family '{self.name}' is unconditional (model.class_cond: false); "
+                                   "it takes no class labels")
+            return {}, None
+        if labels is None:
+            labels = torch.arange(n) % self.num_classes
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if len(labels) == 1:
+            labels = labels.expand(n)
+        if len(labels) != n:
+            raise SamplerError(f"{len(labels)} class labels for n={n} samples: give one label or n")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if len(bad):
+            raise SamplerError(f"class label {int(bad[0])} out of range: this run has classes "
+                               f"0..{self.num_classes - 1}")
+        return {"label": labels}, {"label": torch.full((n,), self.null_label, dtype=torch.long)}
 
     def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
                  steps: int | None = None, **options: Any) -> Tensor:

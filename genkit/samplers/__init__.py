@@ -31,6 +31,7 @@ from torch import Tensor
 
 from genkit.errors import SamplerError
 from genkit.samplers.adapters import randn
+from genkit.samplers.guidance import guided, slice_condition
 from genkit.samplers.ddim import sample_ancestral, sample_ddim
 from genkit.samplers.schedules import grid
 from genkit.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun, sample_rk45
@@ -92,7 +93,7 @@ def resolve_sampler(family: Any, name: str | None) -> tuple[str, SamplerSpec]:
     return name, SAMPLERS[name]
 
 
-RECIPE_OPTIONS = ("eta", "temperature", "truncation")  # sampler options a recipe's `sample` section sets
+RECIPE_OPTIONS = ("eta", "temperature", "truncation")  # sampler options a recipe's `sample` section sets  # sampler options a recipe's `sample` section sets
 
 
 def sampler_function(family: Any, spec: SamplerSpec) -> Callable[..., Tensor]:
@@ -104,8 +105,11 @@ def sampler_options(family: Any, sample_cfg: Any) -> dict[str, Any]:
     """The options of a recipe's `sample` section that its sampler takes (DDIM's eta, temperature ...)."""
     _, spec = resolve_sampler(family, sample_cfg.sampler)
     params = inspect.signature(sampler_function(family, spec)).parameters
-    return {k: getattr(sample_cfg, k) for k in RECIPE_OPTIONS
-            if k in params and getattr(sample_cfg, k, None) is not None}
+    options = {k: getattr(sample_cfg, k) for k in RECIPE_OPTIONS
+               if k in params and getattr(sample_cfg, k, None) is not None}
+    if getattr(sample_cfg, "guidance", 1.0) != 1:
+        options["guidance"] = sample_cfg.guidance  # classifier-free guidance scale (`sample`'s own argument)
+    return options
 
 
 def _check_options(name: str, fn: Callable, options: dict[str, Any]) -> None:
@@ -122,7 +126,8 @@ def _check_options(name: str, fn: Callable, options: dict[str, Any]) -> None:
 def sample(
     family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
     generator: torch.Generator | None = None, batch_size: int | None = None, schedule: str | None = None,
-    noise: Tensor | None = None, **options: Any,
+    noise: Tensor | None = None, condition: dict[str, Any] | None = None, guidance: float | None = None,
+    **options: Any,
 ) -> SampleOutput:
     """Generate n images with a registered sampler, in batches, networks in eval mode.
 
@@ -130,6 +135,9 @@ def sample(
     (DDPM: its discrete timesteps), "karras" (EDM rho=7) or "uniform" (arctan time) span
     the family's sigma range. `noise` (n, C, H, W), if given, is the initial state at the
     grid's first sigma instead of fresh N(0, I) (reflow pairs, fixed-noise comparisons).
+    `condition` (e.g. ``{"labels": [3]}``) goes to the family's `conditions(n, ...)`; a
+    conditional family without it samples its own default (class-balanced labels).
+    `guidance` is the classifier-free guidance scale w (`genkit.samplers.guidance`; 1: none).
     """
     if noise is not None and len(noise) != n:
         raise SamplerError(f"noise holds {len(noise)} states for n={n}")
@@ -147,11 +155,15 @@ def sample(
     try:
         if spec.needs == "denoise":
             sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
-            images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options, noise)
+            conds = _conditions(family, n, condition)
+            images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options, noise,
+                                            conds, guidance)
         elif noise is not None:
             raise SamplerError(f"sampler '{name}' does not start from given noise; use a denoising sampler")
         else:
-            out = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size, **options)
+            extra = dict(condition or {}, **({"guidance": guidance} if guidance is not None else {}))
+            _check_options(name, sampler_function(family, spec), extra)
+            out = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size, **options, **extra)
             images, nfe = out if isinstance(out, tuple) else (out, 1)  # (images, nfe) or images
     finally:
         family.nets.train(was_training)
@@ -188,8 +200,19 @@ def full_range(family: Any) -> Tensor:
     return torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
 
 
-def _sample_denoising(family, n, fn, sigmas, generator, batch_size, options, noise=None) -> tuple[Tensor, int]:
+def _conditions(family: Any, n: int, condition: dict[str, Any] | None) -> tuple[dict, dict | None]:
+    """(cond, uncond) keywords of the family's denoiser for n samples."""
+    if hasattr(family, "conditions"):
+        return family.conditions(n, **(condition or {}))
+    if condition:
+        raise SamplerError(f"family '{family.name}' takes no condition; got {', '.join(condition)}")
+    return {}, None
+
+
+def _sample_denoising(family, n, fn, sigmas, generator, batch_size, options, noise=None,
+                      conds=({}, None), guidance=None) -> tuple[Tensor, int]:
     device = family.device
+    cond, uncond = conds
     chunks, nfe = [], 0
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
@@ -197,7 +220,9 @@ def _sample_denoising(family, n, fn, sigmas, generator, batch_size, options, noi
             z = randn((b, *family.sample_shape), generator, device)
         else:
             z = noise[start:start + b].to(device)
-        D = CountingDenoiser(family.denoise)
+        D = CountingDenoiser(guided(family.denoise, slice_condition(cond, start, start + b),
+                                    None if uncond is None else slice_condition(uncond, start, start + b),
+                                    guidance))
         chunks.append(fn(D, z, sigmas, generator=generator, **options).float())
         nfe = D.nfe
     return torch.cat(chunks), nfe

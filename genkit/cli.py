@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from genkit import __version__
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, Interrupted
 
 
 def _positive(value: str) -> int:
@@ -294,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.parse_args(argv)
     try:
         COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"genkit {args.command}: interrupted: {e}", file=sys.stderr)
+        return 130
     except GenkitError as e:
         where = f"{args.command} {args.metric}" if args.command == "eval" else args.command
         print(f"genkit {where}: error: {e}", file=sys.stderr)

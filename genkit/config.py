@@ -67,6 +67,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     gradient_checkpointing: bool = False
+    on_nan: Literal["stop", "skip"] = "stop"  # non-finite loss/gradients: stop (last good checkpoint
+                                              # kept) or skip that optimizer step and count it
 
 
 @dataclass

@@ -22,3 +22,7 @@ class RunError(GenkitError):
 
 class SamplerError(GenkitError):
     """A sampler does not fit the family, or its options are invalid."""
+
+
+class Interrupted(GenkitError):
+    """Training stopped on SIGTERM / SIGINT after writing a checkpoint (CLI exit code 130)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -123,25 +124,35 @@ def test_resume_from_a_copied_mid_run_checkpoint(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_crash_while_checkpointing_keeps_the_last_good_one(tmp_path, monkeypatch, toy_family):
+def test_failed_checkpoint_saves_keep_training_and_the_last_good_one(tmp_path, monkeypatch, toy_family):
     import genkit.training.checkpoint as ckpt
 
     real = ckpt.save_tensors
 
-    def dying(path, tensors, metadata=None):
-        if "step-4" in str(path):
-            raise OSError("disk full (simulated)")
-        return real(path, tensors, metadata)
+    def dying_at(step):
+        def save(path, tensors, metadata=None):
+            if f"step-{step}" in str(path):
+                raise OSError(28, "No space left on device (simulated)")
+            return real(path, tensors, metadata)
+        return save
 
-    monkeypatch.setattr(ckpt, "save_tensors", dying)
-    run = tmp_path / "crash"
-    with pytest.raises(OSError, match="simulated"):
-        genkit.train(toy_recipe(steps=6, checkpoint_every=2, keep_last=5), out=run)
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-2"]
-    assert load_tensors(run / "checkpoints" / "step-2" / "nets.safetensors")
+    recipe = lambda: toy_recipe(steps=6, checkpoint_every=2, keep_last=5)  # noqa: E731
+    # a failed mid-run save warns, leaves no partial folder, and training goes on from memory
+    monkeypatch.setattr(ckpt, "save_tensors", dying_at(4))
+    run = genkit.train(recipe(), out=tmp_path / "mid")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-6"]
     monkeypatch.setattr(ckpt, "save_tensors", real)
-    genkit.train(toy_recipe(steps=6, checkpoint_every=2, keep_last=5), out=run, resume=True)
-    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-2", "step-4", "step-6"]
+    clean = genkit.train(recipe(), out=tmp_path / "clean")
+    a, b = (load_tensors(r / "checkpoints" / "step-6" / "nets.safetensors") for r in (run, clean))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    # a failed final save is an error naming the folder; the last good checkpoint stays whole
+    monkeypatch.setattr(ckpt, "save_tensors", dying_at(6))
+    with pytest.raises(RunError, match=r"cannot write checkpoint '.*step-6'.*simulated"):
+        genkit.train(recipe(), out=tmp_path / "final")
+    assert sorted(p.name for p in (tmp_path / "final" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    monkeypatch.setattr(ckpt, "save_tensors", real)
+    genkit.train(toy_recipe(steps=6, checkpoint_every=2, keep_last=5), out=tmp_path / "final", resume=True)
+    assert [p.name for p in list_checkpoints(tmp_path / "final" / "checkpoints")] == ["step-2", "step-4", "step-6"]
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path, toy_family):
@@ -157,9 +168,33 @@ def test_run_folder_is_not_overwritten(tmp_path, toy_family):
         genkit.train(toy_recipe(steps=1), out=tmp_path / "missing", resume=True)
 
 
-def test_non_finite_loss_stops_with_the_step_named(tmp_path, toy_family):
-    with pytest.raises(GenkitError, match=r"loss term 'loss' is (nan|inf) at step \d+"):
-        genkit.train(toy_recipe(steps=30, lr=1e6), out=tmp_path / "nan")
+def test_non_finite_loss_stops_with_the_step_named_and_keeps_the_last_good_checkpoint(tmp_path, toy_family):
+    # lr 1e6 without clipping diverges within a few steps; log only every 50 steps, checkpoint every 1:
+    # the check before each checkpoint still catches the first non-finite step
+    recipe = toy_recipe(steps=30, lr=1e6, clip_grad=None, log_every=50, checkpoint_every=1, keep_last=100)
+    with pytest.raises(GenkitError, match=r"loss term 'loss' is not finite \(nan/inf\) at step (\d+)") as info:
+        genkit.train(recipe, out=tmp_path / "nan")
+    bad = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    ckpts = list_checkpoints(tmp_path / "nan" / "checkpoints")
+    assert ckpts and int(ckpts[-1].name.split("-")[1]) == bad - 1  # every kept checkpoint is before it
+    weights = load_tensors(ckpts[-1] / "nets.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_on_nan_skip_skips_the_bad_steps_and_counts_them(tmp_path, toy_family, monkeypatch):
+    real_step = Toy.train_step
+
+    def poisoned(self, batch, step, opt):  # a NaN loss at steps 2 and 3 only
+        if step in (2, 3):
+            batch = dict(batch, image=batch["image"] * float("nan"))
+        return real_step(self, batch, step, opt)
+
+    monkeypatch.setattr(Toy, "train_step", poisoned)
+    run = genkit.train(toy_recipe(steps=6, on_nan="skip", log_every=1), out=tmp_path / "skip")
+    weights = load_tensors(run / "model" / "weights.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_steps_model", 0) for r in records] == [0, 0, 1, 2, 2, 2]
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, toy_family):

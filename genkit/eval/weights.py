@@ -13,7 +13,6 @@ hashed and refused on a mismatch, before any `torch.load` can unpickle it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -22,18 +21,10 @@ from typing import Any
 import torch
 
 from genkit.errors import GenkitError
+from genkit.io import sha256_file  # noqa: F401  (re-exported: weights are checked by it)
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")  # torch hub's convention, 8+ hex digits
 ENV = "GENKIT_WEIGHTS_DIR"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Full hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_prefix(filename: str) -> str | None:

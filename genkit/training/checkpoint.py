@@ -7,8 +7,11 @@ step-N/
   sched-<group>.pt      LR scheduler state dict
   scaler.pt             fp16 GradScaler state (fp16 only)
   rng-<rank>.pt         torch / CUDA / numpy / python RNG states of each process
-  state.json            step, data position, EMA updates, world size, genkit version
+  state.json            step, data position, EMA updates, world size, genkit version, and the
+                        SHA-256 of every other file (checked at resume)
 The folder is assembled as .step-N.tmp and renamed, so "latest" is always a whole checkpoint.
+A checkpoint damaged later (truncated copy, bad disk) fails its checksums at resume, and the
+trainer falls back to the previous one with a warning.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from genkit import __version__
 from genkit.errors import RunError
-from genkit.io import load_tensors, load_torch, save_tensors, save_torch, write_json
+from genkit.io import load_tensors, load_torch, save_tensors, save_torch, sha256_file, write_json
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -74,39 +77,84 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(root: Path, step: int, accelerator: Any, nets: torch.nn.Module, ema: Any,
                     optimizers: dict[str, Any], schedulers: dict[str, Any], state: dict[str, Any],
                     keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically from every process, then prune to `keep_last`."""
+    """Write checkpoints/step-N atomically from every process, then prune to `keep_last`.
+
+    An OSError (disk full, folder removed) removes the partial folder and is raised after
+    the processes' barriers, so no rank waits forever and the previous checkpoints stay.
+    """
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
+    failure = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        failure = _attempt(lambda: tmp.mkdir(parents=True))
     accelerator.wait_for_everyone()
-    save_torch(tmp / f"rng-{accelerator.process_index}.pt", rng_state())
-    if accelerator.is_main_process:
-        save_tensors(tmp / "nets.safetensors", nets.state_dict())
-        if ema is not None:
-            save_tensors(tmp / "ema.safetensors", ema.state_dict())
-        for group, opt in optimizers.items():
-            save_torch(tmp / f"optim-{group}.pt", opt.state_dict())
-            save_torch(tmp / f"sched-{group}.pt", schedulers[group].state_dict())
-        if accelerator.scaler is not None:
-            save_torch(tmp / "scaler.pt", accelerator.scaler.state_dict())
-        meta = dict(state, step=step, world_size=accelerator.num_processes, genkit_version=__version__)
-        write_json(tmp / "state.json", meta)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    failure = failure or _attempt(lambda: save_torch(tmp / f"rng-{accelerator.process_index}.pt", rng_state()))
+    if accelerator.is_main_process and failure is None:
+        failure = _attempt(lambda: _write_main(tmp, nets, ema, optimizers, schedulers, accelerator))
+    accelerator.wait_for_everyone()  # every rank's rng file is in place
+    if accelerator.is_main_process and failure is None:
+        failure = _attempt(lambda: _seal(tmp, dict(state, step=step, world_size=accelerator.num_processes,
+                                                   genkit_version=__version__)))
+    if failure is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if failure is not None:
+        raise failure
     return final
+
+
+def _attempt(write: Any) -> OSError | None:
+    try:
+        write()
+    except OSError as error:
+        return error
+    return None
+
+
+def _write_main(tmp: Path, nets: torch.nn.Module, ema: Any, optimizers: dict[str, Any],
+                schedulers: dict[str, Any], accelerator: Any) -> None:
+    """The main process's files: networks, EMA, optimizers, schedulers, GradScaler."""
+    save_tensors(tmp / "nets.safetensors", nets.state_dict())
+    if ema is not None:
+        save_tensors(tmp / "ema.safetensors", ema.state_dict())
+    for group, opt in optimizers.items():
+        save_torch(tmp / f"optim-{group}.pt", opt.state_dict())
+        save_torch(tmp / f"sched-{group}.pt", schedulers[group].state_dict())
+    if accelerator.scaler is not None:
+        save_torch(tmp / "scaler.pt", accelerator.scaler.state_dict())
+
+
+def _seal(tmp: Path, meta: dict[str, Any]) -> None:
+    """state.json with the SHA-256 of every other file, written last."""
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+    write_json(tmp / "state.json", dict(meta, files=files))
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint whose files all match their recorded SHA-256; RunError otherwise."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as error:
+        raise RunError(f"checkpoint '{path}': unreadable state.json ({error})") from error
+    for name, digest in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise RunError(f"checkpoint '{path}': file '{name}' is missing")
+        if sha256_file(file) != digest:
+            raise RunError(f"checkpoint '{path}': file '{name}' is corrupt (SHA-256 mismatch)")
+    return state
 
 
 def load_checkpoint(path: Path, accelerator: Any, nets: torch.nn.Module, ema: Any,
                     optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict[str, Any]:
-    """Restore every piece written by `save_checkpoint`; returns state.json."""
-    state = json.loads((path / "state.json").read_text())
+    """Restore every piece written by `save_checkpoint` after verifying it; returns state.json."""
+    state = verify_checkpoint(path)
     if state["world_size"] != accelerator.num_processes:
         raise RunError(f"checkpoint '{path}' was written by {state['world_size']} processes, "
                        f"this run has {accelerator.num_processes}: resume with the same number")

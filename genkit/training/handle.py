@@ -54,9 +54,12 @@ class OptimHandle:
     """`opt` of `Family.train_step`: per-group backward/step and global-batch random draws."""
 
     def __init__(self, accelerator: Any, optimizers: dict[str, Any], schedulers: dict[str, Any],
-                 params: dict[str, list[nn.Parameter]], clip_grad: float | None, seed: int):
+                 params: dict[str, list[nn.Parameter]], clip_grad: float | None, seed: int,
+                 skip_nonfinite: bool = False):
         self.accelerator, self.optimizers, self.schedulers = accelerator, optimizers, schedulers
         self.params, self.clip_grad, self.seed = params, clip_grad, seed
+        self.skip_nonfinite = skip_nonfinite  # train.on_nan=skip
+        self.skipped: dict[str, int] = {}     # group -> optimizer steps skipped for non-finite gradients
         self.device = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.stepped: set[str] = set()
@@ -73,6 +76,11 @@ class OptimHandle:
         self.accelerator.backward(loss, inputs=self.params[group])
         if not self.accelerator.sync_gradients:
             return False
+        if self.skip_nonfinite and not self._finite_gradients(group):
+            self.optimizers[group].zero_grad(set_to_none=True)
+            self.skipped[group] = self.skipped.get(group, 0) + 1
+            self.stepped.add(group)  # handled: the trainer must not report "stepped no optimizer"
+            return False
         if self.clip_grad:
             self.accelerator.clip_grad_norm_(self.params[group], self.clip_grad)
         self.optimizers[group].step()
@@ -80,6 +88,13 @@ class OptimHandle:
         self.optimizers[group].zero_grad(set_to_none=True)
         self.stepped.add(group)
         return True
+
+    def _finite_gradients(self, group: str) -> bool:
+        """Whether every gradient of `group` is finite (one host sync; gradients are already all-reduced)."""
+        grads = [p.grad for p in self.params[group] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def _generator(self) -> torch.Generator:
         self._calls += 1

@@ -29,46 +29,71 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class TrainLogger:
-    """Accumulates step scalars; every `every` steps reduces them across processes and writes."""
+    """Accumulates step scalars; every `every` steps reduces them across processes and writes.
+
+    Non-finite values never enter the averages: they are counted per term, with the first
+    step they appeared at, all on the device. With `stop_on_nan` a logging step (or `check`)
+    that finds any raises an error naming the term and the step.
+    """
 
     def __init__(self, accelerator: Any, run_dir: Path, every: int, total: int, start: int,
-                 images_per_step: int):
+                 images_per_step: int, stop_on_nan: bool = True):
         self.acc, self.every, self.images_per_step = accelerator, every, images_per_step
+        self.stop_on_nan = stop_on_nan
         self.path = run_dir / "metrics.jsonl"
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self._reset()
         self.t0, self.step0 = time.perf_counter(), start
         self.bar = tqdm(total=total, initial=start, disable=not accelerator.is_main_process,
                         dynamic_ncols=True, desc="train", unit="step")
 
-    def add(self, logs: dict[str, torch.Tensor]) -> None:
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.first_bad: dict[str, torch.Tensor] = {}  # first step with a non-finite value, or -1
+
+    def add(self, logs: dict[str, torch.Tensor], step: int) -> None:
+        """Accumulate the scalars of 0-based `step` (no host sync)."""
         for k, v in logs.items():
             v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.count += 1
+            finite = torch.isfinite(v)
+            if k not in self.sums:
+                self.sums[k], self.counts[k] = torch.zeros_like(v), torch.zeros_like(v)
+                self.first_bad[k] = torch.full_like(v, -1.0)
+            self.sums[k] = self.sums[k] + torch.where(finite, v, torch.zeros_like(v))
+            self.counts[k] = self.counts[k] + finite.float()
+            self.first_bad[k] = torch.where(~finite & (self.first_bad[k] < 0), torch.full_like(v, step),
+                                            self.first_bad[k])
 
-    def step(self, step: int, lr: float) -> None:
+    def step(self, step: int, lr: float, extra: dict[str, float] | None = None) -> None:
         """Advance the bar; on logging steps reduce, check finiteness, and write."""
         self.bar.update(1)
-        if step % self.every and step != self.bar.total:
-            return
+        if step % self.every == 0 or step == self.bar.total:
+            self.flush(step, lr, extra)
+
+    def flush(self, step: int, lr: float, extra: dict[str, float] | None = None) -> None:
+        """Reduce what was accumulated since the last record, check it, write it."""
         names = sorted(self.sums)
         if not names:
             return
-        stacked = torch.stack([self.sums[k] for k in names]) / max(self.count, 1)
-        values = self.acc.reduce(stacked, reduction="mean").tolist()
-        record = dict(zip(names, values))
-        bad = [k for k, v in record.items() if not math.isfinite(v)]
-        if bad:
-            raise GenkitError(f"loss term '{bad[0]}' is {record[bad[0]]} at step {step}: training stopped; "
-                              f"the last good checkpoint is kept (lower the lr or enable train.clip_grad)")
+        stats = torch.stack([torch.stack([self.sums[k], self.counts[k]]) for k in names])  # (K, 2)
+        stats = self.acc.reduce(stats, reduction="sum").tolist()
+        bad = torch.stack([self.first_bad[k] for k in names])
+        bad = self.acc.gather(torch.where(bad < 0, torch.full_like(bad, float("inf")), bad))  # (world * K,)
+        first_bad = bad.reshape(-1, len(names)).min(0).values.tolist()
+        record = {k: (s / c if c else float("nan")) for k, (s, c) in zip(names, stats)}
+        for k, at in zip(names, first_bad):
+            if math.isfinite(at) and self.stop_on_nan:
+                raise GenkitError(f"loss term '{k}' is not finite (nan/inf) at step {int(at) + 1}: training "
+                                  "stopped; the last good checkpoint is kept (lower the lr, enable "
+                                  "train.clip_grad, or set train.on_nan=skip)")
         now = time.perf_counter()  # throughput over this logging interval
         record["images_per_s"] = (step - self.step0) * self.images_per_step / max(now - self.t0, 1e-9)
         self.t0, self.step0 = now, step
         record["lr"] = lr
+        record.update(extra or {})
         self.write(step, record)
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "lr"}, refresh=False)
-        self.sums, self.count = {}, 0
+        self._reset()
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and the trackers (main process only)."""

@@ -23,15 +23,16 @@ from torch.utils.data import DataLoader
 from genkit import __version__
 from genkit.config import OptimConfig, Recipe, dump_recipe
 from genkit.data import build_dataset
-from genkit.errors import ConfigError, DataError, GenkitError, RunError
+from genkit.errors import ConfigError, DataError, GenkitError, Interrupted, RunError
 from genkit.families import FAMILIES
 from genkit.reflow import init_from_run
 from genkit.samplers import sampler_options
 from genkit.io import atomic_dir, save_grid, save_tensors, write_json, write_text
-from genkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from genkit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
 from genkit.training.ema import EMA
 from genkit.training.handle import OptimHandle, build_optimizer, check_groups, lr_lambda
 from genkit.training.logger import TrainLogger, truncate_metrics
+from genkit.training.signals import StopSignals
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
@@ -76,20 +77,24 @@ class Trainer:
         self._write_config()
         self.acc.init_trackers("tensorboard")
         log = TrainLogger(self.acc, self.run_dir, cfg.log_every, cfg.steps, start,
-                          self.dl.total_batch_size * cfg.grad_accum)
+                          self.dl.total_batch_size * cfg.grad_accum, stop_on_nan=cfg.on_nan == "stop")
+        self.log = log
         batches = self._batches(start * cfg.grad_accum)
-        for step in range(start, cfg.steps):
-            log.add(self._train_step(step, batches))
-            done = step + 1
-            log.step(done, self.lr())
-            if cfg.eval_every and done % cfg.eval_every == 0:
-                self._evaluate(done, log)
-            if done == cfg.steps:
-                break
-            if cfg.sample_every and done % cfg.sample_every == 0:
-                self._sample_grid(done)
-            if done % cfg.checkpoint_every == 0:
-                self._checkpoint(done)
+        with StopSignals() as stop:
+            for step in range(start, cfg.steps):
+                log.add(self._train_step(step, batches), step)
+                done = step + 1
+                log.step(done, self.lr(), self._skipped())
+                if stop.received(self.acc):
+                    self._interrupted(done, stop.name)
+                if cfg.eval_every and done % cfg.eval_every == 0:
+                    self._evaluate(done, log)
+                if done == cfg.steps:
+                    break
+                if cfg.sample_every and done % cfg.sample_every == 0:
+                    self._sample_grid(done)
+                if done % cfg.checkpoint_every == 0:
+                    self._checkpoint(done, final=False)
         log.close()
         self._checkpoint(max(cfg.steps, start))
         self._export()
@@ -129,7 +134,8 @@ class Trainer:
             self.schedulers[group] = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.recipe.train))
             self.optimizers[group] = self.acc.prepare(opt)
         self.handle = OptimHandle(self.acc, self.optimizers, self.schedulers, groups,
-                                  self.recipe.train.clip_grad, self.recipe.train.seed)
+                                  self.recipe.train.clip_grad, self.recipe.train.seed,
+                                  skip_nonfinite=self.recipe.train.on_nan == "skip")
 
     def _dataloader(self) -> DataLoader:
         data, world = self.recipe.data, self.acc.num_processes
@@ -184,15 +190,47 @@ class Trainer:
                 "family": self.recipe.model.family,
                 "ema_updates": self.ema.updates if self.ema else 0}
 
-    def _checkpoint(self, step: int) -> None:
+    def _skipped(self) -> dict[str, float]:
+        return {f"skipped_steps_{group}": float(n) for group, n in self.handle.skipped.items()}
+
+    def _checkpoint(self, step: int, final: bool = True) -> None:
+        """Save checkpoints/step-N after checking that the logged terms are finite.
+
+        A mid-run save that fails (disk full, folder gone) is reported and training goes on
+        with its state in memory, to retry at the next checkpoint; a final save raises.
+        """
+        self.log.flush(step, self.lr(), self._skipped())  # never checkpoint past a non-finite loss
         state = dict(self._state(), position=step * self.recipe.train.grad_accum)
-        save_checkpoint(self.ckpt_root, step, self.acc, self.raw, self.ema, self.optimizers,
-                        self.schedulers, state, self.recipe.train.keep_last)
+        try:
+            save_checkpoint(self.ckpt_root, step, self.acc, self.raw, self.ema, self.optimizers,
+                            self.schedulers, state, self.recipe.train.keep_last)
+        except OSError as error:
+            where = f"cannot write checkpoint '{self.ckpt_root / f'step-{step}'}': {error.strerror or error}"
+            if final:
+                raise RunError(where) from error
+            self.log.message(f"warning: {where}; training continues, the state is kept in memory "
+                             f"and the next checkpoint retries")
+
+    def _interrupted(self, step: int, signal_name: str) -> None:
+        """SIGTERM / SIGINT: write a checkpoint at this step, then stop with a resume hint."""
+        self._checkpoint(step)
+        self.log.close()
+        raise Interrupted(f"{signal_name} at step {step}: checkpoint '{self.ckpt_root / f'step-{step}'}' "
+                          f"written; continue with `genkit train ... --out {self.run_dir} --resume`")
 
     def _restore(self) -> int:
-        path = latest_checkpoint(self.ckpt_root)
-        if path is None:
+        """Load the newest checkpoint that verifies; a damaged one is skipped with a warning."""
+        ckpts = list_checkpoints(self.ckpt_root)
+        if not ckpts:
             raise RunError(f"cannot resume: no checkpoint under '{self.ckpt_root}'")
+        for path in reversed(ckpts):
+            try:
+                verify_checkpoint(path)
+                break
+            except RunError as error:
+                if path == ckpts[0]:
+                    raise RunError(f"cannot resume: every checkpoint is damaged; the oldest: {error}") from error
+                warnings.warn(f"{error}; resuming from the previous checkpoint instead", stacklevel=2)
         state = load_checkpoint(path, self.acc, self.raw, self.ema, self.optimizers, self.schedulers)
         if self.acc.is_main_process:
             truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])

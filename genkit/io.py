@@ -107,7 +107,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = path.parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous folder, if any, stays as it was
+        raise
     _fsync_dir(tmp)
     if path.exists():  # replace an older folder of the same name: move it aside first
         old = path.parent / f".{path.name}.old"
@@ -160,6 +164,13 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
                        f"or --out to train into another folder")
     if resume and not exists:
         raise RunError(f"cannot resume: run folder '{run_dir}' does not exist")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(run_dir, os.W_OK):
-        raise RunError(f"run folder '{run_dir}' is not writable")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"run folder '{run_dir}' cannot be created: {error.strerror or error}") from error
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:  # a real write: catches read-only mounts, full disks and permissions (os.access lies for root)
+        probe.write_bytes(b"genkit")
+        probe.unlink()
+    except OSError as error:
+        raise RunError(f"run folder '{run_dir}' is not writable: {error.strerror or error}") from error

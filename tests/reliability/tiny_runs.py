@@ -1,0 +1,83 @@
+"""Tiny, fast training recipes per family for the reliability suite: a shipped digits recipe
+plus overrides that shrink it to seconds. Every family in FAMILIES must have one here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from genkit.io import load_tensors
+
+TINY_UNET = ["model.unet.channels=[8,16]", "model.unet.attention=[false,true]",
+             "model.unet.layers_per_block=1", "model.unet.norm_groups=4"]
+COMMON = ["data.image_size=8", "data.batch_size=8", "train.sample_every=0", "train.log_every=1",
+          "train.keep_last=100", "train.lr_schedule=constant", "train.warmup=2", "sample.n=4"]
+
+# family -> (shipped recipe, overrides); the runs are deterministic on CPU
+FAMILY_RUNS: dict[str, tuple[str, list[str]]] = {
+    "ddpm": ("ddpm_digits", [*TINY_UNET, *COMMON, "data.hflip=true", "model.unet.dropout=0.1",
+                             "model.timesteps=50", "sample.steps=2"]),
+    "rectified_flow": ("rf_digits", [*TINY_UNET, *COMMON, "model.time_sampling=logit_normal", "sample.steps=2"]),
+}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def overrides(family: str, steps: int, checkpoint_every: int = 2, *extra: str) -> tuple[str, list[str]]:
+    recipe, base = FAMILY_RUNS[family]
+    return recipe, [*base, f"train.steps={steps}", f"train.checkpoint_every={checkpoint_every}", *extra]
+
+
+def train_command(family: str, out: Path, steps: int, *extra: str, resume: bool = False) -> list[str]:
+    recipe, args = overrides(family, steps, 2, *extra)
+    return [sys.executable, "-m", "genkit", "train", recipe, *args, "--out", str(out),
+            *(["--resume"] if resume else [])]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    """A training subprocess on one thread (the machine has 2 cores and pytest uses one)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return max((json.loads(line)["step"] for line in lines), default=0)
+    except ValueError:  # a line being written
+        return 0
+
+
+def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while logged_steps(run) < step:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"training exited early ({proc.returncode}): {err[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no step {step} logged within {timeout} s")
+        time.sleep(0.02)
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> tuple[int, str]:
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    """Bitwise-equal final weights (nets and EMA) of two run folders."""
+    wa, wb = (load_tensors(r / "model" / "weights.safetensors") for r in (a, b))
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

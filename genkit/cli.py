@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from genkit import __version__
 from genkit.errors import GenkitError, Interrupted
 
 
+def _finite(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{value}'") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{value}'")
+    return x
+
+
 def _positive(value: str) -> int:
-    n = int(value)
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{value}'") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
     return n
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): `genkit sample: error: ... (see --help)`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genkit", description="Generative models: train, sample, evaluate.")
+    p = OneLineParser(prog="genkit", description="Generative models: train, sample, evaluate.")
     p.add_argument("--version", action="version", version=f"genkit {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -42,14 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--batch-size", type=_positive, help="images per network batch (default: all)")
-    s.add_argument("--eta", type=float, help="DDIM noise scale: 0 deterministic, 1 = DDPM posterior")
+    s.add_argument("--eta", type=_finite, help="DDIM noise scale: 0 deterministic, 1 = DDPM posterior")
     s.add_argument("--schedule", choices=["karras", "uniform"],
                    help="sigma grid: the family's own (default), karras (EDM rho=7) or uniform (arctan time)")
-    s.add_argument("--rtol", type=float, help="rk45 relative tolerance (default 1e-5)")
-    s.add_argument("--atol", type=float, help="rk45 absolute tolerance (default 1e-5)")
+    s.add_argument("--rtol", type=_finite, help="rk45 relative tolerance (default 1e-5)")
+    s.add_argument("--atol", type=_finite, help="rk45 absolute tolerance (default 1e-5)")
     s.add_argument("--class", dest="labels", type=_labels,
                    help="class label(s) of a class-conditional run, e.g. 7 or 0,1,2 (default: all classes in turn)")
-    s.add_argument("--guidance", type=float,
+    s.add_argument("--guidance", type=_finite,
                    help="classifier-free guidance scale: 1 conditional (default), 0 unconditional, >1 guided")
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
     s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
@@ -64,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="pairs folder to write (or resume)")
     r.add_argument("--sampler", default="rk45", help="deterministic sampler (default rk45; ddim = Euler)")
     r.add_argument("--steps", type=_positive, help="sampler steps (ignored by rk45)")
-    r.add_argument("--rtol", type=float, help="rk45 relative tolerance (default 1e-5)")
-    r.add_argument("--atol", type=float, help="rk45 absolute tolerance (default 1e-5)")
+    r.add_argument("--rtol", type=_finite, help="rk45 relative tolerance (default 1e-5)")
+    r.add_argument("--atol", type=_finite, help="rk45 absolute tolerance (default 1e-5)")
     r.add_argument("--batch-size", type=_positive, default=256, help="pairs per network batch (default 256)")
     r.add_argument("--shard-size", type=_positive, default=1024, help="pairs per shard file (default 1024)")
     r.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -102,8 +123,8 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--divergence", choices=["auto", "exact", "hutchinson"], default="auto",
                            help="exact trace (auto: up to 256 dims) or Hutchinson's estimator")
             m.add_argument("--probes", type=_positive, default=1, help="Hutchinson probes per image (default 1)")
-            m.add_argument("--rtol", type=float, default=1e-5, help="ODE solver relative tolerance")
-            m.add_argument("--atol", type=float, default=1e-5, help="ODE solver absolute tolerance")
+            m.add_argument("--rtol", type=_finite, default=1e-5, help="ODE solver relative tolerance")
+            m.add_argument("--atol", type=_finite, default=1e-5, help="ODE solver absolute tolerance")
             m.add_argument("--json", action="store_true", help="print only the JSON result")
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
         elif name == "straightness":

@@ -35,6 +35,8 @@ class DataConfig:
     hflip: bool = False
     download: bool = False
     num_workers: int = 0
+    on_error: Literal["raise", "skip"] = "raise"  # folder sources: an unreadable image is an error,
+                                                  # or checked up front, skipped and counted
 
 
 @dataclass

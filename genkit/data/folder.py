@@ -3,8 +3,15 @@
 Files are found recursively under `data.root` by extension (png, jpg, jpeg, bmp, webp,
 gif; any case) and sorted by path, so the order is the same on every machine. Each image
 is decoded lazily in `__getitem__`: EXIF orientation applied, 16-bit grey scaled to 8 bits,
-converted to grey (`data.channels=1`) or RGB (3, the default), its shorter side resized to
-`data.image_size` (bicubic, antialiased) and centre-cropped square. Items are unlabelled.
+converted to grey (`data.channels=1`) or RGB (3, the default; CMYK, palette and 16-bit files
+are converted), its shorter side resized to `data.image_size` (bicubic, antialiased) and
+centre-cropped square. Items are unlabelled.
+
+A file that cannot be read (truncated, zero bytes, not an image) or is far too small (shorter
+side under a quarter of `data.image_size`: it would be mostly interpolation) is an error naming
+it. With `data.on_error: skip` every file is checked once when the dataset is built, the bad
+ones are left out (so the dataset's length, and exact resume, stay fixed) and counted in a
+warning naming the first.
 
 A folder has no held-out split: asking for split "test" is refused.
 """
@@ -12,6 +19,7 @@ A folder has no held-out split: asking for split "test" is refused.
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -63,9 +71,18 @@ def open_image(path: Path) -> Image.Image:
         raise DataError(f"cannot read image '{path}': {error}") from error
 
 
+def check_size(image: Image.Image, path: Path, size: int) -> None:
+    """Refuse an image whose shorter side is under a quarter of the training size."""
+    if min(image.size) * 4 < size:
+        raise DataError(f"image '{path}' is {image.size[0]}x{image.size[1]} px, under a quarter of "
+                        f"data.image_size={size}: remove it or set data.on_error=skip")
+
+
 def decode(path: Path, channels: int, size: int) -> Tensor:
     """Read one image file as float32 (C, size, size) in [-1, 1]; DataError names the file."""
-    image = open_image(path).convert(MODES[channels])
+    image = open_image(path)
+    check_size(image, path, size)
+    image = image.convert(MODES[channels])
     pixels = np.asarray(resize_crop(image, size), dtype=np.uint8).reshape(size, size, channels)
     return from_uint8(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (C, S, S)
 
@@ -113,4 +130,24 @@ def build_folder(cfg: Any, split: str = "train") -> FolderDataset:
     if not files:
         raise DataError(f"data.root: no images found under '{root}' "
                         f"(read recursively: {', '.join(e[1:] for e in EXTENSIONS)}, any case)")
+    if getattr(cfg, "on_error", "raise") == "skip":
+        files = readable(files, root, cfg.image_size)
     return FolderDataset(root, files, channels=channels, image_size=cfg.image_size)
+
+
+def readable(files: list[Path], root: Path, size: int) -> list[Path]:
+    """The files that decode and are large enough; warns with the count and the first bad one."""
+    good, bad = [], []
+    for path in files:
+        try:
+            check_size(open_image(path), path, size)
+            good.append(path)
+        except DataError as error:
+            bad.append(str(error))
+    if bad:
+        warnings.warn(f"data.on_error=skip: skipped {len(bad)} of {len(files)} files under '{root}' "
+                      f"(first: {bad[0]})", stacklevel=2)
+    if not good:
+        raise DataError(f"data.root: none of the {len(files)} image files under '{root}' can be read "
+                        f"(first: {bad[0]})")
+    return good

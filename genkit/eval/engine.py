@@ -84,19 +84,25 @@ def reference_stats(spec: str, extractor: Any, s: EvalSettings) -> RefStats:
 
 
 @torch.inference_mode()
-def generated_stats(family: Any, extractor: Any, n: int, batch_size: int, seed: int = 0,
-                    **sampling: Any) -> tuple[GaussianStats, int, float]:
+def generated_stats(family: Any, extractor: Any, n: int, batch_size: int, seed: int = 0, *,
+                    rank: int = 0, world: int = 1, **sampling: Any) -> tuple[GaussianStats, int, float]:
     """Feature statistics of n generated images (quantized to uint8), with the sampler's NFE and time.
 
+    Batch k is generated from its own generator, seeded by (seed, k), so the n images are the
+    same however they are split: process `rank` of `world` takes batches rank, rank + world, ...
+    and the per-process statistics sum (`GaussianStats.all_reduce`) to the single-process ones.
     `sampling` goes to `genkit.samplers.sample` (sampler, steps, schedule, sampler options).
     """
     from genkit.data.base import to_uint8
     from genkit.samplers import sample
+    from genkit.training.handle import mix_seed
 
     acc, nfe, seconds = GaussianStats(extractor.dim), 0, 0.0
-    generator = torch.Generator().manual_seed(seed)
     device = next(extractor.parameters()).device
-    for start in range(0, n, batch_size):
+    for k, start in enumerate(range(0, n, batch_size)):
+        if k % world != rank:
+            continue
+        generator = torch.Generator().manual_seed(mix_seed(seed, k))
         out = sample(family, min(batch_size, n - start), generator=generator, **sampling)
         nfe, seconds = out.nfe, seconds + out.seconds
         acc.update(extractor(to_uint8(out.images).to(device)).double().cpu())

@@ -25,7 +25,14 @@ class TrainingEvaluator:
         self.extractor = build_extractor(self.settings)
         self.key = f"fd_{cfg.features}"
         self.cache = run_dir / "eval" / f"reference-{cfg.features}.npz"
-        self.reference = self._reference()
+        self._ref: RefStats | None = None
+
+    @property
+    def reference(self) -> RefStats:
+        """The training data's statistics (computed once, cached in the run folder; main process)."""
+        if self._ref is None:
+            self._ref = self._reference()
+        return self._ref
 
     @torch.inference_mode()
     def _reference(self) -> RefStats:
@@ -48,10 +55,21 @@ class TrainingEvaluator:
         return self.extractor(images_uint8.to(device)).double().cpu()
 
     @torch.inference_mode()
-    def frechet(self, family: Any, seed: int = 0) -> float:
-        """FD between `eval.n` samples of the family (recipe's sampler) and the reference."""
+    def frechet(self, family: Any, seed: int = 0, accelerator: Any | None = None) -> float | None:
+        """FD between `eval.n` samples of the family (recipe's sampler) and the reference.
+
+        With an `accelerator` every process generates its share of the batches and the feature
+        sums are all-reduced; the main process returns the FD, the others None.
+        """
         s = self.recipe.sample
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         acc, _, _ = generated_stats(family, self.extractor, self.settings.n, self.settings.batch_size, seed,
-                                    sampler=s.sampler, steps=s.steps, **sampler_options(family, s))
+                                    rank=rank, world=world, sampler=s.sampler, steps=s.steps,
+                                    **sampler_options(family, s))
+        if world > 1:
+            device = accelerator.device
+            acc.all_reduce(lambda t: accelerator.reduce(t.to(device), reduction="sum").cpu())
+            if not accelerator.is_main_process:
+                return None
         mu, sigma = acc.mean_cov()
         return frechet_distance(self.reference.mu, self.reference.sigma, mu, sigma)

@@ -278,14 +278,18 @@ class Trainer:
                                                  ema=self.ema is not None, **info))
 
     def _evaluate(self, step: int, log: TrainLogger) -> None:
-        """FD vs the training data (recipe's eval section); best/ keeps the lowest-FD weights."""
-        if self.acc.is_main_process:
-            from genkit.eval.in_training import TrainingEvaluator
+        """FD vs the training data (recipe's eval section); best/ keeps the lowest-FD weights.
 
-            if self.evaluator is None:
-                self.evaluator = TrainingEvaluator(self.recipe, self.run_dir, self.dataset, self.acc.device)
-            with self._eval_weights():
-                fd = self.evaluator.frechet(self.family, seed=self.recipe.sample.seed)
+        Every process generates its share of `eval.n` and the statistics are all-reduced; the
+        main process logs, and writes best/.
+        """
+        from genkit.eval.in_training import TrainingEvaluator
+
+        if self.evaluator is None:
+            self.evaluator = TrainingEvaluator(self.recipe, self.run_dir, self.dataset, self.acc.device)
+        with self._eval_weights():
+            fd = self.evaluator.frechet(self.family, seed=self.recipe.sample.seed, accelerator=self.acc)
+        if self.acc.is_main_process:
             log.write(step, {self.evaluator.key: fd})
             log.message(f"step {step}: {self.evaluator.key} {fd:.5g}")
             best = self.run_dir / "best" / "genkit.json"

@@ -1,0 +1,65 @@
+"""Two processes (torchrun, DDP over gloo on CPU) train like one process at twice the batch,
+evaluate with all-reduced statistics, write files from rank 0 only, and resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_runs import TINY_UNET, assert_same_model
+
+from genkit.io import load_tensors
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = [*TINY_UNET, "data.image_size=8", "train.sample_every=0", "sample.steps=2", "sample.n=4",
+          "model.timesteps=50", "data.hflip=true", "train.log_every=1", "train.checkpoint_every=2",
+          "train.keep_last=10", "eval.n=40", "eval.batch_size=10"]
+
+
+def train(out: Path, procs: int, batch: int, steps: int, *extra: str, resume: bool = False) -> Path:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 \
+        else [sys.executable]
+    cmd = [*launcher, "-m", "genkit.cli", "train", "ddpm_digits", "--out", str(out), *COMMON,
+           f"data.batch_size={batch}", f"train.steps={steps}", *extra, *(["--resume"] if resume else [])]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def logged(run: Path, key: str) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in records if key in r]
+
+
+def files(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+
+
+def test_two_processes_train_and_evaluate_like_one_at_twice_the_batch(tmp_path):
+    two = train(tmp_path / "two", 2, 8, 4, "train.eval_every=2")
+    one = train(tmp_path / "one", 1, 16, 4, "train.eval_every=2")
+    a, b = (load_tensors(r / "model" / "weights.safetensors") for r in (two, one))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    fd_two, fd_one = logged(two, "fd_digits"), logged(one, "fd_digits")
+    assert len(fd_two) == len(fd_one) == 2
+    # the 40 eval images are the same (per-batch seeds); rank 0 + rank 1 statistics add up
+    assert fd_two == pytest.approx(fd_one, rel=1e-3)
+    # rank 0 alone writes the run files: the same files as one process, plus rank 1's RNG state
+    extra = files(two) - files(one)
+    assert extra == {f"checkpoints/step-{s}/rng-1.pt" for s in (2, 4)}, extra
+    assert files(one) <= files(two)
+
+
+@pytest.mark.slow
+def test_two_process_resume_equals_an_uninterrupted_two_process_run(tmp_path):
+    straight = train(tmp_path / "straight", 2, 8, 6)
+    stopped = train(tmp_path / "stopped", 2, 8, 4)
+    train(stopped, 2, 8, 6, resume=True)
+    assert_same_model(stopped, straight)

@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="sigma grid: the family's own (default), karras (EDM rho=7) or uniform (arctan time)")
     s.add_argument("--rtol", type=_finite, help="rk45 relative tolerance (default 1e-5)")
     s.add_argument("--atol", type=_finite, help="rk45 absolute tolerance (default 1e-5)")
+    s.add_argument("--truncation", type=_finite, help="direct (GAN): redraw latent entries with |z| > this")
     s.add_argument("--class", dest="labels", type=_labels,
                    help="class label(s) of a class-conditional run, e.g. 7 or 0,1,2 (default: all classes in turn)")
     s.add_argument("--guidance", type=_finite,
@@ -102,12 +103,14 @@ SPEC_HELP = ("a folder of images, an .npz of images (key `images`), a statistics
 
 
 def _eval_parser(sub: Any) -> None:
-    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, stats, curve, bpd, straightness",
+    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, w1, stats, curve, bpd, straightness",
                        description="Evaluation metrics with the protocol recorded in the output.")
     metrics = e.add_subparsers(dest="metric", required=True, metavar="METRIC")
     helps = {"fid": "Frechet distance between the feature Gaussians of --real and --fake",
              "kid": "Kernel Inception Distance (unbiased MMD^2, polynomial kernel)",
              "is": "Inception Score of --fake", "prdc": "precision, recall, density, coverage",
+             "w1": "Wasserstein-1 distance: the dual estimate of a fresh WGAN-GP critic fitted to the features "
+                   "(or pixels) of --real and --fake",
              "stats": "save reference statistics of SPEC to --out",
              "curve": "FD vs NFE of a run's samplers (table, CSV and PNG plot)",
              "bpd": "bits/dim of held-out data under a run's model (exact likelihood)",
@@ -146,9 +149,12 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--fake", required=True, metavar="SPEC", help="images to evaluate")
             m.add_argument("--json", action="store_true", help="print only the JSON result")
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
+        if name == "w1":
+            _w1_arguments(m)
         if name not in ("bpd", "straightness"):
             m.add_argument("--features", default="inception",
-                           help="feature extractor: inception (default), clip, dinov2, digits")
+                           help="feature extractor: inception (default), clip, dinov2, digits"
+                                + (", or pixels (flattened images in [-1, 1])" if name == "w1" else ""))
             m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
             m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
         m.add_argument("--n", type=_positive, help="images per side (default: all; required for run "
@@ -160,6 +166,15 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
         m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
         m.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+
+
+def _w1_arguments(m: argparse.ArgumentParser) -> None:
+    """The critic budget of `genkit eval w1` (defaults: genkit.eval.w1.CriticSettings)."""
+    m.add_argument("--critic-steps", type=_positive, default=2000, help="critic updates (default 2000)")
+    m.add_argument("--critic-batch", type=_positive, default=256, help="samples per side per update (default 256)")
+    m.add_argument("--critic-hidden", type=_positive, default=256, help="critic MLP width (default 256)")
+    m.add_argument("--critic-lr", type=_finite, default=1e-4, help="Adam learning rate, betas (0, 0.9) (default 1e-4)")
+    m.add_argument("--gp-weight", type=_finite, default=10.0, help="gradient penalty lambda (default 10)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -175,7 +190,7 @@ def _sample(args: argparse.Namespace) -> None:
     from genkit.io import save_grid, save_npz
 
     family = load(args.run, device=args.device)
-    options = {k: getattr(args, k) for k in ("eta", "rtol", "atol") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("eta", "rtol", "atol", "truncation") if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
                            guidance=args.guidance, **options)
@@ -220,6 +235,8 @@ def _eval(args: argparse.Namespace) -> None:
                                     rtol=args.rtol, atol=args.atol)
     elif args.metric == "is":
         result = engine.compute_is(args.fake, s)
+    elif args.metric == "w1":
+        result = _w1(args, s)
     else:
         fn = {"fid": engine.compute_fid, "kid": engine.compute_kid, "prdc": engine.compute_prdc}[args.metric]
         result = fn(args.real, args.fake, s)
@@ -234,6 +251,14 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"protocol: {json.dumps(result['protocol'])}")
     else:
         print(f"divergence: {result['divergence']} ({result['probes']} probes), data: {result['data']}")
+
+
+def _w1(args: argparse.Namespace, s: Any) -> dict[str, Any]:
+    from genkit.eval.w1 import CriticSettings, compute_w1
+
+    critic = CriticSettings(steps=args.critic_steps, batch_size=args.critic_batch, hidden=args.critic_hidden,
+                            lr=args.critic_lr, gp_weight=args.gp_weight, seed=args.seed)
+    return compute_w1(args.real, args.fake, s, critic)
 
 
 def _straightness(args: argparse.Namespace) -> None:

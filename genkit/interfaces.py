@@ -36,7 +36,11 @@ class StepHandle(Protocol):
 
 
 class Family(Protocol):
-    """Networks + losses + generation; registered in `genkit.families.FAMILIES`."""
+    """Networks + losses + generation; registered in `genkit.families.FAMILIES`.
+
+    Optional: `ema_nets: tuple[str, ...]` names the nets the trainer's EMA averages (default:
+    all of `nets`), e.g. only a GAN's generator.
+    """
 
     name: str                            # the key in FAMILIES
     nets: nn.ModuleDict                  # trainable networks; the trainer prepares each

@@ -122,8 +122,10 @@ class Trainer:
             self.family.nets[name] = acc.prepare(self.family.nets[name])
         self._setup_optimizers()
         self.dl = acc.prepare(self._dataloader())
+        # the nets the EMA averages: all, or those the family names in `ema_nets` (a GAN's generator)
+        self.ema_nets = nn.ModuleDict({k: self.raw[k] for k in getattr(self.family, "ema_nets", self.raw)})
         decay = recipe.train.ema_decay
-        self.ema = EMA(self.raw, decay, recipe.train.ema_warmup) if decay else None
+        self.ema = EMA(self.ema_nets, decay, recipe.train.ema_warmup) if decay else None
 
     def _setup_optimizers(self) -> None:
         groups = self.family.param_groups()
@@ -169,7 +171,7 @@ class Trainer:
         if not self.handle.stepped:
             raise GenkitError(f"family '{self.recipe.model.family}' stepped no optimizer at step {step}")
         if self.ema is not None:
-            self.ema.update(self.raw)
+            self.ema.update(self.ema_nets)
         return logs
 
     def _hflip(self, images: torch.Tensor) -> torch.Tensor:
@@ -243,7 +245,7 @@ class Trainer:
         for name, net in self.raw.items():
             self.family.nets[name] = net
         try:
-            with self.ema.applied(self.raw) if self.ema else contextlib.nullcontext():
+            with self.ema.applied(self.ema_nets) if self.ema else contextlib.nullcontext():
                 yield
         finally:
             for name, net in wrapped.items():

@@ -1,0 +1,222 @@
+"""GAN family: the gradient penalty, weight clipping, the update order, direct sampling, resume, DDP, FD."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import genkit
+from genkit.config import load_recipe
+from genkit.errors import ConfigError, SamplerError
+from genkit.families.gan import GAN, GANConfig, truncated_latents
+from genkit.io import load_tensors
+from genkit.nn.gan_nets import CriticConfig, GeneratorConfig
+from genkit.nn.lipschitz import gradient_penalty, interpolate
+from genkit.samplers import sample
+from genkit.training.checkpoint import latest_checkpoint
+
+SHAPE = (1, 16, 16)
+TINY = ["model.generator.channels=[16,8]", "model.critic.channels=[8,16]", "model.latent_dim=8",
+        "data.batch_size=16", "train.sample_every=0", "sample.n=4", "train.log_every=1"]
+
+
+def tiny_gan(seed: int = 0, **cfg) -> GAN:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GAN(GANConfig(latent_dim=8, generator=GeneratorConfig(channels=[16, 8]),
+                             critic=CriticConfig(channels=[8, 16]), **cfg), shape=SHAPE)
+
+
+class Handle:
+    """A stand-in for the trainer's handle: records each group's gradients and steps SGD if asked."""
+
+    def __init__(self, family: GAN, lr: float = 0.0, stepping: bool = True, seed: int = 0):
+        self.device, self.stepping, self.lr = torch.device("cpu"), stepping, lr
+        self.params = family.param_groups()
+        self.g = torch.Generator().manual_seed(seed)
+        self.grads: dict[str, list[torch.Tensor]] = {}
+        self.calls: list[str] = []
+
+    def step(self, group: str, loss: torch.Tensor) -> bool:
+        grads = torch.autograd.grad(loss, self.params[group])
+        self.grads[group], self.calls = list(grads), [*self.calls, group]
+        if self.stepping and self.lr:
+            with torch.no_grad():
+                for p, g in zip(self.params[group], grads):
+                    p -= self.lr * g
+        return self.stepping
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=self.g)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=self.g)
+
+
+def batch(n: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    return {"image": torch.rand((n, *SHAPE), generator=torch.Generator().manual_seed(seed)) * 2 - 1}
+
+
+# ---------------------------------------------------------------- gradient penalty and clipping
+
+
+def test_gradient_penalty_of_a_linear_critic_matches_its_closed_form():
+    """f(x) = w.x: grad f = w everywhere, so GP = (|w| - 1)^2 and dGP/dw = 2 (|w| - 1) w / |w|;
+    the second derivative exists only because the penalty keeps its graph (create_graph)."""
+    torch.manual_seed(0)
+    f = nn.Linear(5, 1, bias=False).double()
+    x, y, eps = torch.randn(7, 5).double(), torch.randn(7, 5).double(), torch.rand(7).double()
+    x_hat = interpolate(x, y, eps)
+    torch.testing.assert_close(x_hat, eps[:, None] * x + (1 - eps[:, None]) * y)  # on the segments
+    penalty, norms = gradient_penalty(f, x_hat)
+    w = f.weight.detach()[0]
+    torch.testing.assert_close(norms, w.norm().expand(7).float())
+    torch.testing.assert_close(penalty, ((w.norm() - 1) ** 2).float())
+    (grad_w,) = torch.autograd.grad(penalty, f.weight)
+    torch.testing.assert_close(grad_w[0].double(), 2 * (w.norm() - 1) * w / w.norm(), rtol=1e-5, atol=1e-7)
+
+
+def test_penalty_changes_the_critic_gradients_and_never_touches_the_generator():
+    grads = {}
+    for weight in (0.0, 10.0):
+        family = tiny_gan(loss="wgan-gp", gp_weight=weight, n_critic=5)
+        handle = Handle(family)
+        logs = family.train_step(batch(), 0, handle)
+        assert handle.calls == ["D"]  # step 0 of a 5-cycle: critic only
+        grads[weight] = handle.grads["D"]
+        assert 0 < float(logs["grad_norm"]) and torch.isfinite(logs["loss_D"])
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0.0], grads[10.0]))
+
+
+def test_weight_clipping_keeps_every_critic_weight_in_range_after_each_step():
+    c = 0.01
+    family = tiny_gan(loss="wgan", clip_value=c, n_critic=2)
+    assert all(p.abs().max() <= c for p in family.nets["D"].parameters())  # clipped from the start
+    handle = Handle(family, lr=0.5)
+    fractions = []
+    for step in range(6):
+        logs = family.train_step(batch(seed=step), step, handle)
+        fractions.append(float(logs["clipped_fraction"]))
+        assert all(float(p.detach().abs().max()) <= c for p in family.nets["D"].parameters())
+    assert max(fractions) > 0.1  # a large lr pushes many weights out: clipping really acted
+    # no clipping when the optimizer did not step (an accumulation micro-batch)
+    logs = family.train_step(batch(), 0, Handle(family, stepping=False))
+    assert "clipped_fraction" not in logs
+
+
+def test_generator_steps_after_every_n_critic_critic_steps():
+    family = tiny_gan(loss="hinge", n_critic=3)
+    handle = Handle(family)
+    order = []
+    for step in range(9):
+        handle.calls = []
+        family.train_step(batch(), step, handle)
+        order.append("".join(handle.calls))
+    assert order == ["D", "D", "DG"] * 3
+    assert tiny_gan(loss="wgan").n_critic == 5 and tiny_gan(loss="non-saturating").n_critic == 1
+
+
+def test_invalid_configs_are_refused_with_the_key_named():
+    with pytest.raises(ConfigError, match="model.critic.norm"):
+        GAN(GANConfig(loss="wgan-gp", critic=CriticConfig(norm="batch")), shape=SHAPE)
+    with pytest.raises(ConfigError, match="model.generator.channels.*use 2 levels"):
+        GAN(GANConfig(generator=GeneratorConfig(channels=[16, 8, 4])), shape=SHAPE)
+    with pytest.raises(ConfigError, match="model.n_critic"):
+        tiny_gan(n_critic=0)
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+@pytest.mark.parametrize("size", [16, 32])
+def test_both_architectures_fit_16_and_32_pixels(arch, size):
+    levels = size.bit_length() - 3
+    g = GeneratorConfig(arch=arch, channels=[8] * (levels + (arch == "resnet")))
+    d = CriticConfig(arch=arch, channels=[8, 8, 8], down=[True, True, False])
+    family = GAN(GANConfig(latent_dim=4, generator=g, critic=d), shape=(3, size, size))
+    x = family.direct(2, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, size, size) and x.abs().max() <= 1
+    assert family.nets["D"](x).shape == (2,)
+
+
+# ---------------------------------------------------------------- direct sampling
+
+
+def test_truncation_redraws_large_latents_and_direct_is_batch_size_invariant():
+    z = truncated_latents((500, 8), torch.Generator().manual_seed(0), 0.5)
+    assert z.abs().max() <= 0.5 and z.abs().max() > 0.45  # redrawn inside, not clamped to the edge
+    assert (z.abs() == 0.5).sum() == 0
+    family = tiny_gan()
+    a = sample(family, 6, generator=torch.Generator().manual_seed(3), truncation=0.7)
+    b = sample(family, 6, generator=torch.Generator().manual_seed(3), batch_size=4, truncation=0.7)
+    torch.testing.assert_close(a.images, b.images)
+    assert a.sampler == "direct" and a.nfe == 1
+    c = sample(family, 6, generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(a.images, c.images)
+    with pytest.raises(SamplerError, match="truncation must be > 0"):
+        sample(family, 2, truncation=0.0)
+    with pytest.raises(SamplerError, match="no option 'eta'"):
+        sample(family, 2, eta=0.5)
+
+
+# ---------------------------------------------------------------- through the trainer
+
+
+def gan_recipe(steps: int, *extra: str):
+    return load_recipe("wgan_gp_digits", [*TINY, f"train.steps={steps}", "model.n_critic=2",
+                                          "train.ema_decay=0.9", "train.checkpoint_every=100", *extra])
+
+
+def test_resume_equals_uninterrupted_with_both_optimizers_and_the_critic_cycle(tmp_path):
+    """Stopping at an odd step splits a critic cycle: the resumed run must continue it exactly."""
+    straight = genkit.train(gan_recipe(5), out=tmp_path / "straight")
+    genkit.train(gan_recipe(3), out=tmp_path / "stopped")
+    resumed = genkit.train(gan_recipe(5), out=tmp_path / "stopped", resume=True)
+    for name in ("nets", "ema"):
+        a = load_tensors(latest_checkpoint(straight / "checkpoints") / f"{name}.safetensors")
+        b = load_tensors(latest_checkpoint(resumed / "checkpoints") / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    ema = load_tensors(latest_checkpoint(straight / "checkpoints") / "ema.safetensors")
+    assert ema and all(k.startswith("G.") for k in ema)  # the EMA averages the generator only
+    for group in ("G", "D"):
+        a = torch.load(latest_checkpoint(straight / "checkpoints") / f"optim-{group}.pt")
+        b = torch.load(latest_checkpoint(resumed / "checkpoints") / f"optim-{group}.pt")
+        assert all(torch.equal(a["state"][i]["exp_avg_sq"], b["state"][i]["exp_avg_sq"]) for i in a["state"])
+    metrics = (straight / "metrics.jsonl").read_text()
+    assert '"wasserstein"' in metrics and '"grad_norm"' in metrics
+
+
+@pytest.mark.slow  # ~50 s: process start-up of torchrun
+def test_two_processes_at_batch_b_equal_one_process_at_2b(tmp_path):
+    """torchrun DDP on CPU: the generator loss through the unwrapped critic leaves DDP consistent."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    common = [*TINY[:-2], "train.steps=5", "model.n_critic=2", "model.generator.norm=none"]
+    base = [sys.executable, "-m", "genkit.cli", "train", "wgan_gp_digits"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *base[1:],
+           "--out", str(tmp_path / "two"), *common, "data.batch_size=8"]
+    one = [*base, "--out", str(tmp_path / "one"), *common, "data.batch_size=16"]
+    for cmd in (two, one):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    a = load_tensors(tmp_path / "two" / "model" / "weights.safetensors")
+    b = load_tensors(tmp_path / "one" / "model" / "weights.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_few_hundred_steps_on_digits_lower_the_fd(tmp_path):
+    from genkit.eval.engine import EvalSettings, compute_fid
+
+    s = EvalSettings(features="digits", n=500, batch_size=250, device="cpu")
+    fd = {}
+    for steps in (1, 300):
+        run = genkit.train(load_recipe("dcgan_digits", [f"train.steps={steps}", "train.sample_every=0"]),
+                           out=tmp_path / f"s{steps}")
+        fd[steps] = compute_fid("recipe:dcgan_digits", str(run), s)["value"]
+    assert fd[300] < 0.5 * fd[1], fd

@@ -42,6 +42,7 @@ class TrainLogger:
                         dynamic_ncols=True, desc="train", unit="step")
 
     def add(self, logs: dict[str, torch.Tensor]) -> None:
+        """Accumulate one step's logged scalars."""
         for k, v in logs.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
@@ -79,8 +80,10 @@ class TrainLogger:
         self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
     def message(self, text: str) -> None:
+        """Print a line on the main process (above the progress bar)."""
         if self.acc.is_main_process:
             self.bar.write(text)
 
     def close(self) -> None:
+        """Close the progress bar."""
         self.bar.close()

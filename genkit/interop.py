@@ -141,12 +141,12 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
         weights: "ema" (the run's final EMA weights, default) or "raw" (latest checkpoint's).
     """
     run, out = Path(run), Path(out)
+    _check_new_folder(out, "export folder")
     family, loaded = _run_family(run, weights)
     if family.name not in EXPORTERS:
         raise ConfigError(f"model.family={family.name!r} has no diffusers export; exportable: "
                           f"{', '.join(EXPORTERS)}")
     pipeline = EXPORTERS[family.name](family)
-    _check_new_folder(out, "export folder")
     with atomic_dir(out) as tmp:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         write_json(tmp / EXPORT_INFO, {
@@ -321,9 +321,9 @@ def import_diffusers(folder: str | Path, out: str | Path) -> Path:
         out: the run folder to create; `genkit.load(out)` and `genkit sample out` use it.
     """
     folder, out = Path(folder), Path(out)
+    _check_new_folder(out, "run folder")
     recipe, shape = diffusers_recipe(folder)
     weights = _unet_weights(folder)
-    _check_new_folder(out, "run folder")
     config = dump_recipe(recipe)
     with atomic_dir(out) as tmp:
         write_text(tmp / "config.yaml", config)

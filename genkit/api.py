@@ -72,17 +72,28 @@ def load(run: str | Path, device: str | torch.device | None = None) -> Any:
     """Load a trained family from a run folder (EMA weights when trained with EMA), in eval mode.
 
     Args:
-        run: the run folder written by `genkit.train`.
+        run: the run folder written by `genkit.train` (or `genkit.interop.import_diffusers`), or a
+            diffusers pipeline folder (unet/ + scheduler/; see `genkit.interop`).
         device: where to put the networks; default CUDA when available, else CPU.
     """
-    from genkit.training import build_family
+    from genkit.interop import is_diffusers_folder, load_diffusers
 
     run = Path(run)
+    if is_diffusers_folder(run):
+        return load_diffusers(run, device)
     if not (run / "config.yaml").exists():
-        raise RunError(f"'{run}' is not a genkit run folder (no config.yaml)")
+        raise RunError(f"'{run}' is not a genkit run folder (no config.yaml) nor a diffusers folder")
     recipe = recipe_from_dict(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
     weights, info = _run_weights(run)
-    family = build_family(recipe, tuple(info["shape"]), info.get("num_classes", 0))
+    return build_loaded(recipe, tuple(info["shape"]), info.get("num_classes", 0), weights, device)
+
+
+def build_loaded(recipe: Recipe, shape: tuple[int, int, int], num_classes: int, weights: dict[str, torch.Tensor],
+                 device: str | torch.device | None = None) -> Any:
+    """The recipe's family with `weights` loaded (strict), on `device`, in eval mode, without gradients."""
+    from genkit.training import build_family
+
+    family = build_family(recipe, tuple(shape), num_classes)
     family.nets.load_state_dict(weights)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     family.nets.to(device).eval().requires_grad_(False)

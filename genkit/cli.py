@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from a trained run",
                        description="Generate images from a run folder with a shared sampler.")
-    s.add_argument("run", type=Path, help="run folder written by `genkit train`")
+    s.add_argument("run", type=Path, help="run folder written by `genkit train`, or a diffusers folder")
     s.add_argument("--sampler", help="sampler name (default: the family's; e.g. ddim, ancestral)")
     s.add_argument("--steps", type=_positive, help="sampler steps (default: the family's)")
     s.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
@@ -92,6 +92,23 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--shard-size", type=_positive, default=1024, help="pairs per shard file (default 1024)")
     r.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+    x = sub.add_parser("export", help="export a run for another library (diffusers)",
+                       description="Write a run as a diffusers pipeline folder that "
+                                   "DDPMPipeline.from_pretrained(DIR) loads (DDPM: DDIMPipeline too): UNet2DModel "
+                                   "safetensors + a scheduler matching the run's noise process.")
+    x.add_argument("run", type=Path, help="run folder written by `genkit train`")
+    x.add_argument("--format", choices=["diffusers"], required=True, help="target format")
+    x.add_argument("--out", type=Path, required=True, help="folder to create")
+    x.add_argument("--weights", choices=["ema", "raw"], default="ema",
+                   help="ema: the run's final EMA weights (default); raw: the latest checkpoint's")
+
+    i = sub.add_parser("import-diffusers", help="turn a diffusers UNet folder into a genkit run folder",
+                       description="Read a diffusers folder (unet/ UNet2DModel safetensors + scheduler/ "
+                                   "DDPM, DDIM or FlowMatchEuler config) into a run folder every genkit "
+                                   "sampler uses. `genkit sample DIR` also works on the folder directly.")
+    i.add_argument("folder", type=Path, help="diffusers pipeline folder")
+    i.add_argument("--out", type=Path, required=True, help="run folder to create")
 
     sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
     _eval_parser(sub)
@@ -324,7 +341,22 @@ def _curve(args: argparse.Namespace, s: Any) -> None:
     print(f"saved {out / 'curve.csv'}, {out / 'curve.png'}, {out / 'curve.json'}")
 
 
-COMMANDS = {"train": _train, "sample": _sample, "reflow": _reflow, "recipes": _recipes, "eval": _eval}
+def _export(args: argparse.Namespace) -> None:
+    from genkit.interop import export_diffusers
+
+    out = export_diffusers(args.run, args.out, weights=args.weights)
+    print(f"diffusers folder: {out} (DDPMPipeline.from_pretrained('{out}'))")
+
+
+def _import_diffusers(args: argparse.Namespace) -> None:
+    from genkit.interop import import_diffusers
+
+    run = import_diffusers(args.folder, args.out)
+    print(f"run folder: {run} (genkit sample {run})")
+
+
+COMMANDS = {"train": _train, "sample": _sample, "reflow": _reflow, "recipes": _recipes, "eval": _eval,
+            "export": _export, "import-diffusers": _import_diffusers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

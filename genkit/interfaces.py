@@ -26,13 +26,17 @@ class StepHandle(Protocol):
 
     device: torch.device
 
-    def step(self, group: str, loss: Tensor) -> bool: ...
+    def step(self, group: str, loss: Tensor) -> bool:
+        """Back-propagate `loss` into `group` only and step its optimizer; True if it stepped."""
 
-    def randn(self, *shape: int) -> Tensor: ...
+    def randn(self, *shape: int) -> Tensor:
+        """N(0, I) of this process's slice of the global batch, resume-exact."""
 
-    def rand(self, *shape: int) -> Tensor: ...
+    def rand(self, *shape: int) -> Tensor:
+        """U[0, 1) of this process's slice of the global batch, resume-exact."""
 
-    def randint(self, high: int, *shape: int) -> Tensor: ...
+    def randint(self, high: int, *shape: int) -> Tensor:
+        """Integers in [0, high) of this process's slice of the global batch, resume-exact."""
 
 
 class Family(Protocol):
@@ -49,16 +53,20 @@ class Family(Protocol):
     default_steps: int | None
 
     @property
-    def device(self) -> torch.device: ...
+    def device(self) -> torch.device:
+        """The device of the family's networks."""
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]: ...
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups by name; each gets its own optimizer (`optim.<group>`)."""
 
-    def train_step(self, batch: Mapping[str, Tensor], step: int, opt: StepHandle) -> dict[str, Tensor]: ...
+    def train_step(self, batch: Mapping[str, Tensor], step: int, opt: StepHandle) -> dict[str, Tensor]:
+        """One training step on a batch; calls `opt.step(group, loss)` and returns scalars to log."""
 
     def generate(
         self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
         steps: int | None = None, **options: Any,
-    ) -> Tensor: ...
+    ) -> Tensor:
+        """n images in [-1, 1], shape (n, C, H, W)."""
 
 
 @runtime_checkable
@@ -72,6 +80,8 @@ class Denoiser(Protocol):
 class DenoisingFamily(Family, Protocol):
     """An iterative family: exposes its denoiser and its sigma grid to the shared samplers."""
 
-    def denoise(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor: ...
+    def denoise(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        """D(z; sigma) -> x0_hat in the samplers' VP-scaled coordinates."""
 
-    def sigmas(self, steps: int) -> Tensor: ...
+    def sigmas(self, steps: int) -> Tensor:
+        """The family's decreasing sigma grid of `steps` steps, ending at 0."""

@@ -46,6 +46,7 @@ def fd_curve(run: str | Path, samplers: list[str], steps: list[int], s: EvalSett
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write the curve rows as CSV (atomically); returns the path."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS)
     writer.writeheader()
@@ -79,6 +80,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str, fd_name: str = "FD"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """The curve rows as an aligned text table."""
     lines = ["| sampler | steps | schedule | NFE | FD | seconds |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['steps']} | {r['schedule']} | {r['nfe']} | {r['fd']:.4g} | "
               f"{r['seconds']:.2f} |" for r in rows]

@@ -86,6 +86,7 @@ class DigitsClassifier(nn.Module):
         return self.classify(preprocess(images))
 
     def forward(self, images: Tensor) -> Tensor:
+        """uint8 images (B, C, H, W) -> penultimate features (B, dim): the same as `features`."""
         return self.features(images)
 
 
@@ -205,6 +206,7 @@ def command(out: Path, seed: int, epochs: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Train the digits classifier and write its weights (`python -m genkit.eval.digits_classifier`)."""
     parser = argparse.ArgumentParser(description="Train genkit's digits classifier (features for FD on digits).")
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights and digits_classifier.json")
     parser.add_argument("--seed", type=int, default=0)

@@ -45,6 +45,7 @@ def protocol_of(extractor: Any) -> dict[str, Any]:
 
 
 def build_extractor(s: EvalSettings) -> Any:
+    """The feature extractor the settings name, on their device (CUDA when available)."""
     from genkit.eval.features import build_features
 
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -123,6 +123,7 @@ class InceptionTF(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        """Features (B, dim) of uint8 images (B, C, H, W)."""
         return self.net(check_images(images))[0]  # (B, 2048) pool3
 
     @torch.no_grad()
@@ -148,6 +149,7 @@ class InceptionPytorchFID(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        """Features (B, dim) of uint8 images (B, C, H, W)."""
         x = check_images(images).float() / 255  # pytorch-fid's input range [0, 1]
         return self.net(x)[0].flatten(1)  # (B, 2048, 1, 1) -> (B, 2048)
 
@@ -189,6 +191,7 @@ class ClipFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        """Features (B, dim) of uint8 images (B, C, H, W)."""
         x = _resize_crop(check_images(images).float() / 255, self.size, self.mode, self.crop)
         return self.model.encode_image((x - self.mean) / self.std, normalize=False).float()  # (B, dim)
 
@@ -260,6 +263,7 @@ class DinoV2Features(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        """Features (B, dim) of uint8 images (B, C, H, W)."""
         x = _resize_crop(check_images(images).float() / 255, DINOV2_SIZE, "bicubic", crop=False)
         return self.model.forward_features((x - self.mean) / self.std)[:, 0].float()  # (B, dim) CLS
 
@@ -303,6 +307,7 @@ class DigitsFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        """Features (B, dim) of uint8 images (B, C, H, W)."""
         return self.net.features(check_images(images, rgb=False))
 
     @torch.no_grad()

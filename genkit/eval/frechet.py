@@ -48,10 +48,12 @@ class GaussianStats:
 
     @property
     def dim(self) -> int:
+        """Feature dimension."""
         return self.sum.shape[0]
 
     @property
     def count(self) -> int:
+        """Number of feature vectors accumulated."""
         return int(self.n.item())
 
     def update(self, features: Tensor) -> "GaussianStats":

@@ -31,10 +31,10 @@ from genkit.samplers.adapters import TO_X0, training_target, vp_coefficients
 @dataclass
 class DDPMConfig:
     family: str = "ddpm"
-    schedule: Literal["linear", "cosine"] = "linear"
+    schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
     timesteps: int = 1000                        # T
-    beta_start: float = 1e-4                     # linear schedule: beta_0
-    beta_end: float = 0.02                       # linear schedule: beta_{T-1}
+    beta_start: float = 1e-4                     # linear / scaled_linear schedule: beta_0
+    beta_end: float = 0.02                       # linear / scaled_linear schedule: beta_{T-1}
     prediction: Literal["epsilon", "x0", "v"] = "epsilon"
     clip_sample: bool = True                     # clamp x0_hat to [-1, 1] while sampling
     spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timesteps of a short grid
@@ -44,9 +44,12 @@ class DDPMConfig:
 
 
 def make_betas(schedule: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """beta_t in float64: linear (Ho et al.) or cosine (Nichol & Dhariwal 2021, max 0.999)."""
+    """beta_t in float64: linear (Ho et al.), scaled_linear (linear in sqrt(beta), Stable Diffusion's;
+    diffusers' "scaled_linear") or cosine (Nichol & Dhariwal 2021, max 0.999)."""
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
     s = 0.008
     f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     return torch.tensor([min(1 - f(t + 1) / f(t), 0.999) for t in range(T)], dtype=torch.float64)
@@ -128,6 +131,7 @@ class DDPM(UNetFamily):
         return torch.mean((out.float() - target) ** 2)
 
     def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+        """One step of the simple loss on a global-batch draw of t and eps."""
         x0 = batch["image"]
         t = opt.randint(self.schedule.T, x0.shape[0])
         eps = opt.randn(*x0.shape)
@@ -145,6 +149,7 @@ class DDPM(UNetFamily):
         return x0.clamp(-1, 1) if self.cfg.clip_sample else x0
 
     def sigmas(self, steps: int) -> Tensor:
+        """The sigmas of `steps` timesteps spaced as `model.spacing`, decreasing, with a final 0."""
         return self.schedule.sigmas(steps, self.cfg.spacing)
 
     def sigma_range(self) -> tuple[float, float]:

@@ -44,12 +44,15 @@ class UNetFamily:
 
     @property
     def device(self) -> torch.device:
+        """The device of the networks."""
         return next(self.nets.parameters()).device
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One parameter group, "model": every UNet parameter."""
         return {"model": list(self.nets.parameters())}
 
     def enable_gradient_checkpointing(self) -> None:
+        """Recompute UNet activations in the backward pass (train.gradient_checkpointing)."""
         self.nets["unet"].enable_gradient_checkpointing()
 
     # -- conditioning ------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 from diffusers import UNet2DModel
 
@@ -18,6 +20,9 @@ class UNetConfig:
     norm_groups: int = 8
     attention_head_dim: int | None = 8
     mid_attention: bool = True
+    # a UNet2DModel config verbatim (models imported from diffusers, `genkit.interop`); when set it
+    # replaces every field above, so any diffusers UNet2DModel architecture can be a genkit model
+    diffusers: dict[str, Any] | None = None
 
 
 def check_resolution(image_size: int, levels: int, key: str = "model.unet.channels") -> None:
@@ -30,6 +35,8 @@ def check_resolution(image_size: int, levels: int, key: str = "model.unet.channe
 
 def build_unet(cfg: UNetConfig, channels: int, image_size: int, num_class_embeds: int | None = None) -> UNet2DModel:
     """A UNet2DModel with ResNet blocks per level and self-attention where `cfg.attention` says."""
+    if cfg.diffusers is not None:
+        return unet_from_config(cfg.diffusers, channels, image_size)
     levels = len(cfg.channels)
     if len(cfg.attention) != levels:
         raise ConfigError(f"model.unet.attention has {len(cfg.attention)} entries, "
@@ -47,3 +54,19 @@ def build_unet(cfg: UNetConfig, channels: int, image_size: int, num_class_embeds
         norm_num_groups=cfg.norm_groups, attention_head_dim=cfg.attention_head_dim,
         add_attention=cfg.mid_attention, num_class_embeds=num_class_embeds,
     )
+
+
+def unet_from_config(config: dict[str, Any], channels: int, image_size: int) -> UNet2DModel:
+    """A UNet2DModel from its diffusers config (`model.unet.diffusers`), checked against the data shape."""
+    known = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+    if unknown:
+        raise ConfigError(f"model.unet.diffusers.{unknown[0]}: not a UNet2DModel argument")
+    for key, want in (("in_channels", channels), ("out_channels", channels), ("sample_size", image_size)):
+        got = config.get(key, inspect.signature(UNet2DModel.__init__).parameters[key].default)
+        if got != want:
+            raise ConfigError(f"model.unet.diffusers.{key}={got!r} does not fit the data ({key} must be {want})")
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        raise ConfigError("model.unet.diffusers: class-conditional UNets (num_class_embeds / class_embed_type) "
+                          "are not supported")
+    return UNet2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})

@@ -42,6 +42,7 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under `root`, or None."""
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
 
@@ -64,6 +65,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore this process's RNG states saved by `rng_state`."""
     torch.set_rng_state(state["torch"])
     pos, has_gauss = (int(v) for v in state["numpy_pos"])
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,

@@ -25,6 +25,7 @@ class EMA:
         return {k: v for k, v in nets.state_dict(keep_vars=True).items() if v.is_floating_point()}
 
     def current_decay(self) -> float:
+        """The decay of the next update: `decay`, ramped up as (1 + n) / (10 + n) with warmup."""
         if not self.warmup:
             return self.decay
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -39,9 +40,11 @@ class EMA:
         self.updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The EMA shadow weights by parameter name."""
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, Tensor], updates: int) -> None:
+        """Restore the shadow weights and the update count (resume)."""
         for k, v in state.items():
             self.shadow[k].copy_(v)
         self.updates = updates

@@ -104,8 +104,10 @@ class TrainLogger:
         self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
     def message(self, text: str) -> None:
+        """Print a line on the main process (above the progress bar)."""
         if self.acc.is_main_process:
             self.bar.write(text)
 
     def close(self) -> None:
+        """Close the progress bar."""
         self.bar.close()

@@ -180,6 +180,7 @@ class Trainer:
         return torch.where(flip, images.flip(-1), images)
 
     def lr(self) -> float:
+        """The current learning rate of the first parameter group."""
         return next(iter(self.schedulers.values())).get_last_lr()[0]
 
     # -- run folder --------------------------------------------------------------------

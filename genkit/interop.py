@@ -1,0 +1,335 @@
+"""Interoperability with Hugging Face diffusers: runs export as pipeline folders, UNet folders import.
+
+Export (`genkit export RUN --format diffusers --out DIR`)::
+
+    DIR/model_index.json          DDPMPipeline: unet + scheduler
+    DIR/unet/                     UNet2DModel config.json + diffusion_pytorch_model.safetensors
+    DIR/scheduler/                scheduler_config.json: the family's noise process
+    DIR/genkit_export.json        provenance: run, family, which weights, how to reproduce genkit
+
+The weights are the run's EMA weights by default (`model/weights.safetensors` holds them), the
+raw weights of its latest checkpoint with `weights="raw"`; always safetensors, and the folder
+appears whole or not at all (`genkit.io.atomic_dir`). `EXPORTERS` maps a family name to the
+function that builds its pipeline: a plain dict, so latent diffusion (issue 9: UNet + autoencoder
++ scheduler, text encoder documented) is one more line.
+
+    ddpm            DDPMScheduler with genkit's betas, prediction type, clip_sample and timestep
+                    spacing, and set_alpha_to_one=True, steps_offset=0 for DDIMPipeline (which
+                    rebuilds a DDIMScheduler from this config). With the same generator:
+                    DDPMPipeline(num_inference_steps=N)  == genkit `ancestral`, N steps;
+                    DDIMPipeline(num_inference_steps=N, eta=e, use_clipped_model_output=True)
+                                                         == genkit `ddim`, N steps, eta=e
+                    (genkit takes eps from the clipped x0_hat; diffusers' default does not).
+    rectified_flow  FlowMatchEulerDiscreteScheduler(shift=model.shift) in DDPMPipeline's loop,
+                    whose step IS genkit's `ddim` on this family (timestep = 1000 t, output =
+                    noise - data). Its default grid is linspace(1, 1/1000, N) then 0, genkit's is
+                    uniform 1 .. 1/N then 0: `scheduler.set_timesteps(sigmas=linspace(1, 1/N, N))`
+                    in a hand loop reproduces genkit's N-step `ddim` exactly (docs/api.md).
+
+Import (`genkit import-diffusers DIR --out RUN`, or `genkit.load(DIR)` / `genkit sample DIR` on
+the folder itself): a pipeline folder with unet/ (UNet2DModel, safetensors weights only) and
+scheduler/ becomes a genkit family whose UNet keeps its exact diffusers architecture
+(`model.unet.diffusers`) and whose noise process is read from the scheduler config
+(`IMPORTERS`: DDPM/DDIM -> `ddpm`, FlowMatchEuler -> `rectified_flow`). Keys genkit cannot
+honour are refused one at a time, naming the key and its value; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+from genkit import __version__
+from genkit.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
+from genkit.errors import ConfigError, RunError
+from genkit.families.ddpm import DDPMConfig
+from genkit.families.rectified_flow import RectifiedFlowConfig
+from genkit.io import atomic_dir, load_tensors, save_tensors, write_json, write_text
+from genkit.nn.unet import UNetConfig
+
+# genkit name -> diffusers name
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample"}
+SPACINGS = {"leading": "leading", "trailing": "trailing", "linspace": "linspace"}
+FLOW_MATCH_TIMESTEPS = 1000  # genkit's rectified flow feeds the UNet 1000 t
+
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+EXPORT_INFO = "genkit_export.json"
+
+
+# ------------------------------------------------------------------------------- export
+
+
+def ddpm_scheduler(cfg: DDPMConfig) -> DDPMScheduler:
+    """The DDPMScheduler of a genkit DDPM config (DDIMPipeline's DDIMScheduler reads the same config)."""
+    sched = DDPMScheduler(
+        num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+        beta_schedule=BETA_SCHEDULES[cfg.schedule], prediction_type=PREDICTIONS[cfg.prediction],
+        clip_sample=cfg.clip_sample, clip_sample_range=1.0, timestep_spacing=SPACINGS[cfg.spacing],
+        variance_type="fixed_small", steps_offset=0,
+    )
+    sched.register_to_config(set_alpha_to_one=True)  # DDIM: the last step lands on x0_hat, as genkit's grid
+    return sched
+
+
+def flow_match_scheduler(cfg: RectifiedFlowConfig) -> FlowMatchEulerDiscreteScheduler:
+    """The FlowMatchEulerDiscreteScheduler of a genkit rectified-flow config (same SD3 shift)."""
+    if cfg.clip_sample:
+        raise ConfigError("model.clip_sample=true: FlowMatchEulerDiscreteScheduler cannot clamp x0_hat; "
+                          "export a run trained with clip_sample: false")
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=FLOW_MATCH_TIMESTEPS, shift=cfg.shift)
+
+
+def _ddpm_pipeline(family: Any) -> DDPMPipeline:
+    return DDPMPipeline(unet=family.nets["unet"], scheduler=ddpm_scheduler(family.cfg))
+
+
+def _flow_pipeline(family: Any) -> DDPMPipeline:
+    return DDPMPipeline(unet=family.nets["unet"], scheduler=flow_match_scheduler(family.cfg))
+
+
+# family name -> its diffusers pipeline (latent diffusion, issue 9, adds its line here)
+EXPORTERS: dict[str, Callable[[Any], Any]] = {
+    "ddpm": _ddpm_pipeline,
+    "rectified_flow": _flow_pipeline,
+}
+
+REPRODUCE = {
+    "ddpm": "DDPMPipeline(num_inference_steps=N) == genkit ancestral N steps; DDIMPipeline(num_inference_steps=N, "
+            "eta=E, use_clipped_model_output=True) == genkit ddim N steps eta=E (same generator)",
+    "rectified_flow": "DDPMPipeline runs FlowMatchEuler steps on the grid linspace(1, 1/1000, N), 0; "
+                      "set_timesteps(sigmas=linspace(1, 1/N, N)) in a hand loop == genkit ddim N steps",
+}
+
+
+def _check_new_folder(out: Path, what: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunError(f"{what} '{out}' already exists: choose another --out or remove it")
+
+
+def _run_family(run: Path, weights: str) -> tuple[Any, str]:
+    """The run's family on CPU with its EMA (default) or raw weights, and what was loaded."""
+    from genkit.api import load
+    from genkit.training.checkpoint import latest_checkpoint
+
+    family = load(run, device="cpu")
+    if weights == "raw":
+        ckpt = latest_checkpoint(run / "checkpoints")
+        if ckpt is None:
+            raise RunError(f"'{run}' has no checkpoint: raw weights live in checkpoints/step-N/nets.safetensors")
+        family.nets.load_state_dict(load_tensors(ckpt / "nets.safetensors"))
+        return family, f"raw ({ckpt.name})"
+    if weights != "ema":
+        raise ConfigError(f"weights: expected 'ema' or 'raw', got {weights!r}")
+    info = run / "model" / "genkit.json"
+    trained_with_ema = json.loads(info.read_text()).get("ema", True) if info.exists() else True
+    return family, "ema" if trained_with_ema else "final (trained without EMA)"
+
+
+def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") -> Path:
+    """Write a genkit run as a diffusers pipeline folder (safetensors, atomic); returns the folder.
+
+    Args:
+        run: a run folder written by `genkit.train`.
+        out: the folder to create; `DDPMPipeline.from_pretrained(out)` loads it.
+        weights: "ema" (the run's final EMA weights, default) or "raw" (latest checkpoint's).
+    """
+    run, out = Path(run), Path(out)
+    _check_new_folder(out, "export folder")
+    family, loaded = _run_family(run, weights)
+    if family.name not in EXPORTERS:
+        raise ConfigError(f"model.family={family.name!r} has no diffusers export; exportable: "
+                          f"{', '.join(EXPORTERS)}")
+    pipeline = EXPORTERS[family.name](family)
+    with atomic_dir(out) as tmp:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        write_json(tmp / EXPORT_INFO, {
+            "run": str(run.resolve()), "family": family.name, "weights": loaded,
+            "pipeline": type(pipeline).__name__, "scheduler": type(pipeline.scheduler).__name__,
+            "reproduce": REPRODUCE.get(family.name, ""), "genkit_version": __version__})
+    return out
+
+
+# ------------------------------------------------------------------------------- import
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def _choice(config: dict[str, Any], key: str, table: dict[str, str], where: str) -> str:
+    """The genkit name of a diffusers value (table: genkit -> diffusers)."""
+    inverse = {v: k for k, v in table.items()}
+    if config[key] not in inverse:
+        raise ConfigError(f"{where}: {key}={config[key]!r} is not supported; supported: {', '.join(inverse)}")
+    return inverse[config[key]]
+
+
+def _check_keys(config: dict[str, Any], cls: type, where: str, mapped: set[str],
+                fixed: dict[str, tuple], unused: set[str]) -> dict[str, Any]:
+    """Complete `config` with `cls`'s defaults and refuse what genkit cannot honour, key by key.
+
+    mapped: keys translated into the genkit config; fixed: key -> the values genkit reproduces;
+    unused: keys without effect under the fixed values. Other keys must keep the class default.
+    """
+    defaults = _defaults(cls)
+    full = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    for key, value in full.items():
+        if key in mapped or key in unused:
+            continue
+        if key in fixed:
+            if value not in fixed[key]:
+                allowed = " or ".join(repr(v) for v in fixed[key])
+                raise ConfigError(f"{where}: {key}={value!r} is not supported (genkit reproduces {allowed})")
+        elif key not in defaults or value != defaults[key]:
+            raise ConfigError(f"{where}: unknown scheduler key {key}={value!r}")
+    return full
+
+
+DDPM_FIXED = {"trained_betas": (None,), "thresholding": (False,), "rescale_betas_zero_snr": (False,),
+              "clip_sample_range": (1.0,), "steps_offset": (0,), "set_alpha_to_one": (True,),
+              "variance_type": ("fixed_small", "fixed_small_log")}
+DDPM_MAPPED = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+               "clip_sample", "timestep_spacing"}
+DDPM_UNUSED = {"dynamic_thresholding_ratio", "sample_max_value"}  # read only when thresholding
+
+
+def _ddpm_config(config: dict[str, Any], cls: type, where: str, unet: UNetConfig) -> DDPMConfig:
+    """DDPMConfig from a DDPMScheduler / DDIMScheduler config."""
+    c = _check_keys(config, cls, where, DDPM_MAPPED, DDPM_FIXED, DDPM_UNUSED)
+    return DDPMConfig(
+        schedule=_choice(c, "beta_schedule", BETA_SCHEDULES, where), timesteps=int(c["num_train_timesteps"]),
+        beta_start=float(c["beta_start"]), beta_end=float(c["beta_end"]),
+        prediction=_choice(c, "prediction_type", PREDICTIONS, where), clip_sample=bool(c["clip_sample"]),
+        spacing=_choice(c, "timestep_spacing", SPACINGS, where), unet=unet)
+
+
+FLOW_FIXED = {"num_train_timesteps": (FLOW_MATCH_TIMESTEPS,), "use_dynamic_shifting": (False,),
+              "invert_sigmas": (False,), "shift_terminal": (None,), "use_karras_sigmas": (False,),
+              "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "stochastic_sampling": (False,)}
+FLOW_UNUSED = {"base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type"}
+
+
+def _flow_config(config: dict[str, Any], cls: type, where: str, unet: UNetConfig) -> RectifiedFlowConfig:
+    """RectifiedFlowConfig from a FlowMatchEulerDiscreteScheduler config."""
+    c = _check_keys(config, cls, where, {"shift"}, FLOW_FIXED, FLOW_UNUSED)
+    return RectifiedFlowConfig(shift=float(c["shift"]), unet=unet)
+
+
+# diffusers scheduler class -> (class, genkit family config builder)
+IMPORTERS: dict[str, tuple[type, Callable[..., Any]]] = {
+    "DDPMScheduler": (DDPMScheduler, _ddpm_config),
+    "DDIMScheduler": (DDIMScheduler, _ddpm_config),
+    "FlowMatchEulerDiscreteScheduler": (FlowMatchEulerDiscreteScheduler, _flow_config),
+}
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """Whether `path` looks like a diffusers pipeline folder (model_index.json or unet/ + scheduler/)."""
+    path = Path(path)
+    return (path / "model_index.json").is_file() or (
+        (path / "unet" / "config.json").is_file() and (path / SCHEDULER_CONFIG).is_file())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunError(f"'{path}' not found: a diffusers folder needs unet/config.json and {SCHEDULER_CONFIG}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"'{path}': not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RunError(f"'{path}': expected a JSON object")
+    return data
+
+
+def _unet_shape(config: dict[str, Any], where: Path) -> tuple[int, int, int]:
+    size = config.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ConfigError(f"{where}: sample_size={size!r} is not supported (genkit images are square)")
+        size = size[0]
+    if not isinstance(size, int):
+        raise ConfigError(f"{where}: sample_size={size!r}: an integer image size is needed")
+    channels = config.get("in_channels", 3)
+    if config.get("out_channels", 3) != channels:
+        raise ConfigError(f"{where}: out_channels={config.get('out_channels')!r} differs from in_channels="
+                          f"{channels!r} (learned-variance UNets are not supported)")
+    return channels, size, size
+
+
+def diffusers_recipe(folder: str | Path) -> tuple[Recipe, tuple[int, int, int]]:
+    """The genkit recipe (family from the scheduler, UNet architecture verbatim) and image shape of a folder."""
+    folder = Path(folder)
+    unet_config = _read_json(folder / "unet" / "config.json")
+    scheduler = _read_json(folder / SCHEDULER_CONFIG)
+    where = folder / SCHEDULER_CONFIG
+    name = scheduler.get("_class_name")
+    if name not in IMPORTERS:
+        raise ConfigError(f"{where}: _class_name={name!r} is not supported; supported: {', '.join(IMPORTERS)}")
+    if unet_config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ConfigError(f"{folder / 'unet' / 'config.json'}: _class_name={unet_config['_class_name']!r} "
+                          f"is not supported; supported: UNet2DModel")
+    shape = _unet_shape(unet_config, folder / "unet" / "config.json")
+    cls, build = IMPORTERS[name]
+    unet = UNetConfig(diffusers={k: v for k, v in unet_config.items() if not k.startswith("_")})
+    model = build(scheduler, cls, str(where), unet)
+    raw = {"name": folder.resolve().name, "description": f"imported from the diffusers folder {folder.resolve()}",
+           "model": recipe_to_dict(Recipe(name="", model=model))["model"],
+           "data": {"image_size": shape[1]}}
+    return recipe_from_dict(raw, str(folder)), shape
+
+
+def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The UNet's weights as the family's state dict ("unet." keys), from safetensors only."""
+    unet_dir = folder / "unet"
+    shards = unet_dir / f"{UNET_WEIGHTS}.index.json"
+    if not (unet_dir / UNET_WEIGHTS).is_file() and not shards.is_file():
+        pickled = sorted(p.name for p in unet_dir.glob("*.bin"))
+        hint = f" (found {pickled[0]}: genkit never loads pickled weights)" if pickled else ""
+        raise RunError(f"'{unet_dir / UNET_WEIGHTS}' not found{hint}")
+    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)  # converts old attention names
+    return {f"unet.{k}": v for k, v in unet.state_dict().items()}
+
+
+def load_diffusers(folder: str | Path, device: str | torch.device | None = None) -> Any:
+    """A genkit family (eval mode) from a diffusers folder: `genkit.load(folder)` calls this.
+
+    Args:
+        folder: a diffusers pipeline folder with unet/ and scheduler/.
+        device: where to put the networks; default CUDA when available, else CPU.
+    """
+    from genkit.api import build_loaded
+
+    folder = Path(folder)
+    recipe, shape = diffusers_recipe(folder)
+    return build_loaded(recipe, shape, 0, _unet_weights(folder), device)
+
+
+def import_diffusers(folder: str | Path, out: str | Path) -> Path:
+    """Turn a diffusers folder into a genkit run folder (config.yaml, model/); returns the run folder.
+
+    Args:
+        folder: a diffusers pipeline folder with unet/ (safetensors) and scheduler/.
+        out: the run folder to create; `genkit.load(out)` and `genkit sample out` use it.
+    """
+    folder, out = Path(folder), Path(out)
+    _check_new_folder(out, "run folder")
+    recipe, shape = diffusers_recipe(folder)
+    weights = _unet_weights(folder)
+    config = dump_recipe(recipe)
+    with atomic_dir(out) as tmp:
+        write_text(tmp / "config.yaml", config)
+        save_tensors(tmp / "model" / "weights.safetensors", weights,
+                     metadata={"genkit_config": config, "genkit_version": __version__})
+        write_json(tmp / "model" / "genkit.json", {
+            "shape": list(shape), "num_classes": 0, "family": recipe.model.family, "ema": False,
+            "imported_from": str(folder.resolve()), "genkit_version": __version__})
+    return out

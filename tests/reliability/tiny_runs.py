@@ -25,6 +25,9 @@ FAMILY_RUNS: dict[str, tuple[str, list[str]]] = {
     "ddpm": ("ddpm_digits", [*TINY_UNET, *COMMON, "data.hflip=true", "model.unet.dropout=0.1",
                              "model.timesteps=50", "sample.steps=2"]),
     "rectified_flow": ("rf_digits", [*TINY_UNET, *COMMON, "model.time_sampling=logit_normal", "sample.steps=2"]),
+    # n_critic 3 so a kill often falls inside a critic cycle; EMA of G on
+    "gan": ("wgan_gp_digits", [*COMMON, "model.generator.channels=[16]", "model.critic.channels=[16]",
+                               "model.latent_dim=8", "model.n_critic=3", "train.ema_decay=0.9"]),
 }
 ROOT = Path(__file__).resolve().parents[2]
 

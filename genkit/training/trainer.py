@@ -106,6 +106,9 @@ class Trainer:
         self.dataset = build_dataset(recipe.data, "train")
         self.shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
         self.family = build_family(recipe, self.shape, self.dataset.num_classes)
+        if hasattr(self.family, "initialize"):  # data-dependent init (ActNorm) before prepare; a resumed
+            self.family.nets.to(acc.device)     # run's checkpoint, loaded later, overwrites it
+            self.family.initialize(self._init_batch())
         if getattr(recipe.model, "init_from", None):
             init_from_run(self.family, recipe.model.init_from)
         if recipe.train.gradient_checkpointing:
@@ -130,6 +133,12 @@ class Trainer:
             self.optimizers[group] = self.acc.prepare(opt)
         self.handle = OptimHandle(self.acc, self.optimizers, self.schedulers, groups,
                                   self.recipe.train.clip_grad, self.recipe.train.seed)
+
+    def _init_batch(self) -> dict[str, torch.Tensor]:
+        """The first global batch in dataset order: the same on every process, no RNG drawn."""
+        n = min(len(self.dataset), self.recipe.data.batch_size * self.acc.num_processes)
+        items = [self.dataset[i] for i in range(n)]
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
     def _dataloader(self) -> DataLoader:
         data, world = self.recipe.data, self.acc.num_processes
@@ -185,9 +194,19 @@ class Trainer:
                 "ema_updates": self.ema.updates if self.ema else 0}
 
     def _checkpoint(self, step: int) -> None:
+        self._check_finite(step)
         state = dict(self._state(), position=step * self.recipe.train.grad_accum)
         save_checkpoint(self.ckpt_root, step, self.acc, self.raw, self.ema, self.optimizers,
                         self.schedulers, state, self.recipe.train.keep_last)
+
+    def _check_finite(self, step: int) -> None:
+        """Never checkpoint non-finite weights (a NaN between two logging steps): stop, keep the last good one."""
+        params = dict(self.raw.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for p in params.values()])
+        if not bool(finite.all()):
+            name = list(params)[int((~finite).nonzero()[0])]
+            raise GenkitError(f"parameter '{name}' is not finite at step {step}: training stopped; the last "
+                              f"good checkpoint is kept (lower the lr or enable train.clip_grad)")
 
     def _restore(self) -> int:
         path = latest_checkpoint(self.ckpt_root)

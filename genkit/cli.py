@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--batch-size", type=_positive, help="images per network batch (default: all)")
     s.add_argument("--eta", type=_finite, help="DDIM noise scale: 0 deterministic, 1 = DDPM posterior")
+    s.add_argument("--temperature", type=_finite,
+                   help="direct sampler of flows: scale of the prior's standard deviation (Glow: 0.7)")
     s.add_argument("--schedule", choices=["karras", "uniform"],
                    help="sigma grid: the family's own (default), karras (EDM rho=7) or uniform (arctan time)")
     s.add_argument("--rtol", type=_finite, help="rk45 relative tolerance (default 1e-5)")
@@ -207,7 +209,8 @@ def _sample(args: argparse.Namespace) -> None:
     from genkit.io import save_grid, save_npz
 
     family = load(args.run, device=args.device)
-    options = {k: getattr(args, k) for k in ("eta", "rtol", "atol", "truncation") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("eta", "temperature", "truncation", "rtol", "atol")
+               if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
                            guidance=args.guidance, **options)
@@ -266,8 +269,10 @@ def _eval(args: argparse.Namespace) -> None:
     print("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     if "protocol" in result:
         print(f"protocol: {json.dumps(result['protocol'])}")
-    else:
+    elif "divergence" in result:
         print(f"divergence: {result['divergence']} ({result['probes']} probes), data: {result['data']}")
+    else:
+        print(f"method: {result['method']}, data: {result['data']}")
 
 
 def _w1(args: argparse.Namespace, s: Any) -> dict[str, Any]:

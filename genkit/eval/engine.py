@@ -175,7 +175,10 @@ def write_stats(spec: str, out: str | Path, s: EvalSettings) -> dict[str, Any]:
 
 def compute_bpd(run: str | Path, data: str | None, s: EvalSettings, *, divergence: str = "auto",
                 probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5) -> dict[str, Any]:
-    """Bits/dim of held-out data under a run's model (ODE likelihood; flows: their exact log_prob)."""
+    """Bits/dim of held-out data under a run's model (ODE likelihood; flows: their exact log_prob).
+
+    Both go through `family_bits_per_dim`: one dequantization and one bits/dim formula.
+    """
     from genkit.api import load
     from genkit.eval.likelihood import family_bits_per_dim
 
@@ -183,11 +186,14 @@ def compute_bpd(run: str | Path, data: str | None, s: EvalSettings, *, divergenc
     data = data or f"recipe:{run / 'config.yaml'}:test"
     family = load(run, device=s.device)
     images = torch.cat(list(iter_images(data, s.n, s.batch_size)))
-    exact = {"auto": None, "exact": True, "hutchinson": False}[divergence]
     generator = torch.Generator().manual_seed(s.seed)
-    out = family_bits_per_dim(family, images, batch_size=s.batch_size, generator=generator,
-                              exact_divergence=exact, hutchinson_samples=probes, rtol=rtol, atol=atol)
-    return {"metric": "bpd", **out, "value": out["bits_per_dim"], "data": data, "run": str(run),
-            "method": "probability-flow ODE, instantaneous change of variables (dopri5)",
-            "rtol": rtol, "atol": atol, "dequantization": "uniform", "seed": s.seed,
-            "genkit_version": __version__}
+    if hasattr(family, "log_prob"):  # a flow: exact log-likelihood, no solver
+        out = family_bits_per_dim(family, images, batch_size=s.batch_size, generator=generator)
+        solver = {}
+    else:
+        exact = {"auto": None, "exact": True, "hutchinson": False}[divergence]
+        out = family_bits_per_dim(family, images, batch_size=s.batch_size, generator=generator,
+                                  exact_divergence=exact, hutchinson_samples=probes, rtol=rtol, atol=atol)
+        solver = {"rtol": rtol, "atol": atol}
+    return {"metric": "bpd", **out, "value": out["bits_per_dim"], "data": data, "run": str(run), **solver,
+            "dequantization": "uniform", "seed": s.seed, "genkit_version": __version__}

@@ -72,7 +72,20 @@ def dequantize(images_uint8: Tensor, generator: torch.Generator | None = None, n
                           f"[{int(images_uint8.min())}, {int(images_uint8.max())}]")
     gen_device = generator.device if generator is not None else "cpu"
     u = torch.rand(images_uint8.shape, generator=generator, device=gen_device).to(images_uint8.device)
-    return 2 * (images_uint8.to(torch.float32) + u) / 2**n_bits - 1
+    return dequantize_with(images_uint8, u, n_bits)
+
+
+def dequantize_with(levels: Tensor, u: Tensor, n_bits: int = 8) -> Tensor:
+    """x = 2 (k + u) / 2^n_bits - 1 for integer levels k and given noise u in [0, 1) (no checks:
+    for training steps, where `dequantize`'s range check would synchronise with the device)."""
+    return 2 * (levels.to(torch.float32) + u) / 2**n_bits - 1
+
+
+def reduce_bits(images_uint8: Tensor, n_bits: int) -> Tensor:
+    """8-bit levels k in [0, 256) to n_bits levels floor(k / 2^(8 - n_bits)) (Glow's n_bits_x)."""
+    if not 1 <= n_bits <= 8:
+        raise GenkitError(f"n_bits must be in 1..8, got {n_bits}")
+    return torch.div(images_uint8, 2 ** (8 - n_bits), rounding_mode="floor")
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
@@ -207,38 +220,70 @@ def family_sigma_range(family: Any) -> tuple[float, float]:
 
 def family_bits_per_dim(
     family: Any, images_uint8: Tensor, *, batch_size: int = 16, generator: torch.Generator | None = None,
-    n_bits: int = 8, sigma_min: float | None = None, sigma_max: float | None = None, **kwargs: Any,
+    n_bits: int | None = None, sigma_min: float | None = None, sigma_max: float | None = None, **kwargs: Any,
 ) -> dict[str, Any]:
-    """Bits/dim of an ODE family on integer images: dequantize, then `ode_log_likelihood`.
+    """Bits/dim of a family on integer images: dequantize, then the family's exact log p(x).
 
-    The sigma range defaults to the family's (DDPM: the ends of its sigma table); `kwargs` go to
-    `ode_log_likelihood` (exact_divergence, hutchinson_samples, rtol, atol, max_batch). The field is
-    the one the samplers follow: DDPM with `clip_sample` clamps x0_hat there as well.
+    Flows (families with `log_prob`): the exact change of variables. `images_uint8` are 8-bit;
+    a flow trained on n_bits < 8 levels (Glow's n_bits_x, the family's `n_bits`) sees them
+    reduced to its levels and is scored in bits per n_bits-bit dimension, as Glow reports.
+    ODE families: `ode_log_likelihood` over the family's sigma range (DDPM: the ends of its sigma
+    table), images in [0, 2^n_bits) (default 8 bits); `kwargs` go to `ode_log_likelihood`
+    (exact_divergence, hutchinson_samples, rtol, atol, max_batch). The field is the one the
+    samplers follow: DDPM with `clip_sample` clamps x0_hat there as well.
     """
     if images_uint8.dim() != 4 or tuple(images_uint8.shape[1:]) != tuple(family.sample_shape):
         raise GenkitError(f"family_bits_per_dim: images must be (N, *{tuple(family.sample_shape)}), "
                           f"got {tuple(images_uint8.shape)}")
     if batch_size < 1:
         raise GenkitError(f"batch_size must be >= 1, got {batch_size}")
-    lo, hi = family_sigma_range(family)
-    sigma_min = lo if sigma_min is None else sigma_min
-    sigma_max = hi if sigma_max is None else sigma_max
+    flow = hasattr(family, "log_prob")
+    if flow:
+        if kwargs or sigma_min is not None or sigma_max is not None:
+            bad = next(iter(kwargs), "sigma_min" if sigma_min is not None else "sigma_max")
+            raise GenkitError(f"family_bits_per_dim: '{bad}' is an ODE option; flow '{family.name}' is exact")
+        if n_bits not in (None, family.n_bits):
+            raise GenkitError(f"family_bits_per_dim: n_bits={n_bits}, but the flow models {family.n_bits}-bit data")
+        n_bits = family.n_bits
+        images_uint8 = reduce_bits(images_uint8, n_bits)
+    n_bits = 8 if n_bits is None else n_bits
     x = dequantize(images_uint8, generator, n_bits)
-    dims = x[0].numel()
     was_training = family.nets.training
     family.nets.eval()
     try:
-        chunks, infos = [], []
-        for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size].to(family.device)
-            log_p, info = ode_log_likelihood(family.denoise, batch, sigma_min, sigma_max, generator=generator,
-                                             **kwargs)
-            chunks.append(log_p.detach().cpu().double())
-            infos.append(info)
+        if flow:
+            log_p, info = _flow_log_probs(family, x, batch_size), {"method": "exact change of variables (flow)"}
+        else:
+            log_p, info = _ode_log_probs(family, x, batch_size, generator, sigma_min, sigma_max, kwargs)
     finally:
         family.nets.train(was_training)
-    bpd = bits_per_dim(-torch.cat(chunks), dims, n_bits)
+    bpd = bits_per_dim(-log_p, x[0].numel(), n_bits)
     return {"bits_per_dim": float(bpd.mean()), "bits_per_dim_std": float(bpd.std()) if len(bpd) > 1 else 0.0,
-            "nats_per_dim": float(bpd.mean()) * math.log(2), "n": len(bpd), "dims": dims,
-            "divergence": infos[0]["divergence"], "probes": infos[0]["probes"],
-            "nfe": sum(info["nfe"] for info in infos), "sigma_min": sigma_min, "sigma_max": sigma_max}
+            "nats_per_dim": float(bpd.mean()) * math.log(2), "n": len(bpd), "dims": x[0].numel(),
+            "n_bits": n_bits, **info}
+
+
+@torch.no_grad()
+def _flow_log_probs(family: Any, x: Tensor, batch_size: int) -> Tensor:
+    """log p(x) of a flow's exact change of variables, in float64 on the CPU."""
+    chunks = [family.log_prob(x[i:i + batch_size].to(family.device)).detach().cpu().double()
+              for i in range(0, len(x), batch_size)]
+    return torch.cat(chunks)
+
+
+def _ode_log_probs(family: Any, x: Tensor, batch_size: int, generator: torch.Generator | None,
+                   sigma_min: float | None, sigma_max: float | None, kwargs: dict) -> tuple[Tensor, dict]:
+    """log p(x) along the probability-flow ODE over the family's sigma range, with the solver's info."""
+    lo, hi = family_sigma_range(family)
+    sigma_min = lo if sigma_min is None else sigma_min
+    sigma_max = hi if sigma_max is None else sigma_max
+    chunks, infos = [], []
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size].to(family.device)
+        log_p, info = ode_log_likelihood(family.denoise, batch, sigma_min, sigma_max, generator=generator, **kwargs)
+        chunks.append(log_p.detach().cpu().double())
+        infos.append(info)
+    return torch.cat(chunks), {"method": "probability-flow ODE, instantaneous change of variables (dopri5)",
+                               "divergence": infos[0]["divergence"], "probes": infos[0]["probes"],
+                               "nfe": sum(info["nfe"] for info in infos),
+                               "sigma_min": sigma_min, "sigma_max": sigma_max}

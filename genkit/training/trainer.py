@@ -111,6 +111,9 @@ class Trainer:
         self.dataset = build_dataset(recipe.data, "train")
         self.shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
         self.family = build_family(recipe, self.shape, self.dataset.num_classes)
+        if hasattr(self.family, "initialize"):  # data-dependent init (ActNorm) before prepare; a resumed
+            self.family.nets.to(acc.device)     # run's checkpoint, loaded later, overwrites it
+            self.family.initialize(self._init_batch())
         if getattr(recipe.model, "init_from", None):
             init_from_run(self.family, recipe.model.init_from)
         if recipe.train.gradient_checkpointing:
@@ -138,6 +141,12 @@ class Trainer:
         self.handle = OptimHandle(self.acc, self.optimizers, self.schedulers, groups,
                                   self.recipe.train.clip_grad, self.recipe.train.seed,
                                   skip_nonfinite=self.recipe.train.on_nan == "skip")
+
+    def _init_batch(self) -> dict[str, torch.Tensor]:
+        """The first global batch in dataset order: the same on every process, no RNG drawn."""
+        n = min(len(self.dataset), self.recipe.data.batch_size * self.acc.num_processes)
+        items = [self.dataset[i] for i in range(n)]
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
     def _dataloader(self) -> DataLoader:
         data, world = self.recipe.data, self.acc.num_processes
@@ -203,6 +212,7 @@ class Trainer:
         with its state in memory, to retry at the next checkpoint; a final save raises.
         """
         self.log.flush(step, self.lr(), self._skipped())  # never checkpoint past a non-finite loss
+        self._check_finite(step)                          # ... or non-finite weights
         state = dict(self._state(), position=step * self.recipe.train.grad_accum)
         try:
             save_checkpoint(self.ckpt_root, step, self.acc, self.raw, self.ema, self.optimizers,
@@ -220,6 +230,15 @@ class Trainer:
         self.log.close()
         raise Interrupted(f"{signal_name} at step {step}: checkpoint '{self.ckpt_root / f'step-{step}'}' "
                           f"written; continue with `genkit train ... --out {self.run_dir} --resume`")
+
+    def _check_finite(self, step: int) -> None:
+        """Never checkpoint non-finite weights (a NaN between two logging steps): stop, keep the last good one."""
+        params = dict(self.raw.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for p in params.values()])
+        if not bool(finite.all()):
+            name = list(params)[int((~finite).nonzero()[0])]
+            raise GenkitError(f"parameter '{name}' is not finite at step {step}: training stopped; the last "
+                              f"good checkpoint is kept (lower the lr or enable train.clip_grad)")
 
     def _restore(self) -> int:
         """Load the newest checkpoint that verifies; a damaged one is skipped with a warning."""

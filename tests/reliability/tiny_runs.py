@@ -28,6 +28,9 @@ FAMILY_RUNS: dict[str, tuple[str, list[str]]] = {
     # n_critic 3 so a kill often falls inside a critic cycle; EMA of G on
     "gan": ("wgan_gp_digits", [*COMMON, "model.generator.channels=[16]", "model.critic.channels=[16]",
                                "model.latent_dim=8", "model.n_critic=3", "train.ema_decay=0.9"]),
+    # flows: data-dependent ActNorm init happens at setup; a resume must not redo it
+    "nice": ("nice_digits", [*COMMON, "model.hidden=16", "model.hidden_layers=1"]),
+    "glow": ("glow_digits", [*COMMON, "model.levels=2", "model.steps=2", "model.hidden=8"]),
 }
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -72,6 +72,9 @@ class Trainer:
         """Train for `train.steps` steps (from the latest checkpoint when resuming)."""
         cfg = self.recipe.train
         self.acc = make_accelerator(self.recipe, self.run_dir)
+        if self.acc.distributed_type.name == "FSDP":
+            raise ConfigError("FSDP is not supported: genkit checkpoints the unwrapped networks, which FSDP "
+                              "shards; launch with DDP (configs/accelerate/multi_gpu.yaml)")
         self._setup()
         start = self._restore() if self.resume else 0
         self._write_config()

@@ -64,6 +64,19 @@ class TrainLogger:
             self.first_bad[k] = torch.where(~finite & (self.first_bad[k] < 0), torch.full_like(v, step),
                                             self.first_bad[k])
 
+    def check(self) -> None:
+        """With stop_on_nan: raise if any process saw a non-finite value since the last record."""
+        names = sorted(self.first_bad)
+        if not names or not self.stop_on_nan:
+            return
+        bad = torch.stack([self.first_bad[k] for k in names])
+        bad = self.acc.gather(torch.where(bad < 0, torch.full_like(bad, float("inf")), bad))  # (world * K,)
+        for k, at in zip(names, bad.reshape(-1, len(names)).min(0).values.tolist()):
+            if math.isfinite(at):
+                raise GenkitError(f"loss term '{k}' is not finite (nan/inf) at step {int(at) + 1}: training "
+                                  "stopped; the last good checkpoint is kept (lower the lr, enable "
+                                  "train.clip_grad, or set train.on_nan=skip)")
+
     def step(self, step: int, lr: float, extra: dict[str, float] | None = None) -> None:
         """Advance the bar; on logging steps reduce, check finiteness, and write."""
         self.bar.update(1)
@@ -75,17 +88,10 @@ class TrainLogger:
         names = sorted(self.sums)
         if not names:
             return
+        self.check()
         stats = torch.stack([torch.stack([self.sums[k], self.counts[k]]) for k in names])  # (K, 2)
         stats = self.acc.reduce(stats, reduction="sum").tolist()
-        bad = torch.stack([self.first_bad[k] for k in names])
-        bad = self.acc.gather(torch.where(bad < 0, torch.full_like(bad, float("inf")), bad))  # (world * K,)
-        first_bad = bad.reshape(-1, len(names)).min(0).values.tolist()
         record = {k: (s / c if c else float("nan")) for k, (s, c) in zip(names, stats)}
-        for k, at in zip(names, first_bad):
-            if math.isfinite(at) and self.stop_on_nan:
-                raise GenkitError(f"loss term '{k}' is not finite (nan/inf) at step {int(at) + 1}: training "
-                                  "stopped; the last good checkpoint is kept (lower the lr, enable "
-                                  "train.clip_grad, or set train.on_nan=skip)")
         now = time.perf_counter()  # throughput over this logging interval
         record["images_per_s"] = (step - self.step0) * self.images_per_step / max(now - self.t0, 1e-9)
         self.t0, self.step0 = now, step

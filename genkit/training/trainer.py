@@ -214,7 +214,7 @@ class Trainer:
         A mid-run save that fails (disk full, folder gone) is reported and training goes on
         with its state in memory, to retry at the next checkpoint; a final save raises.
         """
-        self.log.flush(step, self.lr(), self._skipped())  # never checkpoint past a non-finite loss
+        self.log.check()          # never checkpoint past a non-finite loss
         self._check_finite(step)                          # ... or non-finite weights
         state = dict(self._state(), position=step * self.recipe.train.grad_accum)
         try:

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="sigma grid: the family's own (default), karras (EDM rho=7) or uniform (arctan time)")
     s.add_argument("--rtol", type=float, help="rk45 relative tolerance (default 1e-5)")
     s.add_argument("--atol", type=float, help="rk45 absolute tolerance (default 1e-5)")
+    s.add_argument("--temperature", type=float, help="autoregressive: logits divided by this (default 1)")
+    s.add_argument("--top-k", dest="top_k", type=_positive, help="autoregressive: sample among the k most likely tokens")
+    s.add_argument("--top-p", dest="top_p", type=float, help="autoregressive: nucleus sampling, token set of mass >= p")
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
     s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -150,7 +153,8 @@ def _sample(args: argparse.Namespace) -> None:
     from genkit.io import save_grid, save_npz
 
     family = load(args.run, device=args.device)
-    options = {k: getattr(args, k) for k in ("eta", "rtol", "atol") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("eta", "rtol", "atol", "temperature", "top_k", "top_p")
+               if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, **options)
     print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")

@@ -80,7 +80,7 @@ SPEC_HELP = ("a folder of images, an .npz of images (key `images`), a statistics
 
 
 def _eval_parser(sub: Any) -> None:
-    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, stats, curve, bpd, straightness",
+    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, stats, curve, bpd, straightness, recon",
                        description="Evaluation metrics with the protocol recorded in the output.")
     metrics = e.add_subparsers(dest="metric", required=True, metavar="METRIC")
     helps = {"fid": "Frechet distance between the feature Gaussians of --real and --fake",
@@ -89,7 +89,8 @@ def _eval_parser(sub: Any) -> None:
              "stats": "save reference statistics of SPEC to --out",
              "curve": "FD vs NFE of a run's samplers (table, CSV and PNG plot)",
              "bpd": "bits/dim of held-out data under a run's model (exact likelihood)",
-             "straightness": "the rectified-flow paper's straightness S(Z) of a run's Euler paths"}
+             "straightness": "the rectified-flow paper's straightness S(Z) of a run's Euler paths",
+             "recon": "reconstruction PSNR, LPIPS, rFD and codebook usage of a tokenizer run (vqgan)"}
     for name, text in helps.items():
         m = metrics.add_parser(name, help=text, description=text + ". A SPEC is " + SPEC_HELP + ".")
         if name == "stats":
@@ -103,6 +104,12 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--probes", type=_positive, default=1, help="Hutchinson probes per image (default 1)")
             m.add_argument("--rtol", type=float, default=1e-5, help="ODE solver relative tolerance")
             m.add_argument("--atol", type=float, default=1e-5, help="ODE solver absolute tolerance")
+            m.add_argument("--json", action="store_true", help="print only the JSON result")
+            m.add_argument("--out", type=Path, help="also write the JSON result to this file")
+        elif name == "recon":
+            m.add_argument("run", type=Path, help="tokenizer run folder")
+            m.add_argument("--data", metavar="SPEC", help="images (default: the run recipe's held-out split)")
+            m.add_argument("--lpips-weights", help="LPIPS VGG16 backbone file or folder (else $GENKIT_WEIGHTS_DIR, caches)")
             m.add_argument("--json", action="store_true", help="print only the JSON result")
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
         elif name == "straightness":
@@ -125,15 +132,16 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--json", action="store_true", help="print only the JSON result")
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
         if name not in ("bpd", "straightness"):
-            m.add_argument("--features", default="inception",
-                           help="feature extractor: inception (default), clip, dinov2, digits")
+            m.add_argument("--features", default=None if name == "recon" else "inception",
+                           help="feature extractor: inception (default; recon: digits for digits runs), "
+                                "clip, dinov2, digits")
             m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
             m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
         m.add_argument("--n", type=_positive, help="images per side (default: all; required for run "
                                                     "folders; straightness: paths, default 256)")
         if name != "straightness":
             m.add_argument("--batch-size", type=_positive, help="images per batch (default 100; bpd 16)")
-        if name not in ("curve", "bpd", "straightness"):
+        if name not in ("curve", "bpd", "straightness", "recon"):
             m.add_argument("--sampler", help="sampler for run folders (default: the family's)")
             m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
         m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
@@ -196,6 +204,10 @@ def _eval(args: argparse.Namespace) -> None:
     elif args.metric == "bpd":
         result = engine.compute_bpd(args.run, args.data, s, divergence=args.divergence, probes=args.probes,
                                     rtol=args.rtol, atol=args.atol)
+    elif args.metric == "recon":
+        from genkit.eval.recon import compute_recon
+
+        result = compute_recon(args.run, args.data, s, lpips_weights=args.lpips_weights)
     elif args.metric == "is":
         result = engine.compute_is(args.fake, s)
     else:
@@ -208,6 +220,8 @@ def _eval(args: argparse.Namespace) -> None:
         return
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    if args.metric == "recon" and result["lpips"] is None:
+        print(f"lpips skipped: {result['lpips_skipped']}")
     if "protocol" in result:
         print(f"protocol: {json.dumps(result['protocol'])}")
     else:

@@ -316,3 +316,36 @@ def test_psnr_of_uint8_images():
     y[1, 0, 0, 0] = 16  # MSE 16 / 16 = 16
     torch.testing.assert_close(psnr_uint8(x, y), torch.tensor([10 * math.log10(255 ** 2 / 100),
                                                               10 * math.log10(255 ** 2 / 16)], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- recipes and the photos source
+
+
+@pytest.mark.parametrize("name", ["vqgan_digits", "ar_prior_digits", "vqgan_photos", "ar_prior_photos",
+                                  "vqgan_cifar", "ar_prior_cifar"])
+def test_shipped_two_stage_recipes_load(name):
+    from genkit.config import load_recipe
+
+    recipe = load_recipe(name)
+    from genkit.families.vqgan import check_config
+
+    assert recipe.model.family == ("vqgan" if name.startswith("vqgan") else "ar_prior")
+    if recipe.model.family == "vqgan":
+        check_config(recipe.model, recipe.data.image_size)  # f, levels, PatchGAN depth fit the image size
+
+
+def test_photos_source_is_fixed_patches_with_a_held_out_photograph():
+    from types import SimpleNamespace
+
+    from genkit.data import build_dataset
+    from genkit.data.photos import patches
+
+    cfg = SimpleNamespace(source="photos", image_size=32, channels=None)
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    assert train.channels == 3 and train.image_size == 32 and train.num_classes == 0
+    assert len(test) == 187 and len(train) > 1000  # coffee: 200x300 after /2 -> 11 x 17 patches at stride 16
+    again = build_dataset(cfg, "test")
+    assert torch.equal(test.images, again.images)
+    img = torch.arange(2 * 6 * 8, dtype=torch.float32).view(1, 2, 6, 8)
+    p = patches(img, 4)  # stride 2: 2 x 3 patches
+    assert p.shape == (6, 2, 4, 4) and torch.equal(p[4], img[0, :, 2:6, 2:6])

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "samplers": ("benchmarks.bench_samplers", "FD vs NFE of the shared samplers on the digits default"),
     "reflow": ("benchmarks.bench_reflow", "Rectified flow, reflow and 1-step distillation on digits: FD vs Euler steps"),
     "flows": ("benchmarks.bench_flows", "NICE and Glow on digits: held-out bits/dim; Glow step time vs normflows"),
+    "ar": ("benchmarks.bench_ar", "AR prior sampling at 256 tokens: tokens/s with vs without the KV cache"),
 }
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive, help="images per network batch (default: all)")
     s.add_argument("--eta", type=_finite, help="DDIM noise scale: 0 deterministic, 1 = DDPM posterior")
     s.add_argument("--temperature", type=_finite,
-                   help="direct sampler of flows: scale of the prior's standard deviation (Glow: 0.7)")
+                   help="direct sampler of flows: scale of the prior's std (Glow: 0.7); autoregressive: logits / T")
     s.add_argument("--schedule", choices=["karras", "uniform"],
                    help="sigma grid: the family's own (default), karras (EDM rho=7) or uniform (arctan time)")
     s.add_argument("--rtol", type=_finite, help="rk45 relative tolerance (default 1e-5)")
@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="class label(s) of a class-conditional run, e.g. 7 or 0,1,2 (default: all classes in turn)")
     s.add_argument("--guidance", type=_finite,
                    help="classifier-free guidance scale: 1 conditional (default), 0 unconditional, >1 guided")
+    s.add_argument("--top-k", dest="top_k", type=_positive, help="autoregressive: sample among the k most likely tokens")
+    s.add_argument("--top-p", dest="top_p", type=_finite, help="autoregressive: nucleus sampling, token set of mass >= p")
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
     s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -122,7 +124,7 @@ SPEC_HELP = ("a folder of images, an .npz of images (key `images`), a statistics
 
 
 def _eval_parser(sub: Any) -> None:
-    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, w1, stats, curve, bpd, straightness",
+    e = sub.add_parser("eval", help="evaluate: fid, kid, is, prdc, w1, stats, curve, bpd, straightness, recon",
                        description="Evaluation metrics with the protocol recorded in the output.")
     metrics = e.add_subparsers(dest="metric", required=True, metavar="METRIC")
     helps = {"fid": "Frechet distance between the feature Gaussians of --real and --fake",
@@ -133,7 +135,8 @@ def _eval_parser(sub: Any) -> None:
              "stats": "save reference statistics of SPEC to --out",
              "curve": "FD vs NFE of a run's samplers (table, CSV and PNG plot)",
              "bpd": "bits/dim of held-out data under a run's model (exact likelihood)",
-             "straightness": "the rectified-flow paper's straightness S(Z) of a run's Euler paths"}
+             "straightness": "the rectified-flow paper's straightness S(Z) of a run's Euler paths",
+             "recon": "reconstruction PSNR, LPIPS, rFD and codebook usage of a tokenizer run (vqgan)"}
     for name, text in helps.items():
         m = metrics.add_parser(name, help=text, description=text + ". A SPEC is " + SPEC_HELP + ".")
         if name == "stats":
@@ -147,6 +150,12 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--probes", type=_positive, default=1, help="Hutchinson probes per image (default 1)")
             m.add_argument("--rtol", type=_finite, default=1e-5, help="ODE solver relative tolerance")
             m.add_argument("--atol", type=_finite, default=1e-5, help="ODE solver absolute tolerance")
+            m.add_argument("--json", action="store_true", help="print only the JSON result")
+            m.add_argument("--out", type=Path, help="also write the JSON result to this file")
+        elif name == "recon":
+            m.add_argument("run", type=Path, help="tokenizer run folder")
+            m.add_argument("--data", metavar="SPEC", help="images (default: the run recipe's held-out split)")
+            m.add_argument("--lpips-weights", help="LPIPS VGG16 backbone file or folder (else $GENKIT_WEIGHTS_DIR, caches)")
             m.add_argument("--json", action="store_true", help="print only the JSON result")
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
         elif name == "straightness":
@@ -171,16 +180,16 @@ def _eval_parser(sub: Any) -> None:
         if name == "w1":
             _w1_arguments(m)
         if name not in ("bpd", "straightness"):
-            m.add_argument("--features", default="inception",
-                           help="feature extractor: inception (default), clip, dinov2, digits"
-                                + (", or pixels (flattened images in [-1, 1])" if name == "w1" else ""))
+            m.add_argument("--features", default=None if name == "recon" else "inception",
+                           help="feature extractor: inception (default; recon: digits for digits runs), clip, "
+                                "dinov2, digits" + (", or pixels (flattened images in [-1, 1])" if name == "w1" else ""))
             m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
             m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
         m.add_argument("--n", type=_positive, help="images per side (default: all; required for run "
                                                     "folders; straightness: paths, default 256)")
         if name != "straightness":
             m.add_argument("--batch-size", type=_positive, help="images per batch (default 100; bpd 16)")
-        if name not in ("curve", "bpd", "straightness"):
+        if name not in ("curve", "bpd", "straightness", "recon"):
             m.add_argument("--sampler", help="sampler for run folders (default: the family's)")
             m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
         m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
@@ -209,7 +218,7 @@ def _sample(args: argparse.Namespace) -> None:
     from genkit.io import save_grid, save_npz
 
     family = load(args.run, device=args.device)
-    options = {k: getattr(args, k) for k in ("eta", "temperature", "truncation", "rtol", "atol")
+    options = {k: getattr(args, k) for k in ("eta", "temperature", "truncation", "top_k", "top_p", "rtol", "atol")
                if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
@@ -253,6 +262,10 @@ def _eval(args: argparse.Namespace) -> None:
     elif args.metric == "bpd":
         result = engine.compute_bpd(args.run, args.data, s, divergence=args.divergence, probes=args.probes,
                                     rtol=args.rtol, atol=args.atol)
+    elif args.metric == "recon":
+        from genkit.eval.recon import compute_recon
+
+        result = compute_recon(args.run, args.data, s, lpips_weights=args.lpips_weights)
     elif args.metric == "is":
         result = engine.compute_is(args.fake, s)
     elif args.metric == "w1":
@@ -267,6 +280,8 @@ def _eval(args: argparse.Namespace) -> None:
         return
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    if args.metric == "recon" and result["lpips"] is None:
+        print(f"lpips skipped: {result['lpips_skipped']}")
     if "protocol" in result:
         print(f"protocol: {json.dumps(result['protocol'])}")
     elif "divergence" in result:

@@ -82,8 +82,10 @@ class SampleConfig:
     n: int = 64
     seed: int = 0
     eta: float = 0.0  # DDIM eta
-    temperature: float | None = None  # `direct` sampling of flows: prior scaled by this (Glow's 0.7)
+    temperature: float | None = None  # `direct` flows: prior scaled by this (Glow's 0.7); `autoregressive`: logits / this
     truncation: float | None = None   # `direct` sampling of GANs: latents resampled beyond |z| > this
+    top_k: int | None = None          # `autoregressive`: sample among the k most likely tokens
+    top_p: float | None = None        # `autoregressive`: nucleus sampling, smallest token set of mass >= p
     guidance: float = 1.0             # classifier-free guidance scale of conditional families (1: none)
 
 

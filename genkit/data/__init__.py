@@ -19,6 +19,7 @@ from genkit.data.base import (SPLITS, ImageDataset, InMemoryImageDataset, datase
 from genkit.data.digits import build_digits
 from genkit.data.folder import FolderDataset, build_folder
 from genkit.data.pairs import PairsDataset, build_pairs
+from genkit.data.photos import build_photos
 from genkit.data.torchvision_data import build_cifar10, build_mnist
 from genkit.errors import DataError
 
@@ -28,6 +29,7 @@ SOURCES: dict[str, Callable[[Any, str], ImageDataset]] = {
     "cifar10": build_cifar10,
     "mnist": build_mnist,
     "pairs": build_pairs,
+    "photos": build_photos,
 }
 
 

@@ -1,10 +1,12 @@
 """The family registry: a plain dict from `model.family` to (class, config dataclass)."""
 
+from genkit.families.ar_prior import ArPrior, ArPriorConfig
 from genkit.families.ddpm import DDPM, DDPMConfig
 from genkit.families.gan import GAN, GANConfig
 from genkit.families.glow import Glow, GlowConfig
 from genkit.families.nice import NICE, NICEConfig
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+from genkit.families.vqgan import VQGAN, VQGANConfig
 
 FAMILIES = {
     "ddpm": (DDPM, DDPMConfig),
@@ -12,4 +14,6 @@ FAMILIES = {
     "rectified_flow": (RectifiedFlow, RectifiedFlowConfig),
     "nice": (NICE, NICEConfig),
     "glow": (Glow, GlowConfig),
+    "vqgan": (VQGAN, VQGANConfig),
+    "ar_prior": (ArPrior, ArPriorConfig),
 }

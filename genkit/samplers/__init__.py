@@ -53,6 +53,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
     # one network pass per batch (GAN generator, flow inverse): family.direct(n, *, generator,
     # batch_size, **options) with the family's own options (truncation, temperature)
     "direct": SamplerSpec(None, "direct"),
+    # token by token with a KV cache (AR prior): family.autoregressive(n, *, generator, batch_size,
+    # temperature, top_k, top_p) -> (images, forward passes)
+    "autoregressive": SamplerSpec(None, "autoregressive"),
 }
 
 
@@ -93,7 +96,7 @@ def resolve_sampler(family: Any, name: str | None) -> tuple[str, SamplerSpec]:
     return name, SAMPLERS[name]
 
 
-RECIPE_OPTIONS = ("eta", "temperature", "truncation")  # sampler options a recipe's `sample` section sets  # sampler options a recipe's `sample` section sets
+RECIPE_OPTIONS = ("eta", "temperature", "truncation", "top_k", "top_p")  # sampler options a recipe's `sample` section sets
 
 
 def sampler_function(family: Any, spec: SamplerSpec) -> Callable[..., Tensor]:

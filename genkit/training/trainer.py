@@ -279,9 +279,13 @@ class Trainer:
         path = None
         if self.acc.is_main_process:
             with self._eval_weights():
-                generator = torch.Generator().manual_seed(s.seed)
-                images = self.family.generate(s.n, generator=generator, sampler=s.sampler, steps=s.steps,
-                                              **sampler_options(self.family, s))
+                if hasattr(self.family, "reconstruct"):  # tokenizers: the first n training images, reconstructed
+                    x = torch.stack([self.dataset[i]["image"] for i in range(min(s.n, len(self.dataset)))])
+                    images = torch.cat([x, self.family.reconstruct(x).cpu()])
+                else:
+                    generator = torch.Generator().manual_seed(s.seed)
+                    images = self.family.generate(s.n, generator=generator, sampler=s.sampler, steps=s.steps,
+                                                  **sampler_options(self.family, s))
             path = save_grid(images, self.run_dir / "samples" / f"step-{step}.png")
         self.acc.wait_for_everyone()
         return path

@@ -1,0 +1,351 @@
+"""VQGAN tokenizer: the quantizer's straight-through estimator, losses, EMA codebook and dead-code
+restart against hand computations; the adaptive GAN weight; two parameter groups; offline LPIPS;
+a short run lowers the reconstruction error; `genkit eval recon`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import genkit
+from genkit.cli import main
+from genkit.errors import ConfigError, GenkitError, SamplerError
+from genkit.families.vqgan import VQGAN, VQGANConfig, QuantizerConfig, adaptive_weight, hinge_d_loss
+from genkit.nn.vq import VectorQuantizer, code_stats
+
+TINY_VQGAN = [  # digits at 8 px, f = 2: 4x4 codes of K = 16
+    "data.image_size=8", "data.batch_size=32", "model.f=2", "model.channels=[8,16]", "model.norm_groups=4",
+    "model.quantizer.num_codes=16", "model.quantizer.dim=8", "model.disc_channels=8", "model.disc_layers=1",
+    "model.disc_start=10", "train.log_every=5", "train.sample_every=0", "train.checkpoint_every=1000",
+    "sample.n=8",
+]
+
+
+def tiny_vqgan(**q) -> VQGAN:
+    cfg = VQGANConfig(f=2, channels=[8, 16], norm_groups=4, disc_channels=8, disc_layers=1,
+                      quantizer=QuantizerConfig(num_codes=16, dim=8, **q))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return VQGAN(cfg, shape=(1, 8, 8))
+
+
+def quantizer(codes: list[list[float]], **kw) -> VectorQuantizer:
+    vq = VectorQuantizer(len(codes), len(codes[0]), **kw)
+    with torch.no_grad():
+        vq.embedding.copy_(torch.tensor(codes))
+        if kw.get("ema"):
+            vq.embed_sum.copy_(torch.tensor(codes))
+    return vq
+
+
+def as_map(rows: torch.Tensor) -> torch.Tensor:
+    """(N, d) vectors -> (1, d, 1, N) map, so that flat() gives the rows back in order."""
+    return rows.t().unsqueeze(0).unsqueeze(2).contiguous()
+
+
+# ---------------------------------------------------------------- quantizer
+
+
+def test_straight_through_gradient_is_the_gradient_at_the_quantized_point():
+    vq = quantizer([[0.0, 0.0], [1.0, 1.0], [-2.0, 1.0]])
+    z = as_map(torch.tensor([[0.1, -0.2], [0.8, 1.3], [-1.5, 0.7], [0.9, 0.6]])).requires_grad_(True)
+    z_st, k, _ = vq(z)
+    assert k.flatten().tolist() == [0, 1, 2, 1]
+    torch.testing.assert_close(z_st, as_map(vq.embedding[k.flatten()].detach()))  # the value is z_q
+    (z_st ** 3).sum().backward()                                                 # f(z) = sum z^3
+    torch.testing.assert_close(z.grad, 3 * z_st.detach() ** 2)                    # f'(z_q), passed to z_e
+    assert z.grad.abs().sum() > 0
+
+
+def test_commitment_and_codebook_losses_and_where_their_gradients_go():
+    vq = quantizer([[0.0, 0.0], [1.0, 1.0]], beta=0.3)
+    rows = torch.tensor([[0.2, -0.1], [0.7, 1.4], [1.2, 0.9]])
+    z = as_map(rows).requires_grad_(True)
+    _, k, out = vq(z)
+    z_q = vq.embedding.detach()[k.flatten()]
+    mse = ((rows - z_q) ** 2).mean()
+    torch.testing.assert_close(out["commitment"], mse)
+    torch.testing.assert_close(out["codebook"], mse)
+    torch.testing.assert_close(out["loss"], mse + 0.3 * mse)
+    out["loss"].backward()
+    # d/dz of beta ||z - sg[e]||^2 only; d/de of ||sg[z] - e||^2 only
+    torch.testing.assert_close(z.grad, as_map(0.3 * 2 * (rows - z_q) / rows.numel()))
+    expected_e = torch.zeros(2, 2)
+    expected_e.index_add_(0, k.flatten(), 2 * (z_q - rows) / rows.numel())
+    torch.testing.assert_close(vq.embedding.grad, expected_e)
+
+
+def test_ema_update_matches_a_hand_computation():
+    gamma, eps = 0.5, 1e-5
+    vq = quantizer([[0.0, 0.0], [4.0, 4.0], [9.0, -9.0]], ema=True, decay=gamma, eps=eps)
+    with torch.no_grad():
+        vq.cluster_size.copy_(torch.tensor([2.0, 1.0, 1.0]))
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 3.0], [3.0, 3.0], [4.0, 6.0]])
+    z = as_map(rows)
+    _, k, out = vq(z)
+    assert k.flatten().tolist() == [0, 0, 1, 1, 1] and out["codebook"] == 0
+    vq.update(z, k)
+    n = torch.tensor([2.0, 3.0, 0.0])
+    N = gamma * torch.tensor([2.0, 1.0, 1.0]) + (1 - gamma) * n
+    s = torch.tensor([[1.0, 1.0], [12.0, 12.0], [0.0, 0.0]])
+    m = gamma * torch.tensor([[0.0, 0.0], [4.0, 4.0], [9.0, -9.0]]) + (1 - gamma) * s
+    smoothed = (N + eps) / (N.sum() + 3 * eps) * N.sum()
+    torch.testing.assert_close(vq.cluster_size, N)
+    torch.testing.assert_close(vq.embedding, m / smoothed[:, None])
+
+
+def test_ema_with_no_memory_moves_codes_to_their_cluster_means():
+    vq = quantizer([[0.0, 0.0], [5.0, 5.0]], ema=True, decay=0.0, eps=1e-9)
+    rows = torch.randn(200, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor([[0.0], [5.0]]).repeat(100, 1)
+    z = as_map(rows)
+    _, k, _ = vq(z)
+    vq.update(z, k)
+    for i in range(2):
+        torch.testing.assert_close(vq.embedding[i], rows[k.flatten() == i].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_dead_code_restart_revives_unused_codes():
+    vq = quantizer([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0]], restart_threshold=0.5, usage_decay=0.5)
+    rows = torch.tensor([[0.1, 0.0], [0.9, 1.1], [0.2, 0.1], [1.0, 0.8]])
+    z = as_map(rows)
+    draws = []
+
+    def draw(high, n):
+        draws.append((high, n))
+        return torch.arange(n) % high
+
+    restarted = []
+    for _ in range(2):  # code 2 is never chosen: its usage 1/3 halves each update, below 0.5/3 at the 2nd
+        _, k, _ = vq(z)
+        assert 2 not in k.flatten().tolist()
+        restarted.append(vq.update(z, k, draw))
+    assert restarted == [0, 1]
+    assert draws == [(4, 3)]  # one fixed-size draw (K indices), taken only when a code was dead
+    torch.testing.assert_close(vq.embedding[2], rows[2])  # draw index for code 2 is 2 % 4
+    _, k, _ = vq(z)
+    assert 2 in k.flatten().tolist()  # the revived code is used again
+    live = VectorQuantizer(3, 2, restart_threshold=0.0)
+    assert live.update(z, torch.zeros(1, 1, 4, dtype=torch.long), draw) == 0  # restart off: nothing moves
+
+
+def test_cosine_codes_quantize_to_unit_vectors_by_angle():
+    vq = quantizer([[1.0, 0.0], [0.0, 3.0]], cosine=True)
+    z = as_map(torch.tensor([[10.0, 1.0], [0.1, 0.2], [-1.0, 5.0]]))
+    z_st, k, _ = vq(z)
+    assert k.flatten().tolist() == [0, 1, 1]  # by angle, not by distance to the raw codes
+    torch.testing.assert_close(z_st[0, :, 0].t().norm(dim=1), torch.ones(3))
+
+
+def test_code_stats_perplexity_and_usage():
+    s = code_stats(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 8)
+    assert s["perplexity"].item() == pytest.approx(4.0) and s["usage"].item() == 0.5
+    s = code_stats(torch.zeros(10, dtype=torch.long), 8)
+    assert s["perplexity"].item() == pytest.approx(1.0) and s["usage"].item() == 1 / 8
+
+
+# ---------------------------------------------------------------- adaptive weight, two groups
+
+
+def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms():
+    torch.manual_seed(0)
+    last = nn.Linear(4, 3)
+    h = torch.randn(5, 4)
+    out = last(h)
+    rec = (out - 1).abs().mean()
+    gan = -(out * torch.randn(5, 3)).mean()
+    lam = adaptive_weight(rec, gan, last.weight, max_value=1e4, delta=1e-4)
+    g_rec = torch.autograd.grad(rec, last.weight, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan, last.weight, retain_graph=True)[0]
+    assert lam.item() == pytest.approx((g_rec.norm() / (g_gan.norm() + 1e-4)).item(), rel=1e-6)
+    assert not lam.requires_grad
+    assert adaptive_weight((out * 0).sum() + rec, 1e-12 * gan, last.weight, max_value=7.0).item() == 7.0
+
+
+def test_hinge_discriminator_loss():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0])
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))
+
+
+class RecordingHandle:
+    """A stand-in for the trainer's handle: records which groups stepped and backprops nothing."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.groups = []
+
+    def step(self, group, loss):
+        assert loss.requires_grad
+        self.groups.append(group)
+        return True
+
+    def randint(self, high, *shape):
+        return torch.randint(high, shape, generator=torch.Generator().manual_seed(0))
+
+
+def test_two_groups_and_the_delayed_discriminator():
+    family = tiny_vqgan()
+    groups = family.param_groups()
+    assert set(groups) == {"ae", "disc"}
+    ae, disc = set(map(id, groups["ae"])), set(map(id, groups["disc"]))
+    assert not ae & disc and len(ae) + len(disc) == sum(1 for _ in family.nets.parameters())
+    batch = {"image": torch.rand(4, 1, 8, 8) * 2 - 1}
+    h = RecordingHandle()
+    logs = family.train_step(batch, 9, h)  # disc_start = 0 in the default config: GAN on
+    assert h.groups == ["ae", "disc"] and "adaptive_weight" in logs
+    family.cfg.disc_start = 10
+    h = RecordingHandle()
+    logs = family.train_step(batch, 9, h)
+    assert h.groups == ["ae"] and "d_loss" not in logs and {"perplexity", "usage"} <= set(logs)
+
+
+def test_ema_codebook_is_not_a_trained_parameter():
+    family = tiny_vqgan(ema=True)
+    vq = family.nets["autoencoder"].quantizer
+    assert all(p is not vq.embedding for p in family.param_groups()["ae"])
+    assert "autoencoder.quantizer.embedding" in family.nets.state_dict()  # saved with the weights
+
+
+def test_config_checks_name_the_key():
+    with pytest.raises(ConfigError, match="model.f: must be a power of two, got 3"):
+        VQGAN(VQGANConfig(f=3), shape=(1, 16, 16))
+    with pytest.raises(ConfigError, match="model.channels has 3 levels"):
+        VQGAN(VQGANConfig(f=8), shape=(1, 16, 16))
+    with pytest.raises(ConfigError, match="data.image_size=12"):
+        VQGAN(VQGANConfig(f=8, channels=[8, 8, 8, 8], norm_groups=4), shape=(1, 12, 12))
+    with pytest.raises(ConfigError, match="model.disc_layers=2"):
+        VQGAN(VQGANConfig(f=2, channels=[8, 8], norm_groups=4, disc_layers=2), shape=(1, 8, 8))
+
+
+def test_tokenizer_round_trip_shapes_and_refused_sampling():
+    family = tiny_vqgan()
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    k = family.encode(x)
+    assert k.shape == (3, 4, 4) and k.dtype == torch.long and int(k.max()) < 16
+    torch.testing.assert_close(family.decode(k), family.reconstruct(x))
+    with pytest.raises(SamplerError, match="ar_prior"):
+        genkit.sample(family, 2)
+
+
+# ---------------------------------------------------------------- LPIPS offline
+
+
+def test_lpips_without_backbone_weights_names_the_file(tmp_path, monkeypatch):
+    from genkit.nn.perceptual import LPIPS
+
+    monkeypatch.setenv("GENKIT_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(GenkitError, match=r"vgg16-397923af\.pth.*GENKIT_WEIGHTS_DIR"):
+        LPIPS("vgg")
+    with pytest.raises(GenkitError, match=r"alexnet-owt-7be5be79\.pth"):
+        LPIPS("alex")
+
+
+def test_lpips_backbone_loads_torchvision_features_and_checks_the_hash(tmp_path):
+    import torchvision
+
+    from genkit.nn.perceptual import LPIPS, load_backbone
+
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
+    lp = LPIPS("alex", random_backbone=True)
+    assert "random" in lp.backbone
+    load_backbone(lp.model.net, state, "test")
+    torch.testing.assert_close(lp.model.net.slice1._modules["0"].weight, state["features.0.weight"])
+    torch.testing.assert_close(lp.model.net.slice5._modules["10"].weight, state["features.10.weight"])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert lp(x, x).abs().max() < 1e-6 and (lp(x, x.flip(-1)) > 0).all()
+    path = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(state, path)  # right name, wrong content: refused before loading
+    with pytest.raises(GenkitError, match="wrong or corrupted"):
+        LPIPS("alex", weights=str(path))
+    with pytest.raises(GenkitError, match="at least 32 px"):
+        lp(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16))
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vq") / "run"
+    genkit.train("vqgan_digits", overrides=[*TINY_VQGAN, "train.steps=40", "optim.ae.lr=2e-3"], out=out)
+    return out
+
+
+def _l1(family, x):
+    return float((family.reconstruct(x) - x).abs().mean())
+
+
+def test_short_run_lowers_reconstruction_error(vq_run):
+    from genkit.data import build_dataset
+
+    family = genkit.load(vq_run)
+    x = torch.stack([build_dataset(family.recipe.data, "test")[i]["image"] for i in range(64)])
+    assert _l1(family, x) < 0.6 * _l1(tiny_vqgan(ema=True), x)
+    logs = [json.loads(line) for line in (vq_run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logs if "l1" in r]
+    assert logged[-1]["l1"] < logged[0]["l1"]
+    assert "d_loss" in logged[-1] and "d_loss" not in logged[0]  # disc_start = 10
+    assert all(0 < r["usage"] <= 1 and 1 <= r["perplexity"] <= 16 for r in logged)
+    assert (vq_run / "samples" / "step-40.png").exists()  # reconstructions grid
+
+
+def test_eval_recon_cli(vq_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GENKIT_WEIGHTS_DIR", str(tmp_path))
+    out = tmp_path / "recon.json"
+    assert main(["eval", "recon", str(vq_run), "--n", "100", "--out", str(out), "--json"]) == 0
+    r = json.loads(out.read_text())
+    assert r["n"] == 100 and r["data"].endswith("config.yaml:test")
+    assert 10 < r["psnr"] < 60 and r["rfd_digits"] >= 0 and 0 < r["codebook_usage"] <= 1
+    assert r["lpips"] is None and "16 px" in r["lpips_skipped"]  # 8 px images
+    assert 1 <= r["codebook_perplexity"] <= 16 and r["protocol"]["features"] == "digits"
+
+
+def test_psnr_of_uint8_images():
+    from genkit.eval.recon import psnr_uint8
+
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    y = x.clone()
+    y[0] += 10  # MSE 100 -> 10 log10(255^2 / 100)
+    y[1, 0, 0, 0] = 16  # MSE 16 / 16 = 16
+    torch.testing.assert_close(psnr_uint8(x, y), torch.tensor([10 * math.log10(255 ** 2 / 100),
+                                                              10 * math.log10(255 ** 2 / 16)], dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- recipes and the photos source
+
+
+@pytest.mark.parametrize("name", ["vqgan_digits", "ar_prior_digits", "vqgan_photos", "ar_prior_photos",
+                                  "vqgan_cifar", "ar_prior_cifar"])
+def test_shipped_two_stage_recipes_load(name):
+    from genkit.config import load_recipe
+
+    recipe = load_recipe(name)
+    from genkit.families.vqgan import check_config
+
+    assert recipe.model.family == ("vqgan" if name.startswith("vqgan") else "ar_prior")
+    if recipe.model.family == "vqgan":
+        check_config(recipe.model, recipe.data.image_size)  # f, levels, PatchGAN depth fit the image size
+
+
+def test_photos_source_is_fixed_patches_with_a_held_out_photograph():
+    from types import SimpleNamespace
+
+    from genkit.data import build_dataset
+    from genkit.data.photos import patches
+
+    cfg = SimpleNamespace(source="photos", image_size=32, channels=None)
+    train, test = build_dataset(cfg, "train"), build_dataset(cfg, "test")
+    assert train.channels == 3 and train.image_size == 32 and train.num_classes == 0
+    assert len(test) == 187 and len(train) > 1000  # coffee: 200x300 after /2 -> 11 x 17 patches at stride 16
+    again = build_dataset(cfg, "test")
+    assert torch.equal(test.images, again.images)
+    img = torch.arange(2 * 6 * 8, dtype=torch.float32).view(1, 2, 6, 8)
+    p = patches(img, 4)  # stride 2: 2 x 3 patches
+    assert p.shape == (6, 2, 4, 4) and torch.equal(p[4], img[0, :, 2:6, 2:6])

@@ -31,17 +31,38 @@ FAMILY_RUNS: dict[str, tuple[str, list[str]]] = {
     # flows: data-dependent ActNorm init happens at setup; a resume must not redo it
     "nice": ("nice_digits", [*COMMON, "model.hidden=16", "model.hidden_layers=1"]),
     "glow": ("glow_digits", [*COMMON, "model.levels=2", "model.steps=2", "model.hidden=8"]),
+    # the discriminator starts at step 4, so kills land before and after it; the EMA codebook is a buffer
+    "vqgan": ("vqgan_digits", [*COMMON, "model.f=2", "model.channels=[8,16]", "model.norm_groups=4",
+                               "model.quantizer.num_codes=16", "model.quantizer.dim=8", "model.disc_channels=8",
+                               "model.disc_layers=1", "model.disc_start=4"]),
+    "ar_prior": ("ar_prior_digits", [*COMMON, "model.tokenizer={tokenizer}", "model.gpt.layers=1",
+                                     "model.gpt.dim=16", "model.gpt.heads=2"]),
 }
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def overrides(family: str, steps: int, checkpoint_every: int = 2, *extra: str) -> tuple[str, list[str]]:
+def overrides(family: str, steps: int, checkpoint_every: int = 2, *extra: str,
+              tokenizer: Path | None = None) -> tuple[str, list[str]]:
+    """(recipe, overrides) of the family's tiny run; `tokenizer` fills in a prior's tokenizer run."""
     recipe, base = FAMILY_RUNS[family]
+    base = [a.replace("{tokenizer}", str(tokenizer)) for a in base]
     return recipe, [*base, f"train.steps={steps}", f"train.checkpoint_every={checkpoint_every}", *extra]
 
 
-def train_command(family: str, out: Path, steps: int, *extra: str, resume: bool = False) -> list[str]:
-    recipe, args = overrides(family, steps, 2, *extra)
+def tiny_tokenizer(out: Path) -> Path:
+    """A tiny VQGAN run (the tokenizer an ar_prior run needs)."""
+    import genkit
+    from genkit.config import load_recipe
+
+    if not (out / "model").exists():
+        recipe, args = overrides("vqgan", 4)
+        genkit.train(load_recipe(recipe, args), out=out)
+    return out
+
+
+def train_command(family: str, out: Path, steps: int, *extra: str, resume: bool = False,
+                  tokenizer: Path | None = None) -> list[str]:
+    recipe, args = overrides(family, steps, 2, *extra, tokenizer=tokenizer)
     return [sys.executable, "-m", "genkit", "train", recipe, *args, "--out", str(out),
             *(["--resume"] if resume else [])]
 

@@ -172,7 +172,8 @@ class VQGAN:
         gan_on = step >= self.cfg.disc_start
         loss = rec + vq["loss"]
         if gan_on:
-            g_loss = -disc(x_rec).float().mean()
+            g_loss = -_unwrap(disc)(x_rec).float().mean()  # unwrapped: under DDP the "ae" backward must not
+                                                            # leave the disc's gradient reducer waiting
             last = _unwrap(ae).decoder.conv_out.weight
             lam = adaptive_weight(rec, g_loss, last, self.cfg.adaptive_max)
             loss = loss + self.cfg.disc_weight * lam * g_loss

@@ -49,7 +49,7 @@ def sk_digits():
 
 
 def test_sources_registry():
-    assert set(SOURCES) == {"digits", "folder", "cifar10", "mnist", "pairs"}
+    assert set(SOURCES) == {"digits", "folder", "cifar10", "mnist", "pairs", "photos"}
 
 
 @pytest.mark.parametrize("size", [16, 32])

@@ -63,7 +63,8 @@ def undocumented(module) -> list[str]:
                 fn = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
                 if attr.startswith("_") or not inspect.isfunction(fn):
                     continue
-                if not (fn.__doc__ or "").strip():
+                # an override of a documented base method (nn.Module.forward, ...) inherits its doc
+                if not (inspect.getdoc(getattr(obj, attr)) or "").strip():
                     missing.append(f"{module.__name__}.{name}.{attr}")
     return missing
 

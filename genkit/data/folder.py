@@ -6,7 +6,8 @@ is decoded lazily in `__getitem__`: EXIF orientation applied, 16-bit grey scaled
 converted to grey (`data.channels=1`) or RGB (3, the default), its shorter side resized to
 `data.image_size` (bicubic, antialiased) and centre-cropped square. Items are unlabelled.
 
-A folder has no held-out split: asking for split "test" is refused.
+A folder has no held-out split: asking for split "test" is refused. A folder with a
+`metadata.jsonl` (file_name, text[, label]) is a captioned dataset: see `genkit.data.captions`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def build_folder(cfg: Any, split: str = "train") -> FolderDataset:
     if channels not in MODES:
         raise DataError(f"data.channels: folder images can be read with 1 or 3 channels, got {channels!r}")
     root = check_root(getattr(cfg, "root", None))
+    if (root / "metadata.jsonl").is_file():  # captioned folder (Hugging Face image-folder convention)
+        from genkit.data.captions import CaptionedFolderDataset
+
+        return CaptionedFolderDataset(root, channels=channels, image_size=cfg.image_size)
     files = find_images(root)
     if not files:
         raise DataError(f"data.root: no images found under '{root}' "

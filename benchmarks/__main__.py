@@ -18,6 +18,7 @@ BENCHMARKS = {
     "eval": ("benchmarks.bench_eval", "FID pipeline throughput: genkit vs torchmetrics, same network"),
     "samplers": ("benchmarks.bench_samplers", "FD vs NFE of the shared samplers on the digits default"),
     "reflow": ("benchmarks.bench_reflow", "Rectified flow, reflow and 1-step distillation on digits: FD vs Euler steps"),
+    "ldm": ("benchmarks.bench_ldm", "Latent diffusion on captioned digits: prompt accuracy and FD vs guidance; latent vs pixel step cost"),
 }
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

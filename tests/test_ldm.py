@@ -193,8 +193,50 @@ def test_lora_trains_only_the_adapters_and_keeps_the_base_weights(ldm_run, tmp_p
                                   tuned.denoise(z, torch.full((2,), 1.0), **cond))
 
 
-def test_local_diffusers_autoencoder_and_local_open_clip_text_tower(tmp_path):
+def local_clip(folder):
+    """A small random open_clip CLIP saved as a local-dir folder (the layout of a downloaded model)."""
     import open_clip
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(**cfg).eval()
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    save_file(clip.state_dict(), str(folder / "open_clip_model.safetensors"))
+    return clip, folder
+
+
+def test_clip_score_from_local_weights_and_a_clear_error_without(tmp_path):
+    import torch.nn.functional as F
+
+    from genkit.errors import GenkitError
+    from genkit.eval.clip_score import clip_score
+
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    prompts = ["a handwritten digit seven", "the number 3", "a cat", ""]
+    with pytest.raises(GenkitError, match="local weights"):
+        clip_score(images, prompts, weights=None)
+    clip, folder = local_clip(tmp_path / "clip")
+    result = clip_score(images, prompts, weights=f"local-dir:{folder}")
+    from genkit.eval.features import build_clip
+
+    extractor = build_clip(None, f"local-dir:{folder}")
+    with torch.no_grad():
+        img = F.normalize(extractor(genkit.data.to_uint8(images).expand(-1, 3, -1, -1)), dim=-1)
+        txt = F.normalize(clip.encode_text(open_clip_tokens(prompts)), dim=-1)
+    expected = float((100 * (img * txt).sum(-1).clamp_min(0)).mean())
+    assert result["clip_score"] == pytest.approx(expected, rel=1e-5) and result["n"] == 4
+    assert 0 <= result["clip_score"] <= 100
+
+
+def open_clip_tokens(prompts):
+    import open_clip
+
+    return open_clip.tokenize(prompts, context_length=12)
+
+
+def test_local_diffusers_autoencoder_and_local_open_clip_text_tower(tmp_path):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8,), norm_num_groups=8, latent_channels=2)
@@ -203,13 +245,7 @@ def test_local_diffusers_autoencoder_and_local_open_clip_text_tower(tmp_path):
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(stage.encode(x), vae.encode(x).latent_dist.mean)
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    clip = open_clip.CLIP(**cfg)
-    folder = tmp_path / "clip"
-    folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    save_file(clip.state_dict(), str(folder / "open_clip_model.safetensors"))
+    clip, folder = local_clip(tmp_path / "clip")
     encoder = TextEncoder(TextConfig(encoder=f"local-dir:{folder}"))
     tokens = encoder(["a handwritten digit seven", ""])
     assert tokens.shape == (2, 12, 32) and not any(p.requires_grad for p in encoder.parameters())

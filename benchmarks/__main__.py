@@ -20,6 +20,7 @@ BENCHMARKS = {
     "reflow": ("benchmarks.bench_reflow", "Rectified flow, reflow and 1-step distillation on digits: FD vs Euler steps"),
     "flows": ("benchmarks.bench_flows", "NICE and Glow on digits: held-out bits/dim; Glow step time vs normflows"),
     "ar": ("benchmarks.bench_ar", "AR prior sampling at 256 tokens: tokens/s with vs without the KV cache"),
+    "ldm": ("benchmarks.bench_ldm", "Latent diffusion on captioned digits: prompt accuracy and FD vs guidance; latent vs pixel step cost"),
 }
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

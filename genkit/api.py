@@ -104,10 +104,10 @@ def build_loaded(recipe: Recipe, shape: tuple[int, int, int], num_classes: int, 
 def sample_with_info(family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
                      seed: int = 0, batch_size: int | None = None, schedule: str | None = None,
                      labels: Sequence[int] | torch.Tensor | None = None, guidance: float | None = None,
-                     **options: Any) -> SampleOutput:
+                     prompts: Sequence[str] | str | None = None, **options: Any) -> SampleOutput:
     """Like `sample`, but also returns the sampler's NFE and the resolved sampler/steps."""
     generator = torch.Generator().manual_seed(seed)
-    condition = None if labels is None else {"labels": labels}
+    condition = {k: v for k, v in (("labels", labels), ("prompts", prompts)) if v is not None} or None
     return _sample(family, n, sampler=sampler, steps=steps, generator=generator, batch_size=batch_size,
                    schedule=schedule, condition=condition, guidance=guidance, **options)
 
@@ -115,7 +115,7 @@ def sample_with_info(family: Any, n: int, *, sampler: str | None = None, steps: 
 def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
            seed: int = 0, batch_size: int | None = None, schedule: str | None = None,
            labels: Sequence[int] | torch.Tensor | None = None, guidance: float | None = None,
-           **options: Any) -> torch.Tensor:
+           prompts: Sequence[str] | str | None = None, **options: Any) -> torch.Tensor:
     """Generate n images in [-1, 1], shape (n, C, H, W), with a shared sampler.
 
     Args:
@@ -130,10 +130,13 @@ def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None
             class-balanced (0, 1, ..., C-1, 0, ...).
         guidance: classifier-free guidance scale w: 1 conditional (default), 0 unconditional,
             > 1 guided (two network evaluations per step on a doubled batch).
+        prompts: text prompts of a text-conditioned run (latent diffusion): one for all n, or
+            several used in turn; default the run's `model.sample_prompts`.
         **options: sampler options, e.g. ``eta=0.5`` for DDIM, ``rtol``/``atol`` for rk45.
     """
     return sample_with_info(family, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
-                            schedule=schedule, labels=labels, guidance=guidance, **options).images
+                            schedule=schedule, labels=labels, guidance=guidance, prompts=prompts,
+                            **options).images
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--truncation", type=_finite, help="direct (GAN): redraw latent entries with |z| > this")
     s.add_argument("--class", dest="labels", type=_labels,
                    help="class label(s) of a class-conditional run, e.g. 7 or 0,1,2 (default: all classes in turn)")
+    s.add_argument("--prompt", help="text prompt of a text-conditioned run (latent diffusion), for all images")
+    s.add_argument("--prompts", type=Path, metavar="FILE",
+                   help="text file of prompts, one per line, used in turn over the --n images")
     s.add_argument("--guidance", type=_finite,
                    help="classifier-free guidance scale: 1 conditional (default), 0 unconditional, >1 guided")
     s.add_argument("--top-k", dest="top_k", type=_positive, help="autoregressive: sample among the k most likely tokens")
@@ -222,13 +225,31 @@ def _sample(args: argparse.Namespace) -> None:
                if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
-                           guidance=args.guidance, **options)
+                           guidance=args.guidance, prompts=_prompts(args), **options)
     print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")
     print(f"grid: {save_grid(out.images, args.out)}")
     if args.save_npz:
         path = save_npz(args.save_npz, out.images, sampler=out.sampler, steps=out.steps or 0,
                         nfe=out.nfe, seed=args.seed, schedule=args.schedule or "family")
         print(f"npz: {path}")
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """--prompt TEXT or --prompts FILE (one prompt per non-empty line)."""
+    if args.prompt is not None and args.prompts is not None:
+        raise GenkitError("give --prompt or --prompts, not both")
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.prompts is None:
+        return None
+    try:
+        lines = [line.strip() for line in args.prompts.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenkitError(f"--prompts: cannot read '{args.prompts}': {e}") from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise GenkitError(f"--prompts: '{args.prompts}' holds no prompts (one per line)")
+    return prompts
 
 
 def _recipes(args: argparse.Namespace) -> None:

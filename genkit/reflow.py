@@ -121,6 +121,8 @@ def init_from_run(family: Any, run: str | Path) -> None:
     if not run.is_dir():
         raise RunError(f"model.init_from: run folder '{run}' does not exist")
     weights, _ = _run_weights(run)
+    if hasattr(family, "init_from_weights"):  # the family maps the keys (LDM: under LoRA adapters)
+        return family.init_from_weights(weights, run)
     own = family.nets.state_dict()
     missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or extra:

@@ -1,7 +1,8 @@
 """The dataset contract shared by every source, the one in-memory dataset, and converters.
 
 Every dataset yields `{"image": float32 (C, H, W) in [-1, 1], "label": int64 scalar}`
-(label -1 when unlabelled) and carries `name`, `channels`, `image_size`, `num_classes`.
+(label -1 when unlabelled), plus a "caption" string for captioned sources (digits,
+folders with metadata.jsonl: `genkit.data.captions`), and carries `name`, `channels`, `image_size`, `num_classes`.
 Datasets draw no random numbers: building and indexing them consumes no RNG. `data.hflip`
 is applied by the trainer per batch (genkit/training/trainer.py, `Trainer._hflip`) from its
 own per-step seeded stream, so prefetching loaders cannot break exact resume.
@@ -91,7 +92,7 @@ class InMemoryImageDataset(ImageDataset):
     """All images in one tensor: float32 in [-1, 1], or uint8 converted per item."""
 
     def __init__(self, images: Tensor, labels: Tensor | None, name: str, *, split: str = "train",
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, captions: list[str] | None = None) -> None:
         _check_images(images, name)
         self.images = images  # (N, C, S, S)
         self.labels = _check_labels(labels, len(images), name)  # (N,) int64
@@ -100,9 +101,16 @@ class InMemoryImageDataset(ImageDataset):
         self.channels = int(images.shape[1])
         self.image_size = int(images.shape[-1])
         self.num_classes = _num_classes(self.labels) if num_classes is None else num_classes
+        if captions is not None and len(captions) != len(images):
+            raise DataError(f"dataset '{name}': {len(captions)} captions for {len(images)} images")
+        self.captions = captions  # items gain a "caption" string when given
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        return item if self.captions is None else dict(item, caption=self.captions[index])
 
     def _load(self, index: int) -> tuple[Tensor, Tensor]:
         image = self.images[index]

@@ -3,7 +3,8 @@
 `sklearn.datasets.load_digits()` ships 1797 grey 8x8 images with values 0..16 and labels
 0..9 (the UCI optdigits test set). Images are scaled to [0, 1] by /16, resized to
 `data.image_size` with antialiased bilinear interpolation (skipped at the native 8 px),
-clamped to [0, 1] and mapped to [-1, 1].
+clamped to [0, 1] and mapped to [-1, 1]. Items carry templated captions of their label
+("a handwritten digit 7", "a handwritten digit seven", ...: `genkit.data.captions`).
 
 Fixed held-out split, in sklearn's order:
     train = images 0..1499 (1500 images)
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from sklearn.datasets import load_digits
 
+from genkit.data.captions import digit_captions
 from genkit.data.base import InMemoryImageDataset, check_channels, check_request, resize_unit
 
 N_TRAIN = 1500  # images [0, N_TRAIN) train, [N_TRAIN, 1797) test
@@ -40,4 +42,5 @@ def build_digits(cfg: Any, split: str = "train") -> InMemoryImageDataset:
     x = x.reshape(-1, CHANNELS, NATIVE_SIZE, NATIVE_SIZE)  # (N, 1, 8, 8)
     x = resize_unit(x, cfg.image_size) * 2 - 1
     labels = torch.as_tensor(bunch.target[part], dtype=torch.int64)
-    return InMemoryImageDataset(x, labels, "digits", split=split, num_classes=NUM_CLASSES)
+    return InMemoryImageDataset(x, labels, "digits", split=split, num_classes=NUM_CLASSES,
+                                captions=digit_captions(labels))

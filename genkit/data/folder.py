@@ -13,7 +13,8 @@ it. With `data.on_error: skip` every file is checked once when the dataset is bu
 ones are left out (so the dataset's length, and exact resume, stay fixed) and counted in a
 warning naming the first.
 
-A folder has no held-out split: asking for split "test" is refused.
+A folder has no held-out split: asking for split "test" is refused. A folder with a
+`metadata.jsonl` (file_name, text[, label]) is a captioned dataset: see `genkit.data.captions`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ def build_folder(cfg: Any, split: str = "train") -> FolderDataset:
     if channels not in MODES:
         raise DataError(f"data.channels: folder images can be read with 1 or 3 channels, got {channels!r}")
     root = check_root(getattr(cfg, "root", None))
+    if (root / "metadata.jsonl").is_file():  # captioned folder (Hugging Face image-folder convention)
+        from genkit.data.captions import CaptionedFolderDataset
+
+        return CaptionedFolderDataset(root, channels=channels, image_size=cfg.image_size)
     files = find_images(root)
     if not files:
         raise DataError(f"data.root: no images found under '{root}' "

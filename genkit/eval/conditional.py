@@ -36,3 +36,19 @@ def conditional_accuracy(family: Any, n: int = 500, *, guidance: float | None = 
                  condition={"labels": labels}, guidance=guidance, **sampler_kwargs)
     return {"accuracy": digits_accuracy(out.images, labels), "n": n, "guidance": guidance,
             "sampler": out.sampler, "steps": out.steps, "nfe": out.nfe}
+
+
+def prompt_accuracy(family: Any, n: int = 500, *, guidance: float | None = None, seed: int = 0,
+                    batch_size: int = 250, **sampler_kwargs: Any) -> dict[str, Any]:
+    """Text control on digits: samples prompted "a handwritten digit <d>" for d = 0..9 in turn, and the
+    fraction the digits classifier reads as the digit the prompt asked for (chance: 0.1)."""
+    from genkit.data.captions import digit_prompt
+
+    if not hasattr(family, "embed"):
+        raise GenkitError(f"family '{family.name}' takes no text prompts (model.family: ldm does)")
+    labels = torch.arange(n) % 10
+    out = sample(family, n, generator=torch.Generator().manual_seed(seed), batch_size=batch_size,
+                 condition={"prompts": [digit_prompt(int(d)) for d in labels]}, guidance=guidance,
+                 **sampler_kwargs)
+    return {"accuracy": digits_accuracy(out.images, labels), "n": n, "guidance": guidance,
+            "sampler": out.sampler, "steps": out.steps, "nfe": out.nfe}

@@ -1,14 +1,17 @@
 """The family registry: a plain dict from `model.family` to (class, config dataclass)."""
 
 from genkit.families.ar_prior import ArPrior, ArPriorConfig
+from genkit.families.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from genkit.families.ddpm import DDPM, DDPMConfig
 from genkit.families.gan import GAN, GANConfig
 from genkit.families.glow import Glow, GlowConfig
+from genkit.families.ldm import LDM, LDMConfig
 from genkit.families.nice import NICE, NICEConfig
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from genkit.families.vqgan import VQGAN, VQGANConfig
 
 FAMILIES = {
+    "autoencoder_kl": (AutoencoderKL, AutoencoderKLConfig),
     "ddpm": (DDPM, DDPMConfig),
     "gan": (GAN, GANConfig),
     "rectified_flow": (RectifiedFlow, RectifiedFlowConfig),
@@ -16,4 +19,5 @@ FAMILIES = {
     "glow": (Glow, GlowConfig),
     "vqgan": (VQGAN, VQGANConfig),
     "ar_prior": (ArPrior, ArPriorConfig),
+    "ldm": (LDM, LDMConfig),
 }

@@ -70,6 +70,12 @@ class NoiseSchedule:
         ab = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
 
+    def noised(self, x0: Tensor, t: Tensor, eps: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
+        """(x_t, regression target) of a training draw: the network sees x_t at t, learns the target."""
+        ab = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1)).float()
+        alpha, s = ab.sqrt(), (1 - ab).sqrt()
+        return alpha * x0 + s * eps, training_target(prediction, x0, eps, alpha, s)
+
     def posterior(self, x0: Tensor, xt: Tensor, t: int) -> tuple[Tensor, float]:
         """Mean and variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
         ab_t = float(self.alpha_bar[t])
@@ -110,6 +116,13 @@ class NoiseSchedule:
         return torch.cat([self.sigma_table[ts], torch.zeros(1, dtype=torch.float64)])
 
 
+def output_to_x0(prediction: str, z: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
+    """x0_hat from a network output (eps, x0 or v) at the VP-scaled state z of noise level sigma (B,)."""
+    dtype = torch.promote_types(z.dtype, torch.float32)  # float64 sampling stays float64
+    alpha, s = vp_coefficients(sigma.to(dtype).view(-1, *[1] * (z.dim() - 1)))
+    return TO_X0[prediction](z, out, alpha, s)
+
+
 class DDPM(UNetFamily):
     """DDPM family: a UNet eps/x0/v-predictor over a discrete noise schedule."""
 
@@ -123,11 +136,8 @@ class DDPM(UNetFamily):
 
     def loss(self, x0: Tensor, t: Tensor, eps: Tensor, label: Tensor | None = None) -> Tensor:
         """Simple loss: || target - net(x_t, t[, y]) ||^2 averaged over pixels and batch."""
-        ab = self.schedule.alpha_bar.to(x0.device)[t].view(-1, 1, 1, 1).float()
-        alpha, s = ab.sqrt(), (1 - ab).sqrt()
-        xt = alpha * x0 + s * eps
+        xt, target = self.schedule.noised(x0, t, eps, self.cfg.prediction)
         out = self.unet(xt, t.float(), label)
-        target = training_target(self.cfg.prediction, x0, eps, alpha, s)
         return torch.mean((out.float() - target) ** 2)
 
     def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
@@ -141,11 +151,8 @@ class DDPM(UNetFamily):
 
     def denoise(self, z: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
         """D(z; sigma[, y]) -> x0_hat through the UNet at the timestep of sigma."""
-        t = self.schedule.sigma_to_t(sigma)
-        dtype = torch.promote_types(z.dtype, torch.float32)  # float64 sampling stays float64
-        alpha, s = vp_coefficients(sigma.to(dtype).view(-1, 1, 1, 1))
-        out = self.unet(z, t, label).to(z.dtype)
-        x0 = TO_X0[self.cfg.prediction](z, out, alpha, s)
+        out = self.unet(z, self.schedule.sigma_to_t(sigma), label).to(z.dtype)
+        x0 = output_to_x0(self.cfg.prediction, z, sigma, out)
         return x0.clamp(-1, 1) if self.cfg.clip_sample else x0
 
     def sigmas(self, steps: int) -> Tensor:

@@ -21,6 +21,28 @@ from genkit.nn.unet import UNetConfig, build_unet
 from genkit.samplers import sample
 
 
+def sample_labels(n: int, labels: Tensor | list[int] | None, num_classes: int) -> Tensor:
+    """n class labels: one label or n checked ones, or by default 0, 1, ..., C-1, 0, ... in turn."""
+    if labels is None:
+        return torch.arange(n) % num_classes
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if len(labels) == 1:
+        labels = labels.expand(n)
+    if len(labels) != n:
+        raise SamplerError(f"{len(labels)} class labels for n={n} samples: give one label or n")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise SamplerError(f"class label {int(bad[0])} out of range: this run has classes 0..{num_classes - 1}")
+    return labels
+
+
+def null_dropout(label: Tensor, p: float, null_label: int, opt: Any) -> Tensor:
+    """Labels with each replaced by `null_label` with probability p (global-batch draw); -1 -> null too."""
+    label = label.long()
+    drop = opt.rand(label.shape[0]) < p
+    return torch.where(drop | (label < 0), torch.full_like(label, null_label), label)
+
+
 class UNetFamily:
     """Base of DDPM and rectified flow: `nets = {"unet": UNet2DModel}`, one group "model"."""
 
@@ -79,9 +101,7 @@ class UNetFamily:
         """
         if not self.num_classes:
             return None
-        label = batch["label"].long()
-        drop = opt.rand(label.shape[0]) < self.cfg.cond_dropout
-        return torch.where(drop | (label < 0), torch.full_like(label, self.null_label), label)
+        return null_dropout(batch["label"], self.cfg.cond_dropout, self.null_label, opt)
 
     def conditions(self, n: int, labels: Tensor | list[int] | None = None
                    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
@@ -95,17 +115,7 @@ class UNetFamily:
                 raise SamplerError(f"family '{self.name}' is unconditional (model.class_cond: false); "
                                    "it takes no class labels")
             return {}, None
-        if labels is None:
-            labels = torch.arange(n) % self.num_classes
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-        if len(labels) == 1:
-            labels = labels.expand(n)
-        if len(labels) != n:
-            raise SamplerError(f"{len(labels)} class labels for n={n} samples: give one label or n")
-        bad = labels[(labels < 0) | (labels >= self.num_classes)]
-        if len(bad):
-            raise SamplerError(f"class label {int(bad[0])} out of range: this run has classes "
-                               f"0..{self.num_classes - 1}")
+        labels = sample_labels(n, labels, self.num_classes)
         return {"label": labels}, {"label": torch.full((n,), self.null_label, dtype=torch.long)}
 
     def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,

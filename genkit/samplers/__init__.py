@@ -12,6 +12,9 @@ A sampler is a plain function ``sample_<method>(D, z, sigmas, *, generator, **op
   For DDPM this is exactly x_t (alpha = sqrt(alpha_bar_t)); it stays finite at
   sigma = inf, where z is pure noise. Initial noise is therefore plain N(0, I), as in
   diffusers, and the last step (sigma = 0) returns x0.
+* Latent families (latent diffusion) expose ``latent_shape``, the shape of the state, and
+  ``decode_latents(z)``; samplers run unchanged on latents and `sample` decodes each batch's
+  final state to images.
 
 Families reach this contract through the adapters in `genkit.samplers.adapters`
 (``from_eps``, ``from_v``, ...). Each sampler declares the capability it needs from a family
@@ -203,6 +206,11 @@ def full_range(family: Any) -> Tensor:
     return torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
 
 
+def state_shape(family: Any) -> tuple[int, ...]:
+    """Shape of one sampler state: `latent_shape` for latent families, else the image `sample_shape`."""
+    return tuple(getattr(family, "latent_shape", family.sample_shape))
+
+
 def _conditions(family: Any, n: int, condition: dict[str, Any] | None) -> tuple[dict, dict | None]:
     """(cond, uncond) keywords of the family's denoiser for n samples."""
     if hasattr(family, "conditions"):
@@ -220,12 +228,15 @@ def _sample_denoising(family, n, fn, sigmas, generator, batch_size, options, noi
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         if noise is None:
-            z = randn((b, *family.sample_shape), generator, device)
+            z = randn((b, *state_shape(family)), generator, device)
         else:
             z = noise[start:start + b].to(device)
         D = CountingDenoiser(guided(family.denoise, slice_condition(cond, start, start + b),
                                     None if uncond is None else slice_condition(uncond, start, start + b),
                                     guidance))
-        chunks.append(fn(D, z, sigmas, generator=generator, **options).float())
+        x = fn(D, z, sigmas, generator=generator, **options)
+        if hasattr(family, "decode_latents"):  # latent diffusion: the first stage decodes the final state
+            x = family.decode_latents(x)
+        chunks.append(x.float())
         nfe = D.nfe
     return torch.cat(chunks), nfe

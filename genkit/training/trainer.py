@@ -70,6 +70,9 @@ class Trainer:
 
     def fit(self) -> Path:
         """Train for `train.steps` steps (from the latest checkpoint when resuming)."""
+        family_cls = FAMILIES[self.recipe.model.family][0]
+        if hasattr(family_cls, "prepare_stages"):  # earlier stages (LDM: first stage, latent scale)
+            self.recipe = family_cls.prepare_stages(self.recipe, self.run_dir, self.resume)
         cfg = self.recipe.train
         self.acc = make_accelerator(self.recipe, self.run_dir)
         if self.acc.distributed_type.name == "FSDP":

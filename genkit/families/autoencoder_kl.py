@@ -1,0 +1,154 @@
+"""KL-regularised autoencoder: the first stage of latent diffusion (Rombach et al., CVPR 2022, sec. 3.1).
+
+An encoder E maps x to a diagonal Gaussian posterior q(z | x) = N(mu, sigma^2); the decoder D
+reconstructs x from z ~ q. The loss (the paper's appendix G, without its adversarial term):
+
+    L = | x - D(z) |_1  +  perceptual_weight * LPIPS(x, D(z))  +  kl_weight * KL(q(z | x) || N(0, I))
+
+with a small kl_weight (1e-6 in the paper) so latents stay informative; the LDM rescales them to
+unit variance (`genkit.families.first_stage.latent_scale_factor`). The network is diffusers'
+`AutoencoderKL`. LPIPS (`perceptual: lpips`) needs torchvision's VGG16 weights in the torch hub
+cache (nothing is downloaded); the default `perceptual: none` needs nothing.
+
+As a family it samples by decoding prior draws z ~ N(0, I) (`direct`); its use is as a frozen
+first stage: `encode(x)` (the posterior mean) and `decode(z)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from genkit.errors import ConfigError
+from genkit.nn.unet import check_resolution
+from genkit.samplers.adapters import randn
+
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16, the LPIPS backbone
+
+
+@dataclass
+class AutoencoderKLConfig:
+    family: str = "autoencoder_kl"
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # per level; images shrink 2^(levels-1)x
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_groups: int = 8
+    mid_attention: bool = True
+    kl_weight: float = 1e-6
+    perceptual: Literal["none", "lpips"] = "none"
+    perceptual_weight: float = 1.0
+
+
+def build_autoencoder(cfg: AutoencoderKLConfig, channels: int, image_size: int) -> nn.Module:
+    """diffusers AutoencoderKL with one DownEncoderBlock2D / UpDecoderBlock2D per level."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+
+    levels = len(cfg.channels)
+    bad = [c for c in cfg.channels if c % cfg.norm_groups]
+    if bad:
+        raise ConfigError(f"model.channels {bad} not divisible by model.norm_groups={cfg.norm_groups}")
+    check_resolution(image_size, levels, "model.channels")
+    return DiffusersAutoencoderKL(
+        in_channels=channels, out_channels=channels, block_out_channels=tuple(cfg.channels),
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_groups, sample_size=image_size, mid_block_add_attention=cfg.mid_attention)
+
+
+def build_lpips() -> nn.Module:
+    """LPIPS(VGG) from local weights only: its linear heads ship with `lpips`, VGG16 from the hub cache."""
+    import lpips
+
+    vgg = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    if not vgg.is_file():
+        raise ConfigError(f"model.perceptual=lpips needs torchvision's VGG16 weights '{VGG16_FILE}' in "
+                          f"'{vgg.parent}' (offline: copy it there), or use model.perceptual=none")
+    return lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
+
+
+class AutoencoderKL:
+    """KL autoencoder family: `nets = {"vae": AutoencoderKL}`, one group "model"."""
+
+    name = "autoencoder_kl"
+    default_sampler = "direct"
+    default_steps = None
+
+    def __init__(self, cfg: AutoencoderKLConfig, shape: tuple[int, int, int], num_classes: int = 0):
+        if cfg.kl_weight < 0 or cfg.perceptual_weight < 0:
+            raise ConfigError("model.kl_weight and model.perceptual_weight must be >= 0")
+        self.cfg = cfg
+        self.sample_shape = tuple(shape)  # (C, H, W)
+        self.nets = nn.ModuleDict({"vae": build_autoencoder(cfg, shape[0], shape[1])})
+        factor = 2 ** (len(cfg.channels) - 1)
+        self.latent_shape = (cfg.latent_channels, shape[1] // factor, shape[2] // factor)
+        self.lpips = None
+        if cfg.perceptual == "lpips":
+            if shape[1] < 16:
+                raise ConfigError(f"model.perceptual=lpips needs images of at least 16 px, got {shape[1]}")
+            self.lpips = build_lpips()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.nets.parameters()).device
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"model": list(self.nets.parameters())}
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.nets["vae"].enable_gradient_checkpointing()
+
+    def loss(self, x: Tensor, eps: Tensor) -> dict[str, Tensor]:
+        """L1 + perceptual + kl_weight * KL with z = mu + sigma * eps (reparameterised)."""
+        posterior = self.nets["vae"].encode(x).latent_dist
+        x_rec = self.nets["vae"].decode(posterior.mean + posterior.std * eps).sample.float()
+        rec = (x - x_rec).abs().mean()
+        kl = posterior.kl().mean() / x[0].numel()  # nats per pixel, so kl_weight is per-pixel as L1
+        total = rec + self.cfg.kl_weight * kl
+        out = {"rec_l1": rec, "kl": kl}
+        if self.lpips is not None:
+            self.lpips.to(x.device)
+            grey = x.shape[1] == 1  # LPIPS takes RGB
+            p = self.lpips(x_rec.expand(-1, 3, -1, -1) if grey else x_rec,
+                           x.expand(-1, 3, -1, -1) if grey else x).mean()
+            total = total + self.cfg.perceptual_weight * p
+            out["lpips"] = p
+        out["loss"] = total
+        return out
+
+    def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+        x = batch["image"]
+        losses = self.loss(x, opt.randn(x.shape[0], *self.latent_shape))
+        opt.step("model", losses["loss"])
+        return {k: v.detach() for k, v in losses.items()}
+
+    # -- first-stage interface (genkit.families.first_stage) ----------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Latents of images in [-1, 1]: the posterior mean (deterministic)."""
+        return self.nets["vae"].encode(x).latent_dist.mean
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images from latents (unclamped)."""
+        return self.nets["vae"].decode(z).sample
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """decode(encode(x)) clamped to [-1, 1]."""
+        return self.decode(self.encode(x)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def direct(self, n: int, *, generator: torch.Generator | None = None,
+               batch_size: int | None = None) -> Tensor:
+        """Decoded prior draws z ~ N(0, I): rough samples (the KL weight is small by design)."""
+        batch_size = batch_size or n
+        chunks = [self.decode(randn((min(batch_size, n - i), *self.latent_shape), generator, self.device))
+                  for i in range(0, n, batch_size)]
+        return torch.cat(chunks).float()
+
+    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
+                 steps: int | None = None, **options: Any) -> Tensor:
+        from genkit.samplers import sample
+
+        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images

@@ -1,0 +1,296 @@
+"""Latent diffusion: High-Resolution Image Synthesis with Latent Diffusion Models (Rombach et al., CVPR 2022).
+
+A frozen first stage (`genkit.families.first_stage`) maps images x to latents; diffusion runs on
+the scaled latents z0 = scale_factor * E(x) (unit variance), with a UNet that cross-attends to
+the token embeddings tau(y) of the caption y (sec. 3.3):
+
+    L = E_{z0, y, eps, t} || target - eps_theta(z_t, t, tau(y)) ||^2
+
+The forward process, its sigma picture, the prediction types and the x0 adapters are DDPM's
+(`genkit.families.ddpm`: NoiseSchedule, output_to_x0); only the conditioning is new here.
+Classifier-free guidance (Ho & Salimans 2022): captions are replaced by the empty caption "" with
+probability `caption_dropout`, so one network learns D(z; sigma, tau(y)) and D(z; sigma, tau(""));
+`conditions` returns both for `genkit.samplers.guidance`. Optional class labels (`class_cond`)
+add a null-label class embedding as in `genkit.families.unet_family`.
+
+All shared samplers run on latents: the state has `latent_shape`, and `decode_latents` maps the
+final latents back to images (the sampler calls it per batch).
+
+LoRA (Hu et al., ICLR 2022) through peft: `model.lora.rank > 0` freezes every network and adds
+trainable low-rank adapters to the UNet's attention projections; `model.init_from` gives the
+LDM run to adapt (its first stage and scale factor are reused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from genkit.errors import ConfigError, DataError, SamplerError
+from genkit.families.ddpm import NoiseSchedule, make_betas, output_to_x0
+from genkit.families.first_stage import latent_scale_factor, latent_shape, load_first_stage
+from genkit.families.unet_family import null_dropout, sample_labels
+from genkit.nn.cond_unet import CondUNetConfig, build_cond_unet
+from genkit.nn.text import TextConfig, TextEncoder, prompt_embeddings
+from genkit.samplers import sample
+
+SCALE_IMAGES = 2048  # images (evenly spread over the training split) that set the scale factor
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0                      # 0: no LoRA (all of nets train)
+    alpha: float | None = None         # adapter scale alpha / rank; default alpha = rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class LDMConfig:
+    family: str = "ldm"
+    first_stage: str | None = None               # run folder | local-dir:PATH; None: train one first
+    first_stage_recipe: str = "autoencoder_kl_digits"  # trained on this recipe's data when first_stage is None
+    first_stage_overrides: list[str] = field(default_factory=list)
+    scale_factor: float | None = None            # None: 1 / std of the data's latents, stored in the run
+    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: Literal["epsilon", "x0", "v"] = "epsilon"
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    text: TextConfig = field(default_factory=TextConfig)
+    caption_dropout: float = 0.1                 # P(caption -> "") in training, for guidance
+    class_cond: bool = False                     # also condition on data labels
+    cond_dropout: float = 0.1                    # P(label -> null label)
+    sample_prompts: list[str] = field(default_factory=list)  # default prompts of sample grids, in turn
+    unet: CondUNetConfig = field(default_factory=CondUNetConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    init_from: str | None = None                 # an LDM run to fine-tune (LoRA or full)
+
+
+class LDM:
+    """Latent diffusion family: `nets = {"unet", "text" (when trained from scratch)}`, one group "model"."""
+
+    name = "ldm"
+    default_sampler = "ddim"
+    default_steps = 50
+
+    def __init__(self, cfg: LDMConfig, shape: tuple[int, int, int], num_classes: int = 0,
+                 first_stage: Any = None):
+        if first_stage is None:
+            if cfg.first_stage is None:
+                raise ConfigError("model.first_stage is not set: give a run folder or local-dir:PATH "
+                                  "(`genkit train` trains model.first_stage_recipe first when it is unset)")
+            first_stage = load_first_stage(cfg.first_stage)
+        if cfg.scale_factor is None or not cfg.scale_factor > 0:
+            raise ConfigError(f"model.scale_factor must be > 0 (set by `genkit train` from the data), "
+                              f"got {cfg.scale_factor}")
+        for key in ("caption_dropout", "cond_dropout"):
+            if not 0 <= getattr(cfg, key) < 1:
+                raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(cfg, key)}")
+        self.cfg, self.sample_shape = cfg, tuple(shape)  # (C, H, W) of images
+        self.first_stage = first_stage
+        self.latent_shape = latent_shape(first_stage, self.sample_shape)  # (c, h, w) of the diffusion state
+        self.num_classes = num_classes if cfg.class_cond else 0
+        if cfg.class_cond and num_classes < 2:
+            raise ConfigError(f"model.class_cond: the dataset has {num_classes} classes; class conditioning "
+                              "needs labelled data")
+        self.schedule = NoiseSchedule(make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end))
+        text = TextEncoder(cfg.text)
+        unet = build_cond_unet(cfg.unet, self.latent_shape[0], self.latent_shape[1], text.width,
+                               self.num_classes + 1 if self.num_classes else None)
+        self.nets = nn.ModuleDict({"unet": unet})
+        self.frozen_text = text if text.pretrained else None
+        if not text.pretrained:
+            self.nets["text"] = text
+        if cfg.lora.rank:
+            add_lora(self.nets, cfg.lora)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.nets.parameters()).device
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"model": [p for p in self.nets.parameters() if p.requires_grad]}
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.nets["unet"].enable_gradient_checkpointing()
+
+    # -- frozen stages, on the device of the nets -------------------------------------------
+    def _stage(self) -> Any:
+        self.first_stage.nets.to(self.device)
+        return self.first_stage
+
+    def text_encoder(self) -> nn.Module:
+        if self.frozen_text is None:
+            return self.nets["text"]
+        return self.frozen_text.to(self.device)
+
+    @torch.no_grad()
+    def encode_images(self, x: Tensor) -> Tensor:
+        """Scaled latents z0 = scale_factor * E(x) of images in [-1, 1]."""
+        return self._stage().encode(x.to(self.device)).float() * self.cfg.scale_factor
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Images D(z / scale_factor) (the samplers' last step on latents)."""
+        return self._stage().decode(z.float() / self.cfg.scale_factor).float()
+
+    # -- the network and the loss -------------------------------------------------------------
+    def unet(self, z: Tensor, t: Tensor, text: Tensor, label: Tensor | None = None) -> Tensor:
+        if self.num_classes and label is None:
+            label = torch.full((z.shape[0],), self.num_classes, dtype=torch.long, device=z.device)
+        if label is not None and not self.num_classes:
+            raise SamplerError("family 'ldm' is not class-conditional (model.class_cond: false); it takes prompts")
+        return self.nets["unet"](z, t, encoder_hidden_states=text.to(z.device),
+                                 class_labels=None if label is None else label.to(z.device)).sample
+
+    def train_step(self, batch: dict[str, Any], step: int, opt: Any) -> dict[str, Tensor]:
+        if "caption" not in batch:
+            raise DataError("model.family=ldm trains on captioned data: data.source=digits, or a folder "
+                            "with metadata.jsonl (file_name, text)")
+        z0 = self.encode_images(batch["image"])
+        b = z0.shape[0]
+        drop = (opt.rand(b) < self.cfg.caption_dropout).tolist()
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
+        label = null_dropout(batch["label"], self.cfg.cond_dropout, self.num_classes, opt) \
+            if self.num_classes else None
+        t = opt.randint(self.schedule.T, b)
+        zt, target = self.schedule.noised(z0, t, opt.randn(b, *self.latent_shape), self.cfg.prediction)
+        out = self.unet(zt, t.float(), self.text_encoder()(captions), label)
+        loss = torch.mean((out.float() - target) ** 2)
+        opt.step("model", loss)
+        return {"loss": loss.detach()}
+
+    # -- sampling --------------------------------------------------------------------------
+    def denoise(self, z: Tensor, sigma: Tensor, text: Tensor | None = None,
+                label: Tensor | None = None) -> Tensor:
+        """D(z; sigma, tau(y)[, label]) -> x0_hat in latent space; no text: the empty caption."""
+        if text is None:
+            text = self.embed([""]).expand(z.shape[0], -1, -1)
+        out = self.unet(z, self.schedule.sigma_to_t(sigma), text, label).to(z.dtype)
+        return output_to_x0(self.cfg.prediction, z, sigma, out)
+
+    def embed(self, prompts: Sequence[str]) -> Tensor:
+        """Token embeddings (B, L, width) of prompts, without gradients."""
+        return prompt_embeddings(self.text_encoder(), list(prompts))
+
+    def conditions(self, n: int, prompts: Sequence[str] | str | None = None,
+                   labels: Tensor | list[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(cond, uncond) for n samples: prompts (one, or used in turn) vs the empty caption.
+
+        Without prompts: `model.sample_prompts` in turn (the empty caption if none).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(self.cfg.sample_prompts or [""]) if prompts is None else list(prompts)
+        if not prompts:
+            raise SamplerError("prompts: empty list; give at least one prompt")
+        prompts = [prompts[i % len(prompts)] for i in range(n)]
+        cond = {"text": self.embed(prompts)}
+        uncond = {"text": self.embed([""]).expand(n, -1, -1)}
+        if self.num_classes:
+            cond["label"] = sample_labels(n, labels, self.num_classes)
+            uncond["label"] = torch.full((n,), self.num_classes, dtype=torch.long)
+        elif labels is not None:
+            raise SamplerError("family 'ldm' is not class-conditional (model.class_cond: false); give prompts")
+        return cond, uncond
+
+    def sigmas(self, steps: int) -> Tensor:
+        return self.schedule.sigmas(steps, self.cfg.spacing)
+
+    def sigma_range(self) -> tuple[float, float]:
+        return float(self.schedule.sigma_table[0]), float(self.schedule.sigma_table[-1])
+
+    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
+                 steps: int | None = None, **options: Any) -> Tensor:
+        """n images in [-1, 1] from a shared sampler on latents, decoded by the first stage."""
+        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images
+
+    # -- training setup: first stage, scale factor, fine-tuning ------------------------------
+    @classmethod
+    def prepare_stages(cls, recipe: Any, run_dir: Path, resume: bool = False) -> Any:
+        """The recipe with model.first_stage and model.scale_factor resolved (trainer hook, before training).
+
+        No first stage given: the one of `model.init_from`, else `model.first_stage_recipe` trained on
+        this recipe's data into RUN/first_stage (resumed if interrupted). The scale factor is computed
+        from the training data unless given (or inherited with the first stage of `init_from`).
+        """
+        cfg = recipe.model
+        base = _run_model_config(cfg.init_from) if cfg.init_from else None
+        first, scale = cfg.first_stage, cfg.scale_factor
+        if first is None and base is not None:
+            first, scale = base.get("first_stage"), scale or base.get("scale_factor")
+        if first is None:
+            first = str(train_first_stage(recipe, Path(run_dir) / "first_stage").resolve())
+        elif not first.startswith("local-dir:"):
+            first = str(Path(first).expanduser().resolve())
+        if scale is None:
+            scale = data_scale_factor(load_first_stage(first), recipe.data)
+        return dataclasses.replace(recipe, model=dataclasses.replace(cfg, first_stage=first, scale_factor=scale))
+
+    def init_from_weights(self, weights: dict[str, Tensor], run: Path) -> None:
+        """Load a run's weights (`model.init_from`) under LoRA adapters: x.weight -> x.base_layer.weight."""
+        own = self.nets.state_dict()
+        mapped = {k: weights.get(k.replace(".base_layer.", "."), weights.get(k)) for k in own if ".lora_" not in k}
+        missing = [k for k, v in mapped.items() if v is None]
+        if missing:
+            raise ConfigError(f"model.init_from: '{run}' lacks {missing[0]}: use the model config of that run")
+        for k, v in mapped.items():
+            if v.shape != own[k].shape:
+                raise ConfigError(f"model.init_from: '{run}' has {k} of shape {tuple(v.shape)}, this model "
+                                  f"{tuple(own[k].shape)}: use the model config of that run")
+        self.nets.load_state_dict(mapped, strict=False)
+
+
+def add_lora(nets: nn.ModuleDict, cfg: LoRAConfig) -> None:
+    """Freeze every network and add trainable peft LoRA adapters to the UNet's `cfg.targets` layers."""
+    from peft import LoraConfig
+
+    if cfg.rank < 0:
+        raise ConfigError(f"model.lora.rank must be >= 0, got {cfg.rank}")
+    nets.requires_grad_(False)
+    try:
+        nets["unet"].add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
+                                            target_modules=list(cfg.targets), init_lora_weights="gaussian"))
+    except ValueError as e:
+        raise ConfigError(f"model.lora.targets {cfg.targets}: {str(e).splitlines()[0]}") from None
+
+
+def _run_model_config(run: str) -> dict[str, Any]:
+    path = Path(run).expanduser() / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"model.init_from: '{path}' not found: give an ldm run folder")
+    model = yaml.safe_load(path.read_text()).get("model", {})
+    if model.get("family") != "ldm":
+        raise ConfigError(f"model.init_from: '{run}' is a {model.get('family')!r} run, not an ldm run")
+    return model
+
+
+def train_first_stage(recipe: Any, out: Path) -> Path:
+    """Train `model.first_stage_recipe` on this recipe's data into `out` (resumed if interrupted)."""
+    from genkit.api import train
+    from genkit.config import load_recipe
+
+    if (out / "model" / "genkit.json").is_file():
+        return out
+    cfg = recipe.model
+    stage = load_recipe(cfg.first_stage_recipe, cfg.first_stage_overrides)
+    data = dataclasses.replace(recipe.data, batch_size=stage.data.batch_size, hflip=stage.data.hflip)
+    stage = dataclasses.replace(stage, data=data, train=dataclasses.replace(stage.train, seed=recipe.train.seed))
+    return train(stage, out=out, resume=out.exists())
+
+
+def data_scale_factor(stage: Any, data_cfg: Any) -> float:
+    """The scale factor of the training data: 1 / std of the latents of up to SCALE_IMAGES images."""
+    from genkit.data import build_dataset
+
+    dataset = build_dataset(data_cfg, "train")
+    step = max(1, len(dataset) // SCALE_IMAGES)
+    images = torch.stack([dataset[i]["image"] for i in range(0, len(dataset), step)][:SCALE_IMAGES])
+    return latent_scale_factor(stage, images)

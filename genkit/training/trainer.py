@@ -152,7 +152,8 @@ class Trainer:
         """The first global batch in dataset order: the same on every process, no RNG drawn."""
         n = min(len(self.dataset), self.recipe.data.batch_size * self.acc.num_processes)
         items = [self.dataset[i] for i in range(n)]
-        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        return {key: torch.stack([item[key] for item in items]) if torch.is_tensor(items[0][key])
+                else [item[key] for item in items] for key in items[0]}  # captions stay a list
 
     def _dataloader(self) -> DataLoader:
         data, world = self.recipe.data, self.acc.num_processes

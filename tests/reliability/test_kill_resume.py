@@ -12,7 +12,7 @@ import random
 import signal
 
 import pytest
-from tiny_runs import (FAMILY_RUNS, assert_same_model, kill, overrides, start, tiny_tokenizer, train_command,
+from tiny_runs import (FAMILY_RUNS, STAGES, assert_same_model, kill, overrides, start, tiny_stage, train_command,
                        wait_for_step)
 
 import genkit
@@ -23,14 +23,21 @@ from genkit.training.checkpoint import list_checkpoints
 STEPS = 10
 
 
-def uninterrupted(family: str, out, tokenizer=None):
-    recipe, args = overrides(family, STEPS, tokenizer=tokenizer)
+def uninterrupted(family: str, out, stage=None):
+    recipe, args = overrides(family, STEPS, stage=stage)
     return genkit.train(load_recipe(recipe, args), out=out)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "vq")
+def stages(tmp_path_factory):
+    """family -> a tiny frozen run it depends on, trained on first use."""
+    root, built = tmp_path_factory.mktemp("stages"), {}
+
+    def get(family):
+        if family not in built:
+            built[family] = tiny_stage(STAGES[family], root / STAGES[family])
+        return built[family]
+    return get
 
 
 def test_every_family_has_a_reliability_run():
@@ -40,18 +47,18 @@ def test_every_family_has_a_reliability_run():
 # DDPM runs in the default suite; the other families in the slow step of .ci/run
 @pytest.mark.parametrize("family", [f if f == "ddpm" else pytest.param(f, marks=pytest.mark.slow)
                                     for f in sorted(FAMILY_RUNS)])
-def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(family, tmp_path, request):
-    tok = request.getfixturevalue("tokenizer") if family == "ar_prior" else None
+def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(family, tmp_path, stages):
+    tok = stages(family) if family in STAGES else None
     rng = random.Random(family)  # a different, reproducible kill point per family
     kill_after = rng.randint(3, STEPS - 2)
     run = tmp_path / "killed"
-    proc = start(train_command(family, run, STEPS, tokenizer=tok))
+    proc = start(train_command(family, run, STEPS, stage=tok))
     wait_for_step(proc, run, kill_after)
     code, _ = kill(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL  # a half-written .step-N.tmp may remain: resume ignores it
     done = [int(p.name.split("-")[1]) for p in list_checkpoints(run / "checkpoints")]
     assert done and max(done) < STEPS, done
-    recipe, args = overrides(family, STEPS, tokenizer=tok)
+    recipe, args = overrides(family, STEPS, stage=tok)
     genkit.train(load_recipe(recipe, args), out=run, resume=True)
     assert_same_model(run, uninterrupted(family, tmp_path / "straight", tok))
 

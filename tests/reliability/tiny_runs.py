@@ -35,34 +35,41 @@ FAMILY_RUNS: dict[str, tuple[str, list[str]]] = {
     "vqgan": ("vqgan_digits", [*COMMON, "model.f=2", "model.channels=[8,16]", "model.norm_groups=4",
                                "model.quantizer.num_codes=16", "model.quantizer.dim=8", "model.disc_channels=8",
                                "model.disc_layers=1", "model.disc_start=4"]),
-    "ar_prior": ("ar_prior_digits", [*COMMON, "model.tokenizer={tokenizer}", "model.gpt.layers=1",
+    "ar_prior": ("ar_prior_digits", [*COMMON, "model.tokenizer={vqgan}", "model.gpt.layers=1",
                                      "model.gpt.dim=16", "model.gpt.heads=2"]),
+    "autoencoder_kl": ("autoencoder_kl_digits", [*COMMON, "model.channels=[16,32]", "model.latent_channels=2"]),
+    "ldm": ("ldm_digits_text", [*COMMON, "model.first_stage={autoencoder_kl}", "model.unet.channels=[16,32]",
+                                "model.unet.cross_attention=[false,true]", "model.unet.head_dim=16",
+                                "model.text.width=16", "model.text.heads=2", "model.text.layers=1",
+                                "model.text.context_length=8", "sample.steps=2"]),
 }
+STAGES = {"ar_prior": "vqgan", "ldm": "autoencoder_kl"}  # family -> the family of the frozen run it needs
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def overrides(family: str, steps: int, checkpoint_every: int = 2, *extra: str,
-              tokenizer: Path | None = None) -> tuple[str, list[str]]:
-    """(recipe, overrides) of the family's tiny run; `tokenizer` fills in a prior's tokenizer run."""
+              stage: Path | None = None) -> tuple[str, list[str]]:
+    """(recipe, overrides) of the family's tiny run; `stage` fills in the frozen run it needs (STAGES)."""
     recipe, base = FAMILY_RUNS[family]
-    base = [a.replace("{tokenizer}", str(tokenizer)) for a in base]
+    if family in STAGES:
+        base = [a.replace("{" + STAGES[family] + "}", str(stage)) for a in base]
     return recipe, [*base, f"train.steps={steps}", f"train.checkpoint_every={checkpoint_every}", *extra]
 
 
-def tiny_tokenizer(out: Path) -> Path:
-    """A tiny VQGAN run (the tokenizer an ar_prior run needs)."""
+def tiny_stage(family: str, out: Path) -> Path:
+    """A tiny run of `family` (a tokenizer or first stage that another family loads frozen)."""
     import genkit
     from genkit.config import load_recipe
 
     if not (out / "model").exists():
-        recipe, args = overrides("vqgan", 4)
+        recipe, args = overrides(family, 4)
         genkit.train(load_recipe(recipe, args), out=out)
     return out
 
 
 def train_command(family: str, out: Path, steps: int, *extra: str, resume: bool = False,
-                  tokenizer: Path | None = None) -> list[str]:
-    recipe, args = overrides(family, steps, 2, *extra, tokenizer=tokenizer)
+                  stage: Path | None = None) -> list[str]:
+    recipe, args = overrides(family, steps, 2, *extra, stage=stage)
     return [sys.executable, "-m", "genkit", "train", recipe, *args, "--out", str(out),
             *(["--resume"] if resume else [])]
 

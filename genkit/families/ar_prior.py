@@ -112,9 +112,11 @@ class ArPrior:
 
     @property
     def device(self) -> torch.device:
+        """The device of the trainable networks."""
         return next(self.nets.parameters()).device
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One optimizer group, "model": the transformer (the tokenizer is frozen, outside)."""
         return {"model": list(self.nets["gpt"].parameters())}
 
     def _tokenizer(self, device: torch.device) -> Any:

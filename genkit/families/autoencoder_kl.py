@@ -93,12 +93,15 @@ class AutoencoderKL:
 
     @property
     def device(self) -> torch.device:
+        """The device of the trainable networks."""
         return next(self.nets.parameters()).device
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One optimizer group, "model": the diffusers AutoencoderKL."""
         return {"model": list(self.nets.parameters())}
 
     def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward (train.gradient_checkpointing): less memory, more compute."""
         self.nets["vae"].enable_gradient_checkpointing()
 
     def loss(self, x: Tensor, eps: Tensor) -> dict[str, Tensor]:
@@ -120,6 +123,7 @@ class AutoencoderKL:
         return out
 
     def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+        """One step of reconstruction + KL loss; returns the scalars to log."""
         x = batch["image"]
         losses = self.loss(x, opt.randn(x.shape[0], *self.latent_shape))
         opt.step("model", losses["loss"])
@@ -149,6 +153,7 @@ class AutoencoderKL:
 
     def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
                  steps: int | None = None, **options: Any) -> Tensor:
+        """n decoded prior draws z ~ N(0, I) through the `direct` sampler (rough: the KL weight is small)."""
         from genkit.samplers import sample
 
         return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images

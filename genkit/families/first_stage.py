@@ -40,9 +40,11 @@ class DiffusersAutoencoder:
         self.nets = nn.ModuleDict({"vae": vae})
 
     def encode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] -> the posterior mean latents (unscaled)."""
         return self.nets["vae"].encode(x).latent_dist.mean
 
     def decode(self, z: Tensor) -> Tensor:
+        """Latents (unscaled) -> images in [-1, 1]."""
         return self.nets["vae"].decode(z).sample
 
 

@@ -44,6 +44,7 @@ class FlowFamily:
 
     @property
     def device(self) -> torch.device:
+        """The device of the trainable networks."""
         return next(self.nets.parameters()).device
 
     def flow(self) -> nn.Module:
@@ -52,6 +53,7 @@ class FlowFamily:
         return getattr(net, "module", net)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One optimizer group, "model": the flow."""
         return {"model": list(self.nets.parameters())}
 
     # -- likelihood and training -------------------------------------------------------

@@ -125,9 +125,11 @@ class GAN:
 
     @property
     def device(self) -> torch.device:
+        """The device of the trainable networks."""
         return next(self.nets.parameters()).device
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Two optimizer groups: "G" (generator) and "D" (critic / discriminator)."""
         return {"G": list(self.nets["G"].parameters()), "D": list(self.nets["D"].parameters())}
 
     # -- training ----------------------------------------------------------------------

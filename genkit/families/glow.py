@@ -103,6 +103,7 @@ class GlowFlow(nn.Module):
         return sum(gaussian_log_prob(e) for e in eps) + logdet
 
     def sample(self, n: int, temperature: float, generator: torch.Generator | None) -> Tensor:
+        """x = f^{-1}(temperature * eps) with eps from the standard priors of every level."""
         device = next(self.parameters()).device
         return self.decode([randn((n, *s), generator, device) for s in self.latent_shapes], temperature)
 

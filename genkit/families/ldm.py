@@ -114,12 +114,15 @@ class LDM:
 
     @property
     def device(self) -> torch.device:
+        """The device of the trainable networks."""
         return next(self.nets.parameters()).device
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """One optimizer group, "model": the UNet and a from-scratch text encoder (LoRA: adapters only)."""
         return {"model": [p for p in self.nets.parameters() if p.requires_grad]}
 
     def enable_gradient_checkpointing(self) -> None:
+        """Recompute the UNet's activations in backward (train.gradient_checkpointing)."""
         self.nets["unet"].enable_gradient_checkpointing()
 
     # -- frozen stages, on the device of the nets -------------------------------------------
@@ -128,6 +131,7 @@ class LDM:
         return self.first_stage
 
     def text_encoder(self) -> nn.Module:
+        """The text encoder in use: the trained one in `nets`, or the frozen pretrained one."""
         if self.frozen_text is None:
             return self.nets["text"]
         return self.frozen_text.to(self.device)
@@ -143,6 +147,7 @@ class LDM:
 
     # -- the network and the loss -------------------------------------------------------------
     def unet(self, z: Tensor, t: Tensor, text: Tensor, label: Tensor | None = None) -> Tensor:
+        """The UNet's prediction at latents z, timestep t, text embeddings (and class labels if any)."""
         if self.num_classes and label is None:
             label = torch.full((z.shape[0],), self.num_classes, dtype=torch.long, device=z.device)
         if label is not None and not self.num_classes:
@@ -151,6 +156,7 @@ class LDM:
                                  class_labels=None if label is None else label.to(z.device)).sample
 
     def train_step(self, batch: dict[str, Any], step: int, opt: Any) -> dict[str, Tensor]:
+        """One DDPM step on scaled latents with caption dropout; returns the scalars to log."""
         if "caption" not in batch:
             raise DataError("model.family=ldm trains on captioned data: data.source=digits, or a folder "
                             "with metadata.jsonl (file_name, text)")
@@ -202,9 +208,11 @@ class LDM:
         return cond, uncond
 
     def sigmas(self, steps: int) -> Tensor:
+        """The sigma grid of `steps` of the DDPM schedule (the recipe's timestep spacing), ending at 0."""
         return self.schedule.sigmas(steps, self.cfg.spacing)
 
     def sigma_range(self) -> tuple[float, float]:
+        """(sigma of t = 0, sigma of t = T - 1): the span of the karras and uniform grids."""
         return float(self.schedule.sigma_table[0]), float(self.schedule.sigma_table[-1])
 
     def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,

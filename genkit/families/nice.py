@@ -65,6 +65,7 @@ class NICEFlow(nn.Module):
         return h.view(-1, *self.shape)
 
     def prior_log_prob(self, h: Tensor) -> Tensor:
+        """log p_H(h) of the factorised prior (logistic or standard normal), summed over dimensions."""
         return logistic_log_prob(h) if self.prior == "logistic" else gaussian_log_prob(h)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -140,10 +140,12 @@ class VQGAN:
 
     @property
     def device(self) -> torch.device:
+        """The device of the trainable networks."""
         return next(self.nets.parameters()).device
 
     @property
     def num_codes(self) -> int:
+        """K, the codebook size (the prior's vocabulary)."""
         return self.cfg.quantizer.num_codes
 
     @property
@@ -152,6 +154,7 @@ class VQGAN:
         return self.sample_shape[1] // self.cfg.f, self.sample_shape[2] // self.cfg.f
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Two optimizer groups: "ae" (encoder, decoder, codebook) and "disc" (PatchGAN)."""
         return {"ae": list(self.nets["autoencoder"].parameters()), "disc": list(self.nets["disc"].parameters())}
 
     # -- training ----------------------------------------------------------------------

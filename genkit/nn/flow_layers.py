@@ -90,6 +90,7 @@ class AdditiveCoupling(nn.Module):
         return self._couple(x, 1.0), x.new_zeros(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The exact inverse of `forward`."""
         return self._couple(y, -1.0)
 
 
@@ -104,6 +105,7 @@ class DiagonalScaling(nn.Module):
         return x * torch.exp(self.s), self.s.sum().expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The exact inverse of `forward`."""
         return y * torch.exp(-self.s)
 
 
@@ -139,6 +141,7 @@ class ActNorm(nn.Module):
         return (x + self.bias) * torch.exp(self.logs), logdet.expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The exact inverse of `forward`."""
         return y * torch.exp(-self.logs) - self.bias
 
 
@@ -181,6 +184,7 @@ class InvConv1x1(nn.Module):
         return y, (x.shape[2] * x.shape[3] * logdet_w).expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The exact inverse of `forward`."""
         w, _ = self.matrix()
         w_inv = torch.linalg.inv(w.double()).to(y.dtype)  # float64: a tight inverse for deep flows
         return F.conv2d(y, w_inv[:, :, None, None])
@@ -245,6 +249,7 @@ class AffineCoupling(nn.Module):
         return torch.cat([xa, (xb + shift) * scale], 1), logdet
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The exact inverse of `forward`."""
         ya, yb = y[:, :self.ca], y[:, self.ca:]
         shift, scale = self._shift_scale(ya)
         xb = yb - shift if scale is None else yb / scale - shift
@@ -267,6 +272,7 @@ class FlowStep(nn.Module):
         return x, logdet
 
     def inverse(self, y: Tensor) -> Tensor:
+        """The exact inverse of `forward`: the three layers inverted in reverse order."""
         for layer in reversed(self.layers):
             y = layer.inverse(y)
         return y
@@ -286,6 +292,7 @@ class SplitPrior(nn.Module):
         self.conv = Conv2dZeros(self.c1, 2 * (channels - self.c1))
 
     def prior(self, z1: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, log-scale) of the learned Gaussian prior of the split-off half, given the kept half."""
         h = self.conv(z1)
         return h[:, 0::2], h[:, 1::2]
 

@@ -36,6 +36,7 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through SDPA, with an optional KV cache for sampling."""
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.heads, self.dropout = cfg.heads, cfg.dropout
@@ -60,6 +61,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2)."""
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(cfg.dim), CausalSelfAttention(cfg)

@@ -63,3 +63,27 @@ def test_two_process_resume_equals_an_uninterrupted_two_process_run(tmp_path):
     stopped = train(tmp_path / "stopped", 2, 8, 4)
     train(stopped, 2, 8, 6, resume=True)
     assert_same_model(stopped, straight)
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory):
+    from tiny_runs import STAGES, tiny_stage
+
+    root = tmp_path_factory.mktemp("stages")
+    return lambda family: tiny_stage(STAGES[family], root / STAGES[family]) if family in STAGES else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(__import__("tiny_runs").FAMILY_RUNS))
+def test_every_family_trains_under_two_process_ddp(family, tmp_path, stage_runs):
+    """torchrun, 2 processes, gloo: every family's tiny run trains, checkpoints and exports."""
+    from tiny_runs import overrides
+
+    recipe, args = overrides(family, 3, 2, stage=stage_runs(family))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "genkit.cli", "train",
+           recipe, *args, "--out", str(tmp_path / "run")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "weights.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step-3" / "rng-1.pt").exists()

@@ -36,6 +36,8 @@ honour are refused one at a time, naming the key and its value; nothing is unpic
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -71,7 +73,7 @@ def ddpm_scheduler(cfg: DDPMConfig) -> DDPMScheduler:
     sched = DDPMScheduler(
         num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
         beta_schedule=BETA_SCHEDULES[cfg.schedule], prediction_type=PREDICTIONS[cfg.prediction],
-        clip_sample=cfg.clip_sample, clip_sample_range=1.0, timestep_spacing=SPACINGS[cfg.spacing],
+        clip_sample=getattr(cfg, "clip_sample", False), clip_sample_range=1.0, timestep_spacing=SPACINGS[cfg.spacing],
         variance_type="fixed_small", steps_offset=0,
     )
     sched.register_to_config(set_alpha_to_one=True)  # DDIM: the last step lands on x0_hat, as genkit's grid
@@ -94,10 +96,60 @@ def _flow_pipeline(family: Any) -> DDPMPipeline:
     return DDPMPipeline(unet=family.nets["unet"], scheduler=flow_match_scheduler(family.cfg))
 
 
-# family name -> its diffusers pipeline (latent diffusion, issue 9, adds its line here)
+class LatentDiffusionFolders:
+    """A latent-diffusion run as diffusers component folders: unet/, vae/, scheduler/, text_encoder/.
+
+    diffusers has no pipeline for genkit's text encoder (a small transformer over open_clip's BPE
+    tokens, or an open_clip text tower), so there is no model_index.json: load the parts with
+    `UNet2DConditionModel.from_pretrained(DIR / "unet")`, `AutoencoderKL.from_pretrained(DIR /
+    "vae")` and `DDPMScheduler.from_pretrained(DIR / "scheduler")`; latents are
+    `scale_factor * vae.encode(x).latent_dist.mean` (genkit_ldm.json), and the text encoder's
+    weights and config are in text_encoder/ (`genkit.nn.text.TextEncoder`). LoRA adapters are
+    fused into the exported UNet.
+    """
+
+    def __init__(self, family: Any):
+        nets = getattr(family.first_stage, "nets", {})
+        vae = nets["vae"] if "vae" in nets else None
+        if vae is None:
+            raise ConfigError(f"model.first_stage of this run is a '{family.first_stage.name}', not an AutoencoderKL: "
+                              "only KL first stages export as a diffusers vae/ folder")
+        self.family, self.vae = family, vae
+        self.scheduler = ddpm_scheduler(family.cfg)
+
+    def _unet(self) -> Any:
+        unet = copy.deepcopy(self.family.nets["unet"])
+        if getattr(unet, "peft_config", None):
+            unet.fuse_lora()
+            unet.unload_lora()
+        return unet
+
+    def save_pretrained(self, folder: Path, safe_serialization: bool = True) -> None:
+        """Write unet/, vae/, scheduler/, text_encoder/ and genkit_ldm.json into `folder`."""
+        family = self.family
+        self._unet().save_pretrained(folder / "unet", safe_serialization=True)
+        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        text = family.cfg.text
+        if "text" in family.nets:
+            save_tensors(folder / "text_encoder" / "model.safetensors", family.nets["text"].state_dict())
+            write_json(folder / "text_encoder" / "config.json", dataclasses.asdict(text))
+        write_json(folder / "genkit_ldm.json", {
+            "scale_factor": family.cfg.scale_factor, "prediction_type": family.cfg.prediction,
+            "text_encoder": "text_encoder/ (genkit.nn.text.TextEncoder, open_clip's BPE tokenizer)"
+            if "text" in family.nets else f"frozen open_clip text tower: {text.encoder}",
+            "context_length": text.context_length})
+
+
+def _ldm_folders(family: Any) -> LatentDiffusionFolders:
+    return LatentDiffusionFolders(family)
+
+
+# family name -> its diffusers pipeline, or an object with save_pretrained() and .scheduler
 EXPORTERS: dict[str, Callable[[Any], Any]] = {
     "ddpm": _ddpm_pipeline,
     "rectified_flow": _flow_pipeline,
+    "ldm": _ldm_folders,
 }
 
 REPRODUCE = {
@@ -105,6 +157,8 @@ REPRODUCE = {
             "eta=E, use_clipped_model_output=True) == genkit ddim N steps eta=E (same generator)",
     "rectified_flow": "DDPMPipeline runs FlowMatchEuler steps on the grid linspace(1, 1/1000, N), 0; "
                       "set_timesteps(sigmas=linspace(1, 1/N, N)) in a hand loop == genkit ddim N steps",
+    "ldm": "no diffusers pipeline (genkit's text encoder): load unet/, vae/, scheduler/ separately; "
+           "latents = scale_factor * vae mean (genkit_ldm.json); text_encoder/ loads into genkit.nn.text.TextEncoder",
 }
 
 

@@ -16,6 +16,8 @@ first stage: `encode(x)` (the posterior mean) and `decode(z)`.
 
 from __future__ import annotations
 
+import types
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +72,17 @@ def build_lpips() -> nn.Module:
     return lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
 
 
+def _training_forward(vae: nn.Module, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_rec, KL per image) with z = mu + sigma * eps: the training forward of the KL autoencoder.
+
+    diffusers' AutoencoderKL.forward does not return the posterior the KL term needs, and under
+    DDP only computation that enters through the wrapped module's forward gets its gradients
+    all-reduced, so the family gives its autoencoder instance this forward.
+    """
+    posterior = vae.encode(x).latent_dist
+    return vae.decode(posterior.mean + posterior.std * eps).sample, posterior.kl()
+
+
 class AutoencoderKL:
     """KL autoencoder family: `nets = {"vae": AutoencoderKL}`, one group "model"."""
 
@@ -82,7 +95,9 @@ class AutoencoderKL:
             raise ConfigError("model.kl_weight and model.perceptual_weight must be >= 0")
         self.cfg = cfg
         self.sample_shape = tuple(shape)  # (C, H, W)
-        self.nets = nn.ModuleDict({"vae": build_autoencoder(cfg, shape[0], shape[1])})
+        vae = build_autoencoder(cfg, shape[0], shape[1])
+        vae.forward = types.MethodType(_training_forward, vae)  # this instance only; class and weights unchanged
+        self.nets = nn.ModuleDict({"vae": vae})
         factor = 2 ** (len(cfg.channels) - 1)
         self.latent_shape = (cfg.latent_channels, shape[1] // factor, shape[2] // factor)
         self.lpips = None
@@ -106,10 +121,10 @@ class AutoencoderKL:
 
     def loss(self, x: Tensor, eps: Tensor) -> dict[str, Tensor]:
         """L1 + perceptual + kl_weight * KL with z = mu + sigma * eps (reparameterised)."""
-        posterior = self.nets["vae"].encode(x).latent_dist
-        x_rec = self.nets["vae"].decode(posterior.mean + posterior.std * eps).sample.float()
+        x_rec, kl = self.nets["vae"](x, eps)  # through forward: DDP synchronises only what enters there
+        x_rec = x_rec.float()
         rec = (x - x_rec).abs().mean()
-        kl = posterior.kl().mean() / x[0].numel()  # nats per pixel, so kl_weight is per-pixel as L1
+        kl = kl.mean() / x[0].numel()  # nats per pixel, so kl_weight is per-pixel as L1
         total = rec + self.cfg.kl_weight * kl
         out = {"rec_l1": rec, "kl": kl}
         if self.lpips is not None:

@@ -20,7 +20,7 @@ from genkit.config import load_recipe
 from genkit.families import FAMILIES
 from genkit.training.checkpoint import list_checkpoints
 
-STEPS = 10
+STEPS = 30  # far beyond the kill point, so even the fastest tiny run is still training when killed
 
 
 def uninterrupted(family: str, out, stage=None):
@@ -50,7 +50,7 @@ def test_every_family_has_a_reliability_run():
 def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(family, tmp_path, stages):
     tok = stages(family) if family in STAGES else None
     rng = random.Random(family)  # a different, reproducible kill point per family
-    kill_after = rng.randint(3, STEPS - 2)
+    kill_after = rng.randint(3, 8)
     run = tmp_path / "killed"
     proc = start(train_command(family, run, STEPS, stage=tok))
     wait_for_step(proc, run, kill_after)
@@ -65,14 +65,14 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(family, tmp
 
 def test_sigterm_writes_a_checkpoint_at_the_current_step_and_exits_130(tmp_path):
     run = tmp_path / "term"
-    proc = start(train_command("ddpm", run, 40, "train.checkpoint_every=1000"))
+    proc = start(train_command("ddpm", run, 100, "train.checkpoint_every=1000"))
     wait_for_step(proc, run, 3)
     code, err = kill(proc, signal.SIGTERM)
     assert code == 130, err
     [ckpt] = list_checkpoints(run / "checkpoints")  # no periodic checkpoint: this one is SIGTERM's
     step = int(ckpt.name.split("-")[1])
-    assert 3 <= step < 40 and f"SIGTERM at step {step}" in err and "--resume" in err
-    recipe, args = overrides("ddpm", 40, 1000)
+    assert 3 <= step < 100 and f"SIGTERM at step {step}" in err and "--resume" in err
+    recipe, args = overrides("ddpm", 100, 1000)
     genkit.train(load_recipe(recipe, args), out=run, resume=True)
     straight = genkit.train(load_recipe(recipe, args), out=tmp_path / "straight")
     assert_same_model(run, straight)

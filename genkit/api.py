@@ -130,7 +130,8 @@ def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None
             class-balanced (0, 1, ..., C-1, 0, ...).
         guidance: classifier-free guidance scale w: 1 conditional (default), 0 unconditional,
             > 1 guided (two network evaluations per step on a doubled batch).
-        **options: sampler options, e.g. ``eta=0.5`` for DDIM, ``rtol``/``atol`` for rk45.
+        **options: sampler options, e.g. ``eta=0.5`` for DDIM, ``rtol``/``atol`` for rk45;
+            ``precision="bf16"`` (or "fp16") runs the networks under autocast (docs/benchmarks.md).
     """
     return sample_with_info(family, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                             schedule=schedule, labels=labels, guidance=guidance, **options).images

@@ -19,6 +19,11 @@ BENCHMARKS = {
     "samplers": ("benchmarks.bench_samplers", "FD vs NFE of the shared samplers on the digits default"),
     "reflow": ("benchmarks.bench_reflow", "Rectified flow, reflow and 1-step distillation on digits: FD vs Euler steps"),
     "flows": ("benchmarks.bench_flows", "NICE and Glow on digits: held-out bits/dim; Glow step time vs normflows"),
+    "train": ("benchmarks.bench_train", "DDPM training throughput: genkit Trainer vs a plain diffusers loop vs "
+              "denoising-diffusion-pytorch"),
+    "sample": ("benchmarks.bench_sample", "DDIM sampling throughput: genkit vs diffusers.DDIMPipeline, same UNet"),
+    "memory": ("benchmarks.bench_memory", "Peak memory of training and sampling: genkit vs peers, gradient "
+               "checkpointing"),
 }
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
@@ -37,11 +42,12 @@ def environment() -> str:
             f"torchmetrics {torchmetrics.__version__}, genkit {genkit.__version__}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Run the named benchmarks (all by default), print each table, append it unless --no-write."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", choices=list(BENCHMARKS), help="benchmarks to run (default: all)")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     names = args.names or list(BENCHMARKS)
     env = environment()
     for name in names:

@@ -113,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", type=Path, required=True, help="run folder to create")
 
     sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+    b = sub.add_parser("bench", help="run benchmarks against peers (source checkout)", add_help=False,
+                       description="`python -m benchmarks` from a source checkout; its --help lists the names.")
+    b.add_argument("args", nargs="*", help="benchmark names, --no-write, --help")
     _eval_parser(sub)
     return p
 
@@ -220,6 +223,15 @@ def _sample(args: argparse.Namespace) -> None:
         path = save_npz(args.save_npz, out.images, sampler=out.sampler, steps=out.steps or 0,
                         nfe=out.nfe, seed=args.seed, schedule=args.schedule or "family")
         print(f"npz: {path}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    try:
+        from benchmarks.__main__ import main as bench
+    except ModuleNotFoundError:
+        raise GenkitError("the benchmarks live in the source checkout (benchmarks/): run `genkit bench` from "
+                          "the repository root") from None
+    bench(args.args, prog="genkit bench")
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -361,7 +373,7 @@ def _import_diffusers(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "sample": _sample, "reflow": _reflow, "recipes": _recipes, "eval": _eval,
-            "export": _export, "import-diffusers": _import_diffusers}
+            "export": _export, "import-diffusers": _import_diffusers, "bench": _bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             parser.parse_args(argv)  # argparse's own message and exit 2
         args.overrides = [*args.overrides, *extra]
+    elif args.command == "bench":  # benchmarks/__main__.py parses its own options
+        args.args = [*extra, *args.args]
     elif extra:
         parser.parse_args(argv)
     try:

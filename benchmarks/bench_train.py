@@ -41,12 +41,12 @@ DDP_UNET = dict(dim=28, dim_mults=(1, 2, 2))  # 1.10M parameters, matched to the
 class GenkitSteps:
     """genkit's Trainer after setup; `__call__(k)` runs k steps as `Trainer.fit` runs them."""
 
-    def __init__(self, size: int, root: Path, overrides: tuple[str, ...] = ()):
+    def __init__(self, size: int, root: Path, overrides: tuple[str, ...] = (), recipe: str = "ddpm_digits"):
         from genkit.config import load_recipe
         from genkit.training.logger import TrainLogger
         from genkit.training.trainer import Trainer, make_accelerator
 
-        recipe = load_recipe("ddpm_digits", [f"data.image_size={size}", f"data.batch_size={BATCH}",
+        recipe = load_recipe(recipe, [f"data.image_size={size}", f"data.batch_size={BATCH}",
                                              "train.steps=1000000", "train.sample_every=0", *overrides])
         self.trainer = tr = Trainer(recipe, root / "genkit")
         tr.run_dir.mkdir(parents=True)
@@ -113,14 +113,14 @@ class DiffusersLoop:
 class DDPTrainer:
     """denoising-diffusion-pytorch's Trainer; `__call__(k)` extends `train_num_steps` by k and trains."""
 
-    def __init__(self, size: int, folder: Path, root: Path):
+    def __init__(self, size: int, folder: Path, root: Path, sampling_steps: int | None = None):
         from denoising_diffusion_pytorch import GaussianDiffusion, Trainer, Unet
 
         torch.manual_seed(0)
         unet = Unet(channels=1, flash_attn=False, **DDP_UNET)
         self.params = sum(p.numel() for p in unet.parameters())
         diffusion = GaussianDiffusion(unet, image_size=size, timesteps=1000, beta_schedule="cosine",
-                                      objective="pred_noise")
+                                      objective="pred_noise", sampling_timesteps=sampling_steps)
         with contextlib.redirect_stdout(io.StringIO()):
             self.trainer = Trainer(diffusion, str(folder), train_batch_size=BATCH, train_lr=1e-3,
                                    train_num_steps=0, ema_decay=0.995, save_and_sample_every=10 ** 9,

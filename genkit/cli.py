@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
     s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    s.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="run the network under autocast (bf16: faster on CPUs with bf16 instructions)")
 
     r = sub.add_parser("reflow", help="write reflow pairs (noise, ODE(noise)) of a rectified-flow run",
                        description="Solve a run's ODE from seeded noise and write the pairs as safetensors "
@@ -216,7 +218,7 @@ def _sample(args: argparse.Namespace) -> None:
                if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
-                           guidance=args.guidance, **options)
+                           guidance=args.guidance, precision=args.precision, **options)
     print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")
     print(f"grid: {save_grid(out.images, args.out)}")
     if args.save_npz:

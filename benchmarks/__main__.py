@@ -22,6 +22,8 @@ BENCHMARKS = {
     "train": ("benchmarks.bench_train", "DDPM training throughput: genkit Trainer vs a plain diffusers loop vs "
               "denoising-diffusion-pytorch"),
     "sample": ("benchmarks.bench_sample", "DDIM sampling throughput: genkit vs diffusers.DDIMPipeline, same UNet"),
+    "quality": ("benchmarks.bench_quality", "Quality per compute: digits FD after equal training time, genkit vs "
+                "denoising-diffusion-pytorch and rectified-flow-pytorch"),
     "memory": ("benchmarks.bench_memory", "Peak memory of training and sampling: genkit vs peers, gradient "
                "checkpointing"),
 }

@@ -1,6 +1,6 @@
 """Quality per compute: FD on digits after the same training wall-clock budget, genkit vs peers.
 
-Run: `python -m benchmarks quality` (or `python -m benchmarks.bench_quality --budget 120 --n 500`).
+Run: `python -m benchmarks quality` (or `python -m benchmarks.bench_quality --budget 120 --n 1000`).
 
 Four contenders train on the digits at 16x16, batch 64, lr 1e-3, EMA decay 0.995, gradient
 clipping at 1.0, one thread, each for `budget` seconds of its own training time; training
@@ -130,7 +130,7 @@ def _train_for(contenders: dict[str, Any], budget: float) -> dict[str, dict]:
     return {k: {"seconds": spent[k], "steps": steps[k], "params": contenders[k].params} for k in contenders}
 
 
-def run(budget: float = 120.0, n: int = 500) -> dict:
+def run(budget: float = 120.0, n: int = 1000) -> dict:
     """Train every contender for `budget` seconds, sample n images each, FD vs digits."""
     single_thread()
     with tempfile.TemporaryDirectory(prefix="genkit-quality-") as tmp:
@@ -172,6 +172,6 @@ def markdown(results: dict) -> str:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=120.0, help="training seconds per contender")
-    p.add_argument("--n", type=int, default=500, help="samples per FD")
+    p.add_argument("--n", type=int, default=1000, help="samples per FD")
     a = p.parse_args()
     print(markdown(run(a.budget, a.n)))

@@ -21,6 +21,13 @@ BENCHMARKS = {
     "flows": ("benchmarks.bench_flows", "NICE and Glow on digits: held-out bits/dim; Glow step time vs normflows"),
     "ar": ("benchmarks.bench_ar", "AR prior sampling at 256 tokens: tokens/s with vs without the KV cache"),
     "ldm": ("benchmarks.bench_ldm", "Latent diffusion on captioned digits: prompt accuracy and FD vs guidance; latent vs pixel step cost"),
+    "train": ("benchmarks.bench_train", "DDPM training throughput: genkit Trainer vs a plain diffusers loop vs "
+              "denoising-diffusion-pytorch"),
+    "sample": ("benchmarks.bench_sample", "DDIM sampling throughput: genkit vs diffusers.DDIMPipeline, same UNet"),
+    "quality": ("benchmarks.bench_quality", "Quality per compute: digits FD after equal training time, genkit vs "
+                "denoising-diffusion-pytorch and rectified-flow-pytorch"),
+    "memory": ("benchmarks.bench_memory", "Peak memory of training and sampling: genkit vs peers, gradient "
+               "checkpointing"),
 }
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
@@ -39,11 +46,12 @@ def environment() -> str:
             f"torchmetrics {torchmetrics.__version__}, genkit {genkit.__version__}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Run the named benchmarks (all by default), print each table, append it unless --no-write."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", choices=list(BENCHMARKS), help="benchmarks to run (default: all)")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to docs/benchmarks.md")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     names = args.names or list(BENCHMARKS)
     env = environment()
     for name in names:

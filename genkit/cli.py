@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
     s.add_argument("--save-npz", type=Path, help="also save images as .npz: `images` uint8 N x C x H x W")
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    s.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="run the network under autocast (bf16: faster on CPUs with bf16 instructions)")
 
     r = sub.add_parser("reflow", help="write reflow pairs (noise, ODE(noise)) of a rectified-flow run",
                        description="Solve a run's ODE from seeded noise and write the pairs as safetensors "
@@ -118,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", type=Path, required=True, help="run folder to create")
 
     sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+    b = sub.add_parser("bench", help="run benchmarks against peers (source checkout)", add_help=False,
+                       description="`python -m benchmarks` from a source checkout; its --help lists the names.")
+    b.add_argument("args", nargs="*", help="benchmark names, --no-write, --help")
     _eval_parser(sub)
     return p
 
@@ -225,7 +230,7 @@ def _sample(args: argparse.Namespace) -> None:
                if getattr(args, k) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
-                           guidance=args.guidance, prompts=_prompts(args), **options)
+                           guidance=args.guidance, prompts=_prompts(args), precision=args.precision, **options)
     print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")
     print(f"grid: {save_grid(out.images, args.out)}")
     if args.save_npz:
@@ -250,6 +255,15 @@ def _prompts(args: argparse.Namespace) -> list[str] | None:
     if not prompts:
         raise GenkitError(f"--prompts: '{args.prompts}' holds no prompts (one per line)")
     return prompts
+
+
+def _bench(args: argparse.Namespace) -> None:
+    try:
+        from benchmarks.__main__ import main as bench
+    except ModuleNotFoundError:
+        raise GenkitError("the benchmarks live in the source checkout (benchmarks/): run `genkit bench` from "
+                          "the repository root") from None
+    bench(args.args, prog="genkit bench")
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -397,7 +411,7 @@ def _import_diffusers(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "sample": _sample, "reflow": _reflow, "recipes": _recipes, "eval": _eval,
-            "export": _export, "import-diffusers": _import_diffusers}
+            "export": _export, "import-diffusers": _import_diffusers, "bench": _bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             parser.parse_args(argv)  # argparse's own message and exit 2
         args.overrides = [*args.overrides, *extra]
+    elif args.command == "bench":  # benchmarks/__main__.py parses its own options
+        args.args = [*extra, *args.args]
     elif extra:
         parser.parse_args(argv)
     try:

@@ -149,3 +149,18 @@ def test_eval_curve_and_bpd_of_a_run(trained_run):
     out = json.loads(r.stdout)
     assert out["divergence"] == "hutchinson" and out["n"] == 2 and 0 < out["bits_per_dim"] < 20
     assert out["data"].endswith(":test")
+
+
+def test_sample_precision_bf16_is_close_to_fp32(trained_run):
+    cwd, run = trained_run
+    images = {}
+    for precision in ("no", "bf16"):
+        r = genkit("sample", str(run), "--sampler", "ddim", "--steps", "5", "--n", "8", "--precision", precision,
+                   "--out", f"g-{precision}.png", "--save-npz", f"p-{precision}.npz", cwd=cwd)
+        assert r.returncode == 0, r.stderr
+        with np.load(cwd / f"p-{precision}.npz") as z:
+            images[precision] = z["images"].astype(np.float64)
+    diff = np.abs(images["bf16"] - images["no"])
+    assert 0 < diff.mean() < 2.0  # bf16 changes some pixels by a few of 255 levels, on average < 2
+    bad = genkit("sample", str(run), "--precision", "int8", cwd=cwd)
+    assert bad.returncode == 2 and "invalid choice: 'int8'" in bad.stderr

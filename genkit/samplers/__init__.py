@@ -24,6 +24,7 @@ list of those that do, and reports the number of function evaluations (NFE) it s
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass
@@ -128,12 +129,24 @@ def _check_options(name: str, fn: Callable, options: dict[str, Any]) -> None:
                            f"{', '.join(allowed) or 'none'}")
 
 
+# `precision` of `sample`: the dtype the networks run in under autocast (the sampler state stays float32)
+PRECISIONS: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` in `precision` ("no": a null context)."""
+    if precision not in PRECISIONS:
+        raise SamplerError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 @torch.inference_mode()
 def sample(
     family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
     generator: torch.Generator | None = None, batch_size: int | None = None, schedule: str | None = None,
     noise: Tensor | None = None, condition: dict[str, Any] | None = None, guidance: float | None = None,
-    **options: Any,
+    precision: str = "no", **options: Any,
 ) -> SampleOutput:
     """Generate n images with a registered sampler, in batches, networks in eval mode.
 
@@ -144,6 +157,8 @@ def sample(
     `condition` (e.g. ``{"labels": [3]}``) goes to the family's `conditions(n, ...)`; a
     conditional family without it samples its own default (class-balanced labels).
     `guidance` is the classifier-free guidance scale w (`genkit.samplers.guidance`; 1: none).
+    `precision` "bf16" / "fp16" runs the networks under autocast (faster on CPUs with bf16
+    instructions and on GPUs); the sampler's own arithmetic stays float32.
     """
     if noise is not None and len(noise) != n:
         raise SamplerError(f"noise holds {len(noise)} states for n={n}")
@@ -155,22 +170,24 @@ def sample(
     _check_options(name, sampler_function(family, spec), options)
     steps = None if spec.adaptive or spec.needs != "denoise" else steps or family.default_steps
     batch_size = batch_size or n
+    cast = autocast(family.device, precision)
     t0 = time.perf_counter()
     was_training = family.nets.training
     family.nets.eval()
     try:
-        if spec.needs == "denoise":
-            sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
-            conds = _conditions(family, n, condition)
-            images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options, noise,
-                                            conds, guidance)
-        elif noise is not None:
-            raise SamplerError(f"sampler '{name}' does not start from given noise; use a denoising sampler")
-        else:
-            extra = dict(condition or {}, **({"guidance": guidance} if guidance is not None else {}))
-            _check_options(name, sampler_function(family, spec), extra)
-            out = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size, **options, **extra)
-            images, nfe = out if isinstance(out, tuple) else (out, 1)  # (images, nfe) or images
+        with cast:
+            if spec.needs == "denoise":
+                sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
+                conds = _conditions(family, n, condition)
+                images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options, noise,
+                                                conds, guidance)
+            elif noise is not None:
+                raise SamplerError(f"sampler '{name}' does not start from given noise; use a denoising sampler")
+            else:
+                extra = dict(condition or {}, **({"guidance": guidance} if guidance is not None else {}))
+                _check_options(name, sampler_function(family, spec), extra)
+                out = getattr(family, spec.needs)(n, generator=generator, batch_size=batch_size, **options, **extra)
+                images, nfe = out if isinstance(out, tuple) else (out, 1)  # (images, nfe) or images
     finally:
         family.nets.train(was_training)
     if images.is_cuda:

@@ -1,0 +1,177 @@
+"""Quality per compute: FD on digits after the same training wall-clock budget, genkit vs peers.
+
+Run: `python -m benchmarks quality` (or `python -m benchmarks.bench_quality --budget 120 --n 1000`).
+
+Four contenders train on the digits at 16x16, batch 64, lr 1e-3, EMA decay 0.995, gradient
+clipping at 1.0, one thread, each for `budget` seconds of its own training time; training
+chunks of 5 steps are interleaved round-robin so load from other jobs falls on all alike.
+- genkit DDPM: recipe `ddpm_digits` through genkit's Trainer (as `bench_train`), with
+  `train.lr_schedule=constant` (warmup 100) since the number of steps a budget buys is unknown.
+- denoising-diffusion-pytorch: its Trainer + GaussianDiffusion (cosine, eps), Unet dim 28
+  (1.10M parameters vs genkit's 1.11M), its EMA (update every 10 steps).
+- genkit rectified flow: recipe `rf_digits`, constant LR after warmup.
+- rectified-flow-pytorch: its Trainer + RectifiedFlow (flow prediction, MSE), its Unet dim 30
+  (1.15M parameters), images from an in-memory dataset.
+Then `n` samples per contender at 50 network evaluations: DDIM 50 steps for both DDPMs, genkit's
+`ddim` (Euler) 50 steps for its rectified flow, midpoint 25 steps for rectified-flow-pytorch
+(its odeint sampler), all from EMA weights. FD uses the shipped `digits` features against
+the 1500 training images. genkit DDPM is also sampled with `precision="bf16"` to show FD parity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import single_thread, write_png_folder
+from benchmarks.bench_train import BATCH, DDPTrainer, GenkitSteps
+
+SIZE, CHUNK, STEPS = 16, 5, 50
+RF_UNET = dict(dim=30, dim_mults=(1, 2, 2))  # 1.15M parameters
+
+
+class _UnitImages(torch.utils.data.Dataset):
+    """Images in [0, 1] from a [-1, 1] tensor (rectified-flow-pytorch normalizes them itself)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = (images + 1) / 2
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class RFPTrainer:
+    """rectified-flow-pytorch's Trainer; `__call__(k)` trains k more steps."""
+
+    def __init__(self, data: torch.Tensor, root: Path):
+        from rectified_flow_pytorch import RectifiedFlow, Trainer, Unet
+
+        torch.manual_seed(0)
+        unet = Unet(channels=1, **RF_UNET)
+        self.params = sum(p.numel() for p in unet.parameters())
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.trainer = Trainer(RectifiedFlow(unet), dataset=_UnitImages(data), num_train_steps=CHUNK,
+                                   learning_rate=1e-3, batch_size=BATCH, ema_kwargs=dict(beta=0.995),
+                                   max_grad_norm=1.0, save_results_every=10 ** 9, checkpoint_every=10 ** 9,
+                                   checkpoints_folder=str(root / "rfp-ckpt"), results_folder=str(root / "rfp"))
+
+    def __call__(self, k: int) -> None:
+        self.trainer.num_train_steps = k
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.trainer()
+
+    @torch.no_grad()
+    def images(self, n: int) -> torch.Tensor:
+        out = [self.trainer.ema_model.sample(batch_size=min(250, n - i), data_shape=(1, SIZE, SIZE),
+                                             steps=STEPS // 2 + 1) for i in range(0, n, 250)]
+        return torch.cat(out).clamp(0, 1) * 2 - 1
+
+
+def _genkit_images(g: GenkitSteps, n: int, precision: str = "no") -> torch.Tensor:
+    from genkit.samplers import sample
+
+    with g.trainer._eval_weights():
+        return sample(g.trainer.family, n, sampler="ddim", steps=STEPS, batch_size=250, precision=precision,
+                      generator=torch.Generator().manual_seed(0)).images
+
+
+def _ddp_images(d: DDPTrainer, n: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    with contextlib.redirect_stderr(io.StringIO()):  # its per-step progress bar
+        chunks = [d.trainer.ema.ema_model.sample(batch_size=min(250, n - i)) for i in range(0, n, 250)]
+    return torch.cat(chunks) * 2 - 1
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_reference() -> tuple[Any, Any]:
+    from genkit.eval.engine import EvalSettings, build_extractor, reference_stats
+
+    s = EvalSettings(features="digits", batch_size=250)
+    extractor = build_extractor(s)
+    return extractor, reference_stats("recipe:ddpm_digits", extractor, s)
+
+
+def fd_against_digits(images: torch.Tensor) -> float:
+    """FD of images in [-1, 1] vs the digits training set, shipped `digits` features."""
+    from genkit.data.base import to_uint8
+    from genkit.eval.frechet import GaussianStats, frechet_distance
+
+    extractor, ref = _digits_reference()
+    acc = GaussianStats(extractor.dim)
+    with torch.inference_mode():
+        for chunk in images.split(250):
+            acc.update(extractor(to_uint8(chunk)).double().cpu())
+    mu, sigma = acc.mean_cov()
+    return frechet_distance(ref.mu, ref.sigma, mu, sigma)
+
+
+def _train_for(contenders: dict[str, Any], budget: float) -> dict[str, dict]:
+    """Round-robin chunks of CHUNK steps until each contender has trained `budget` seconds."""
+    spent = {k: 0.0 for k in contenders}
+    steps = {k: 0 for k in contenders}
+    while any(v < budget for v in spent.values()):
+        for k, c in contenders.items():
+            if spent[k] < budget:
+                t0 = time.perf_counter()
+                c(CHUNK)
+                spent[k] += time.perf_counter() - t0
+                steps[k] += CHUNK
+    return {k: {"seconds": spent[k], "steps": steps[k], "params": contenders[k].params} for k in contenders}
+
+
+def run(budget: float = 120.0, n: int = 1000) -> dict:
+    """Train every contender for `budget` seconds, sample n images each, FD vs digits."""
+    single_thread()
+    with tempfile.TemporaryDirectory(prefix="genkit-quality-") as tmp:
+        root = Path(tmp)
+        const = ("train.lr_schedule=constant",)
+        g_ddpm = GenkitSteps(SIZE, root / "ddpm", const)
+        data = g_ddpm.trainer.dataset.images
+        cs = {"genkit DDPM": g_ddpm,
+              "denoising-diffusion-pytorch": DDPTrainer(SIZE, write_png_folder(data, root / "png"), root, STEPS),
+              "genkit rectified flow": GenkitSteps(SIZE, root / "rf", const, recipe="rf_digits"),
+              "rectified-flow-pytorch": RFPTrainer(data, root)}
+        rows = _train_for(cs, budget)
+        samplers = {"genkit DDPM": lambda: _genkit_images(g_ddpm, n),
+                    "genkit DDPM, bf16 sampling": lambda: _genkit_images(g_ddpm, n, "bf16"),
+                    "denoising-diffusion-pytorch": lambda: _ddp_images(cs["denoising-diffusion-pytorch"], n),
+                    "genkit rectified flow": lambda: _genkit_images(cs["genkit rectified flow"], n),
+                    "rectified-flow-pytorch": lambda: cs["rectified-flow-pytorch"].images(n)}
+        for k, fn in samplers.items():
+            t0 = time.perf_counter()
+            images = fn()
+            row = rows.setdefault(k, dict(rows["genkit DDPM"]))  # bf16 sampling: the same trained model
+            row["sample_seconds"] = time.perf_counter() - t0
+            row["fd"] = fd_against_digits(images)
+    return {"rows": rows, "budget": budget, "n": n}
+
+
+def markdown(results: dict) -> str:
+    """Table: training steps in the budget, FD, sampling seconds."""
+    lines = [f"Training budget {results['budget']:.0f} s of each contender's own time (interleaved chunks of "
+             f"{CHUNK} steps, one thread), batch {BATCH}; FD of {results['n']} EMA samples at 50 NFE vs the 1500 "
+             "digits training images (shipped `digits` features; lower is better).", "",
+             "| contender | params | steps in budget | images/s | FD | sampling s |", "|---|---|---|---|---|---|"]
+    for k, r in results["rows"].items():
+        lines.append(f"| {k} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['steps'] * BATCH / r['seconds']:.0f} | "
+                     f"{r['fd']:.3g} | {r['sample_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, default=120.0, help="training seconds per contender")
+    p.add_argument("--n", type=int, default=1000, help="samples per FD")
+    a = p.parse_args()
+    print(markdown(run(a.budget, a.n)))

@@ -1,0 +1,83 @@
+"""Shared pieces of the peer benchmarks: one thread, interleaved timing, FLOP counting, GEMM peak.
+
+Every contender runs on one thread (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`) and the
+contenders are timed in interleaved rounds (A, B, C, B, C, A, ...), so load from other jobs on
+the machine falls on all of them alike; tables report the median and the spread (min-max).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def single_thread() -> None:
+    """Pin this process (and the subprocesses it starts) to one intra-op thread."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def interleaved(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Call every contender once per round, rotating the order; each call returns seconds."""
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(contenders[name]())
+    return times
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of fn() (CUDA synchronised when present)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def median_spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of a list of measurements."""
+    return statistics.median(values), min(values), max(values)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs torch.utils.flop_counter attributes to fn() (matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 7) -> float:
+    """Measured FLOP/s of an n x n x n torch.mm in `dtype` on one thread: the best of `reps`."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up (oneDNN / MKL kernel selection)
+    best = min(timed(lambda: torch.mm(a, b)) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def write_png_folder(images: torch.Tensor, folder: Path) -> Path:
+    """Images in [-1, 1] (N, C, H, W) as 8-bit PNG files, for peers that train from a folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    for i, img in enumerate(pixels):
+        array = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+        Image.fromarray(array).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def fmt_rate(values: list[float], per_call: float) -> str:
+    """'median (min-max)' of per_call / seconds."""
+    rates = sorted(per_call / v for v in values)
+    return f"{statistics.median(rates):.1f} ({rates[0]:.1f}-{rates[-1]:.1f})"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genkit.errors import ConfigError, RunError, SamplerError
+from genkit.families.base import NetsFamily
 from genkit.nn.gpt import GPT, GPTConfig
 from genkit.samplers import sample
 
@@ -84,7 +85,7 @@ def load_tokenizer(run: str) -> Any:
     return tok
 
 
-class ArPrior:
+class ArPrior(NetsFamily):
     """Transformer prior over a frozen tokenizer's codes: nets {"gpt"}, one group "model"."""
 
     name = "ar_prior"
@@ -109,11 +110,6 @@ class ArPrior:
         vocab_in = self.K + max(1, self.num_classes)  # codes, then the prefix tokens (classes or one start)
         self.nets = nn.ModuleDict({"gpt": GPT(cfg.gpt, vocab_in, self.K, self.T)})
         self.tokenizer.nets.eval().requires_grad_(False)
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the trainable networks."""
-        return next(self.nets.parameters()).device
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """One optimizer group, "model": the transformer (the tokenizer is frozen, outside)."""

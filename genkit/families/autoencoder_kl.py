@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from genkit.errors import ConfigError
+from genkit.families.base import NetsFamily
 from genkit.nn.unet import check_resolution
 from genkit.samplers.adapters import randn
 
@@ -83,7 +84,7 @@ def _training_forward(vae: nn.Module, x: Tensor, eps: Tensor) -> tuple[Tensor, T
     return vae.decode(posterior.mean + posterior.std * eps).sample, posterior.kl()
 
 
-class AutoencoderKL:
+class AutoencoderKL(NetsFamily):
     """KL autoencoder family: `nets = {"vae": AutoencoderKL}`, one group "model"."""
 
     name = "autoencoder_kl"
@@ -105,15 +106,6 @@ class AutoencoderKL:
             if shape[1] < 16:
                 raise ConfigError(f"model.perceptual=lpips needs images of at least 16 px, got {shape[1]}")
             self.lpips = build_lpips()
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the trainable networks."""
-        return next(self.nets.parameters()).device
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """One optimizer group, "model": the diffusers AutoencoderKL."""
-        return {"model": list(self.nets.parameters())}
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward (train.gradient_checkpointing): less memory, more compute."""

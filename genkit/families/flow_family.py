@@ -24,12 +24,13 @@ from torch import Tensor, nn
 from genkit.data.base import to_uint8
 from genkit.errors import SamplerError
 from genkit.eval.likelihood import bits_per_dim, dequantize_with, reduce_bits
+from genkit.families.base import NetsFamily
 from genkit.samplers import sample
 
 INIT_SEED = 0  # dequantization noise of the data-dependent initialisation (draws no global RNG)
 
 
-class FlowFamily:
+class FlowFamily(NetsFamily):
     """Base of NICE and Glow: `nets = {"flow": module}`, one parameter group "model"."""
 
     name: str
@@ -42,19 +43,10 @@ class FlowFamily:
         self.dims = math.prod(shape)
         self.nets = nn.ModuleDict({"flow": flow})
 
-    @property
-    def device(self) -> torch.device:
-        """The device of the trainable networks."""
-        return next(self.nets.parameters()).device
-
     def flow(self) -> nn.Module:
         """The network itself (unwrapped from DDP, for its non-forward methods)."""
         net = self.nets["flow"]
         return getattr(net, "module", net)
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """One optimizer group, "model": the flow."""
-        return {"model": list(self.nets.parameters())}
 
     # -- likelihood and training -------------------------------------------------------
     def log_prob(self, x: Tensor) -> Tensor:

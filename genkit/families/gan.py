@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from genkit.errors import ConfigError, SamplerError
+from genkit.families.base import NetsFamily
 from genkit.nn.gan_nets import Critic, CriticConfig, Generator, GeneratorConfig
 from genkit.nn.lipschitz import clip_weights, critic_grad_norm, gradient_penalty, interpolate
 from genkit.samplers import sample
@@ -90,7 +91,7 @@ def truncated_latents(shape: tuple[int, ...], generator: torch.Generator | None,
     return z
 
 
-class GAN:
+class GAN(NetsFamily):
     """A generator G and a critic f trained adversarially through two parameter groups, "G" and "D"."""
 
     name = "gan"
@@ -122,11 +123,6 @@ class GAN:
         if cfg.loss == "wgan-gp" and cfg.critic.norm == "batch":
             raise ConfigError("model.critic.norm: batch norm couples the samples whose input gradients "
                               "the gradient penalty constrains (WGAN-GP sec. 4); use none or layer")
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the trainable networks."""
-        return next(self.nets.parameters()).device
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Two optimizer groups: "G" (generator) and "D" (critic / discriminator)."""

@@ -33,6 +33,7 @@ import yaml
 from torch import Tensor, nn
 
 from genkit.errors import ConfigError, DataError, SamplerError
+from genkit.families.base import NetsFamily
 from genkit.families.ddpm import NoiseSchedule, make_betas, output_to_x0
 from genkit.families.first_stage import latent_scale_factor, latent_shape, load_first_stage
 from genkit.families.unet_family import null_dropout, sample_labels
@@ -74,7 +75,7 @@ class LDMConfig:
     init_from: str | None = None                 # an LDM run to fine-tune (LoRA or full)
 
 
-class LDM:
+class LDM(NetsFamily):
     """Latent diffusion family: `nets = {"unet", "text" (when trained from scratch)}`, one group "model"."""
 
     name = "ldm"
@@ -111,11 +112,6 @@ class LDM:
             self.nets["text"] = text
         if cfg.lora.rank:
             add_lora(self.nets, cfg.lora)
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the trainable networks."""
-        return next(self.nets.parameters()).device
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """One optimizer group, "model": the UNet and a from-scratch text encoder (LoRA: adapters only)."""

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from genkit.errors import ConfigError, SamplerError
+from genkit.families.base import NetsFamily
 from genkit.nn.unet import UNetConfig, build_unet
 from genkit.samplers import sample
 
@@ -43,7 +44,7 @@ def null_dropout(label: Tensor, p: float, null_label: int, opt: Any) -> Tensor:
     return torch.where(drop | (label < 0), torch.full_like(label, null_label), label)
 
 
-class UNetFamily:
+class UNetFamily(NetsFamily):
     """Base of DDPM and rectified flow: `nets = {"unet": UNet2DModel}`, one group "model"."""
 
     name: str
@@ -63,15 +64,6 @@ class UNetFamily:
             self.num_classes = num_classes
         embeds = self.num_classes + 1 if self.num_classes else None  # + the null label
         self.nets = nn.ModuleDict({"unet": build_unet(unet, shape[0], shape[1], num_class_embeds=embeds)})
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the networks."""
-        return next(self.nets.parameters()).device
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """One parameter group, "model": every UNet parameter."""
-        return {"model": list(self.nets.parameters())}
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute UNet activations in the backward pass (train.gradient_checkpointing)."""

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genkit.errors import ConfigError, SamplerError
+from genkit.families.base import NetsFamily
 from genkit.nn.vq import VectorQuantizer
 from genkit.nn.vqgan_nets import Decoder, Encoder, PatchDiscriminator
 
@@ -117,7 +118,7 @@ def _unwrap(net: nn.Module) -> nn.Module:
     return getattr(net, "module", net)  # DDP / accelerate wrappers keep the module here
 
 
-class VQGAN:
+class VQGAN(NetsFamily):
     """VQGAN tokenizer family: nets {"autoencoder", "disc"}, groups {"ae", "disc"}."""
 
     name = "vqgan"
@@ -137,11 +138,6 @@ class VQGAN:
                 raise ConfigError(f"model.perceptual={cfg.perceptual} with {cfg.perceptual_net} needs "
                                   f"data.image_size >= {MIN_SIZE[cfg.perceptual_net]}, got {shape[1]}")
             self.perceptual = build_perceptual(cfg)
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the trainable networks."""
-        return next(self.nets.parameters()).device
 
     @property
     def num_codes(self) -> int:

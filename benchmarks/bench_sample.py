@@ -8,7 +8,9 @@ weights: throughput does not depend on them) is sampled with 50 DDIM steps, eta 
 scheduler `genkit export` writes (`genkit.interop.ddpm_scheduler`; `use_clipped_model_output`
 as the export documents), `output_type="pt"`. One thread, interleaved rounds, images/s median
 (min-max). The max |difference| of the two outputs from the same generator is reported to
-show that both compute the same thing.
+show that both compute the same thing. genkit also runs with `precision="bf16"` (autocast) and
+with `compile=True` (torch.compile with frozen weights, `genkit.samplers.compiled`); the first
+call's seconds, which hold the one-off compile, are reported apart from the rounds.
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ def pipeline(family: Any) -> Any:
     return pipe
 
 
-def genkit_images(family: Any, seed: int, precision: str = "no") -> torch.Tensor:
-    """BATCH images from genkit's ddim, 50 steps (bf16: under CPU/CUDA autocast)."""
+def genkit_images(family: Any, seed: int, precision: str = "no", compile: bool = False) -> torch.Tensor:
+    """BATCH images from genkit's ddim, 50 steps (bf16: under CPU/CUDA autocast; compile: torch.compile)."""
     from genkit.samplers import sample
 
     kw = {"precision": precision} if precision != "no" else {}
     return sample(family, BATCH, sampler="ddim", steps=STEPS, generator=torch.Generator().manual_seed(seed),
-                  **kw).images
+                  compile=compile, **kw).images
 
 
 def diffusers_images(pipe: Any, seed: int) -> torch.Tensor:
@@ -62,8 +64,13 @@ def diffusers_images(pipe: Any, seed: int) -> torch.Tensor:
     return out * 2 - 1  # the pipeline returns [0, 1]
 
 
-def run(configs: tuple[str, ...] = tuple(CONFIGS), rounds: int = 5, bf16: bool = True) -> dict:
-    """Interleaved timings per config: genkit ddim (fp32, and bf16 autocast) vs DDIMPipeline."""
+def run(configs: tuple[str, ...] = tuple(CONFIGS), rounds: int = 5, bf16: bool = True,
+        compile: bool = True) -> dict:
+    """Interleaved timings per config: genkit ddim (fp32; bf16 autocast; torch.compile) vs DDIMPipeline.
+
+    The first call of each contender is its warm-up (and, with compile, the one-off compile,
+    whose seconds are reported apart from the steady-state rounds).
+    """
     single_thread()
     results = {}
     for name in configs:
@@ -73,11 +80,17 @@ def run(configs: tuple[str, ...] = tuple(CONFIGS), rounds: int = 5, bf16: bool =
                       "diffusers DDIMPipeline": lambda: diffusers_images(pipe, 0)}
         if bf16:
             contenders["genkit ddim, bf16 autocast"] = lambda: genkit_images(family, 0, "bf16")
+        if compile:
+            contenders["genkit ddim, compile"] = lambda: genkit_images(family, 0, compile=True)
+        if compile and bf16:
+            contenders["genkit ddim, compile + bf16"] = lambda: genkit_images(family, 0, "bf16", compile=True)
+        outputs, first = {}, {}
         with contextlib.redirect_stderr(None):
-            outputs = {k: fn() for k, fn in contenders.items()}  # warm-up and parity
+            for k, fn in contenders.items():  # warm-up (compile) and parity
+                first[k] = timed(lambda: outputs.__setitem__(k, fn()))
         times = interleaved({k: (lambda fn=fn: timed(fn)) for k, fn in contenders.items()}, rounds)
         ref = outputs["diffusers DDIMPipeline"]
-        results[name] = {k: {"seconds": times[k], "diff": float((outputs[k] - ref).abs().max())}
+        results[name] = {k: {"seconds": times[k], "first": first[k], "diff": float((outputs[k] - ref).abs().max())}
                          for k in contenders}
     return {"configs": results, "rounds": rounds}
 
@@ -86,14 +99,16 @@ def markdown(results: dict) -> str:
     """Table: images/s median (min-max), speed-up over DDIMPipeline, max |diff| to its output."""
     lines = [f"DDIM {STEPS} steps, eta 0, batch {BATCH}, one thread, {results['rounds']} interleaved rounds; "
              "images/s median (min-max); max |diff| = largest pixel difference from DDIMPipeline's output "
-             "(same UNet, same generator; images in [-1, 1]).", "",
-             "| config | contender | images/s | vs DDIMPipeline | max abs diff |", "|---|---|---|---|---|"]
+             "(same UNet, same generator; images in [-1, 1]); first call s = the warm-up call, which "
+             "includes the one-off torch.compile.", "",
+             "| config | contender | images/s | vs DDIMPipeline | max abs diff | first call s |",
+             "|---|---|---|---|---|---|"]
     for name, rows in results["configs"].items():
         base = median_spread(rows["diffusers DDIMPipeline"]["seconds"])[0]
         for k, r in rows.items():
             med, lo, hi = median_spread(r["seconds"])
             lines.append(f"| {name} | {k} | {BATCH / med:.1f} ({BATCH / hi:.1f}-{BATCH / lo:.1f}) | "
-                         f"{base / med:.2f}x | {r['diff']:.2g} |")
+                         f"{base / med:.2f}x | {r['diff']:.2g} | {r['first']:.1f} |")
     return "\n".join(lines)
 
 
@@ -102,5 +117,6 @@ if __name__ == "__main__":
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-bf16", action="store_true", help="fp32 contenders only")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile contenders")
     a = p.parse_args()
-    print(markdown(run(tuple(a.configs), a.rounds, not a.no_bf16)))
+    print(markdown(run(tuple(a.configs), a.rounds, not a.no_bf16, not a.no_compile)))

@@ -133,7 +133,9 @@ def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None
         prompts: text prompts of a text-conditioned run (latent diffusion): one for all n, or
             several used in turn; default the run's `model.sample_prompts`.
         **options: sampler options, e.g. ``eta=0.5`` for DDIM, ``rtol``/``atol`` for rk45;
-            ``precision="bf16"`` (or "fp16") runs the networks under autocast (docs/benchmarks.md).
+            ``precision="bf16"`` (or "fp16") runs the networks under autocast; ``compile=True``
+            runs them as torch.compile'd copies with frozen weights (a one-off compile, then
+            faster steps; docs/benchmarks.md).
     """
     return sample_with_info(family, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                             schedule=schedule, labels=labels, guidance=guidance, prompts=prompts,

@@ -2,7 +2,7 @@
 
 Run: `python -m benchmarks quality` (or `python -m benchmarks.bench_quality --budget 120 --n 1000`).
 
-Four contenders train on the digits at 16x16, batch 64, lr 1e-3, EMA decay 0.995, gradient
+Five contenders train on the digits at 16x16, batch 64, lr 1e-3, EMA decay 0.995, gradient
 clipping at 1.0, one thread, each for `budget` seconds of its own training time; training
 chunks of 5 steps are interleaved round-robin so load from other jobs falls on all alike.
 - genkit DDPM: recipe `ddpm_digits` through genkit's Trainer (as `bench_train`), with
@@ -12,9 +12,12 @@ chunks of 5 steps are interleaved round-robin so load from other jobs falls on a
 - genkit rectified flow: recipe `rf_digits`, constant LR after warmup.
 - rectified-flow-pytorch: its Trainer + RectifiedFlow (flow prediction, MSE), its Unet dim 30
   (1.15M parameters), images from an in-memory dataset.
+- torchcfm: `ConditionalFlowMatcher(sigma=0)` with its UNetModelWrapper (1.11M parameters),
+  the loop of its CIFAR-10 example (Adam, clipping, EMA each step) on in-memory batches.
 Then `n` samples per contender at 50 network evaluations: DDIM 50 steps for both DDPMs, genkit's
 `ddim` (Euler) 50 steps for its rectified flow, midpoint 25 steps for rectified-flow-pytorch
-(its odeint sampler), all from EMA weights. FD uses the shipped `digits` features against
+(its odeint sampler), Euler 50 steps through torchdyn's NeuralODE for torchcfm (as its
+examples), all from EMA weights. FD uses the shipped `digits` features against
 the 1500 training images. genkit DDPM is also sampled with `precision="bf16"` to show FD parity.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import io
 import tempfile
@@ -76,6 +80,60 @@ class RFPTrainer:
         out = [self.trainer.ema_model.sample(batch_size=min(250, n - i), data_shape=(1, SIZE, SIZE),
                                              steps=STEPS // 2 + 1) for i in range(0, n, 250)]
         return torch.cat(out).clamp(0, 1) * 2 - 1
+
+
+TCFM_UNET = dict(num_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2), attention_resolutions="4",
+                 num_head_channels=32)  # 1.11M parameters, attention at 4x4 as genkit's UNet
+
+
+class TorchCFMTrainer:
+    """torchcfm's own training recipe (its examples/images/cifar10/train_cifar10.py), written out:
+    `ConditionalFlowMatcher(sigma=0)` (the rectified-flow path), its UNetModelWrapper, Adam,
+    gradient clipping, EMA after every step; torchcfm ships the loss and the nets, not a trainer.
+    `__call__(k)` trains k more steps on shuffled in-memory batches."""
+
+    def __init__(self, data: torch.Tensor):
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+        from torchcfm.models.unet.unet import UNetModelWrapper
+
+        torch.manual_seed(0)
+        self.data, self.order, self.pos = data, torch.randperm(len(data)), 0
+        self.net = UNetModelWrapper(dim=(1, SIZE, SIZE), **TCFM_UNET)
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.params = sum(p.numel() for p in self.net.parameters())
+        self.fm = ConditionalFlowMatcher(sigma=0.0)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+
+    def _batch(self) -> torch.Tensor:
+        if self.pos + BATCH > len(self.data):
+            self.order, self.pos = torch.randperm(len(self.data)), 0
+        idx = self.order[self.pos:self.pos + BATCH]
+        self.pos += BATCH
+        return self.data[idx]
+
+    def __call__(self, k: int) -> None:
+        for _ in range(k):
+            x1 = self._batch()
+            t, xt, ut = self.fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
+            loss = torch.mean((self.net(t, xt) - ut) ** 2)
+            self.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+            self.opt.step()
+            with torch.no_grad():  # its examples' ema(): target = decay * target + (1 - decay) * source
+                for e, p in zip(self.ema.parameters(), self.net.parameters()):
+                    e.mul_(0.995).add_(p, alpha=1 - 0.995)
+
+    @torch.no_grad()
+    def images(self, n: int) -> torch.Tensor:
+        """Euler, 50 steps from t = 0 (noise) to 1 (data), through torchdyn's NeuralODE as its examples."""
+        from torchdyn.core import NeuralODE
+
+        node = NeuralODE(self.ema, solver="euler")
+        torch.manual_seed(0)
+        out = [node.trajectory(torch.randn(min(250, n - i), 1, SIZE, SIZE), t_span=torch.linspace(0, 1, STEPS + 1))[-1]
+               for i in range(0, n, 250)]
+        return torch.cat(out).clamp(-1, 1)
 
 
 def _genkit_images(g: GenkitSteps, n: int, precision: str = "no") -> torch.Tensor:
@@ -141,13 +199,15 @@ def run(budget: float = 120.0, n: int = 1000) -> dict:
         cs = {"genkit DDPM": g_ddpm,
               "denoising-diffusion-pytorch": DDPTrainer(SIZE, write_png_folder(data, root / "png"), root, STEPS),
               "genkit rectified flow": GenkitSteps(SIZE, root / "rf", const, recipe="rf_digits"),
-              "rectified-flow-pytorch": RFPTrainer(data, root)}
+              "rectified-flow-pytorch": RFPTrainer(data, root),
+              "torchcfm": TorchCFMTrainer(data)}
         rows = _train_for(cs, budget)
         samplers = {"genkit DDPM": lambda: _genkit_images(g_ddpm, n),
                     "genkit DDPM, bf16 sampling": lambda: _genkit_images(g_ddpm, n, "bf16"),
                     "denoising-diffusion-pytorch": lambda: _ddp_images(cs["denoising-diffusion-pytorch"], n),
                     "genkit rectified flow": lambda: _genkit_images(cs["genkit rectified flow"], n),
-                    "rectified-flow-pytorch": lambda: cs["rectified-flow-pytorch"].images(n)}
+                    "rectified-flow-pytorch": lambda: cs["rectified-flow-pytorch"].images(n),
+                    "torchcfm": lambda: cs["torchcfm"].images(n)}
         for k, fn in samplers.items():
             t0 = time.perf_counter()
             images = fn()

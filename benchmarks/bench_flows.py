@@ -141,10 +141,89 @@ def step_times(repeats: int = 10) -> list[dict]:
     return rows
 
 
-def run(root: str = "runs", ode_root: str | None = None, ode_n: int = 16, repeats: int = 10) -> dict:
+class NormflowsAsFamily:
+    """A normflows model seen through genkit's flow interface, for `family_bits_per_dim`.
+
+    normflows' examples train on y = (k + u) / 256 in [0, 1); genkit's flows model
+    x = 2 (k + u) / 256 - 1 = 2y - 1 in [-1, 1]. So log p_x(x) = log p_y((x + 1) / 2) - D ln 2
+    (the Jacobian of y -> x), and both models then go through the same dequantization and
+    bits/dim formula."""
+
+    name, n_bits = "normflows", 8
+
+    def __init__(self, model: torch.nn.Module, shape: tuple[int, int, int]):
+        self.nets = torch.nn.ModuleDict({"flow": model})
+        self.sample_shape, self.dims = tuple(shape), math.prod(shape)
+        self.device = next(model.parameters()).device
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x) in nats for x in [-1, 1]."""
+        return self.nets["flow"].log_prob((x + 1) / 2, None) - self.dims * math.log(2)
+
+
+class NormflowsLoop:
+    """normflows' Glow example loop (its examples/glow.ipynb): Adamax (lr 1e-3, weight decay
+    1e-5), `forward_kld` on uniformly dequantized [0, 1) batches, steps with a non-finite loss
+    skipped. `__call__(k)` trains k more steps."""
+
+    def __init__(self, levels: torch.Tensor, shape, size: tuple[int, int, int]):
+        from benchmarks.common import ShuffledBatches
+
+        torch.manual_seed(0)
+        self.model = normflows_glow(shape, *size)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.opt = torch.optim.Adamax(self.model.parameters(), lr=1e-3, weight_decay=1e-5)
+        self.batch = ShuffledBatches(levels, BUDGET_BATCH)
+
+    def __call__(self, k: int) -> None:
+        for _ in range(k):
+            levels = self.batch()
+            loss = self.model.forward_kld((levels.float() + torch.rand(levels.shape)) / 256)
+            if torch.isfinite(loss):
+                loss.backward()
+                self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+BUDGET_BATCH, BUDGET_CHUNK = 64, 5
+
+
+def equal_budget(budget: float = 120.0) -> dict:
+    """genkit Glow (recipe glow_digits through genkit's Trainer, constant LR after warm-up) vs
+    normflows' Glow at matched size, each trained `budget` seconds of its own time; held-out
+    bits/dim of both through `family_bits_per_dim` (same dequantization noise, same formula)."""
+    import tempfile
+
+    from benchmarks.bench_train import GenkitSteps
+    from benchmarks.common import single_thread, train_for
+    from genkit.data.base import to_uint8
+    from genkit.eval.likelihood import family_bits_per_dim
+    from genkit.eval.specs import iter_images
+
+    single_thread()
+    shape, levels, k, hidden, _ = SIZES["digits (glow_digits)"]
+    held_out = torch.cat(list(iter_images("recipe:glow_digits:test", None, 100)))
+
+    def bpd(family) -> dict:
+        return family_bits_per_dim(family, held_out, batch_size=100, generator=torch.Generator().manual_seed(0))
+
+    with tempfile.TemporaryDirectory(prefix="genkit-flows-") as tmp:
+        ours = GenkitSteps(shape[-1], Path(tmp), ("train.lr_schedule=constant",), recipe="glow_digits")
+        train = to_uint8(ours.trainer.dataset.images)
+        theirs = NormflowsLoop(train, shape, (levels, k, hidden))
+        rows = train_for({"genkit Glow": ours, "normflows Glow": theirs}, budget, BUDGET_CHUNK)
+        with ours.trainer._eval_weights():
+            rows["genkit Glow"].update(bpd(ours.trainer.family), weights="EMA (recipe default)")
+        rows["genkit Glow, raw weights"] = dict(rows["genkit Glow"], **bpd(ours.trainer.family), weights="raw")
+        rows["normflows Glow"].update(bpd(NormflowsAsFamily(theirs.model, shape)), weights="raw (no EMA)")
+    return {"rows": rows, "budget": budget, "held_out": len(held_out)}
+
+
+def run(root: str = "runs", ode_root: str | None = None, ode_n: int = 16, repeats: int = 10,
+        budget: float = 120.0) -> dict:
     root = Path(root)
     return {"bpd": held_out_bpd(root, Path(ode_root) if ode_root else root, ode_n),
-            "steps": step_times(repeats), "ode_n": ode_n}
+            "steps": step_times(repeats), "ode_n": ode_n, "budget": equal_budget(budget)}
 
 
 def markdown(result: dict) -> str:
@@ -162,9 +241,24 @@ def markdown(result: dict) -> str:
                      f"{r['batch']} | {r['genkit_params']:,} | {r['normflows_params']:,} | {r['genkit_s']:.4f} | "
                      f"{r['normflows_s']:.4f} | {r['genkit_s'] / r['normflows_s']:.2f} |")
     dev = result["steps"][0]
-    return ("\n".join(lines) + f"\n\nStep = log-likelihood forward + backward + Adam step, fp32, median of "
+    text = ("\n".join(lines) + f"\n\nStep = log-likelihood forward + backward + Adam step, fp32, median of "
             f"interleaved repeats on {dev['device']} with {dev['threads']} thread(s). ODE bits/dim on the first "
             f"{result['ode_n']} held-out images only (Hutchinson, rtol = atol = 1e-3).")
+    return text + "\n\n" + budget_markdown(result["budget"]) if "budget" in result else text
+
+
+def budget_markdown(b: dict) -> str:
+    """Table of the equal-budget comparison: steps, images/s, held-out bits/dim."""
+    lines = [f"Equal training budget: {b['budget']:.0f} s of each contender's own time (interleaved chunks of "
+             f"{BUDGET_CHUNK} steps, one thread), batch {BUDGET_BATCH}, digits 16x16, L=2, K=4, hidden 64; held-out "
+             f"bits/dim on the {b['held_out']} held-out digits, same dequantization noise and formula for both.", "",
+             "| contender | weights | params | steps in budget | images/s | held-out bits/dim | std. error |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in b["rows"].items():
+        lines.append(f"| {name} | {r['weights']} | {r['params']:,} | {r['steps']} | "
+                     f"{r['steps'] * BUDGET_BATCH / r['seconds']:.0f} | {r['bits_per_dim']:.3f} | "
+                     f"{r['bits_per_dim_std'] / math.sqrt(r['n']):.3f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
@@ -173,5 +267,10 @@ if __name__ == "__main__":
     p.add_argument("--ode-root", default=None)
     p.add_argument("--ode-n", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--budget", type=float, default=120.0, help="training seconds per Glow (equal budget)")
+    p.add_argument("--budget-only", action="store_true", help="only the equal-budget Glow comparison")
     a = p.parse_args()
-    print(markdown(run(a.root, a.ode_root, a.ode_n, a.repeats)))
+    if a.budget_only:
+        print(budget_markdown(equal_budget(a.budget)))
+    else:
+        print(markdown(run(a.root, a.ode_root, a.ode_n, a.repeats, a.budget)))

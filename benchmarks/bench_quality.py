@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import single_thread, write_png_folder
+from benchmarks.common import ShuffledBatches, single_thread, train_for, write_png_folder
 from benchmarks.bench_train import BATCH, DDPTrainer, GenkitSteps
 
 SIZE, CHUNK, STEPS = 16, 5, 50
@@ -97,23 +97,16 @@ class TorchCFMTrainer:
         from torchcfm.models.unet.unet import UNetModelWrapper
 
         torch.manual_seed(0)
-        self.data, self.order, self.pos = data, torch.randperm(len(data)), 0
+        self.batch = ShuffledBatches(data, BATCH)
         self.net = UNetModelWrapper(dim=(1, SIZE, SIZE), **TCFM_UNET)
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.params = sum(p.numel() for p in self.net.parameters())
         self.fm = ConditionalFlowMatcher(sigma=0.0)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
 
-    def _batch(self) -> torch.Tensor:
-        if self.pos + BATCH > len(self.data):
-            self.order, self.pos = torch.randperm(len(self.data)), 0
-        idx = self.order[self.pos:self.pos + BATCH]
-        self.pos += BATCH
-        return self.data[idx]
-
     def __call__(self, k: int) -> None:
         for _ in range(k):
-            x1 = self._batch()
+            x1 = self.batch()
             t, xt, ut = self.fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
             loss = torch.mean((self.net(t, xt) - ut) ** 2)
             self.opt.zero_grad()
@@ -174,20 +167,6 @@ def fd_against_digits(images: torch.Tensor) -> float:
     return frechet_distance(ref.mu, ref.sigma, mu, sigma)
 
 
-def _train_for(contenders: dict[str, Any], budget: float) -> dict[str, dict]:
-    """Round-robin chunks of CHUNK steps until each contender has trained `budget` seconds."""
-    spent = {k: 0.0 for k in contenders}
-    steps = {k: 0 for k in contenders}
-    while any(v < budget for v in spent.values()):
-        for k, c in contenders.items():
-            if spent[k] < budget:
-                t0 = time.perf_counter()
-                c(CHUNK)
-                spent[k] += time.perf_counter() - t0
-                steps[k] += CHUNK
-    return {k: {"seconds": spent[k], "steps": steps[k], "params": contenders[k].params} for k in contenders}
-
-
 def run(budget: float = 120.0, n: int = 1000) -> dict:
     """Train every contender for `budget` seconds, sample n images each, FD vs digits."""
     single_thread()
@@ -201,7 +180,7 @@ def run(budget: float = 120.0, n: int = 1000) -> dict:
               "genkit rectified flow": GenkitSteps(SIZE, root / "rf", const, recipe="rf_digits"),
               "rectified-flow-pytorch": RFPTrainer(data, root),
               "torchcfm": TorchCFMTrainer(data)}
-        rows = _train_for(cs, budget)
+        rows = train_for(cs, budget, CHUNK)
         samplers = {"genkit DDPM": lambda: _genkit_images(g_ddpm, n),
                     "genkit DDPM, bf16 sampling": lambda: _genkit_images(g_ddpm, n, "bf16"),
                     "denoising-diffusion-pytorch": lambda: _ddp_images(cs["denoising-diffusion-pytorch"], n),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ def pipeline(family: Any) -> Any:
     return pipe
 
 
-def genkit_images(family: Any, seed: int, precision: str = "no", compile: bool = False) -> torch.Tensor:
+def genkit_images(family: Any, seed: int, precision: str = "no", compile: bool | str = False) -> torch.Tensor:
     """BATCH images from genkit's ddim, 50 steps (bf16: under CPU/CUDA autocast; compile: torch.compile)."""
     from genkit.samplers import sample
 
@@ -82,10 +83,11 @@ def run(configs: tuple[str, ...] = tuple(CONFIGS), rounds: int = 5, bf16: bool =
             contenders["genkit ddim, bf16 autocast"] = lambda: genkit_images(family, 0, "bf16")
         if compile:
             contenders["genkit ddim, compile"] = lambda: genkit_images(family, 0, compile=True)
+            contenders["genkit ddim, compile max-autotune"] = lambda: genkit_images(family, 0, compile="max-autotune")
         if compile and bf16:
             contenders["genkit ddim, compile + bf16"] = lambda: genkit_images(family, 0, "bf16", compile=True)
         outputs, first = {}, {}
-        with contextlib.redirect_stderr(None):
+        with contextlib.redirect_stderr(io.StringIO()):
             for k, fn in contenders.items():  # warm-up (compile) and parity
                 first[k] = timed(lambda: outputs.__setitem__(k, fn()))
         times = interleaved({k: (lambda fn=fn: timed(fn)) for k, fn in contenders.items()}, rounds)

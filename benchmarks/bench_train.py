@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import count_flops, gemm_peak, interleaved, median_spread, single_thread, timed, \
-    write_png_folder
+from benchmarks.common import ShuffledBatches, count_flops, gemm_peak, interleaved, median_spread, single_thread, \
+    timed, write_png_folder
 
 CONFIGS = {"digits16": 16, "digits32": 32}
 BATCH = 64
@@ -83,17 +83,8 @@ class DiffusersLoop:
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
         self.lr = get_scheduler("cosine", self.opt, num_warmup_steps=100, num_training_steps=1000000)
         self.ema = EMAModel(self.unet.parameters(), decay=0.995, use_ema_warmup=True)
-        self.data = data
-        self.order = torch.randperm(len(data))
-        self.pos = 0
+        self.batch = ShuffledBatches(data, BATCH)
         self.params = sum(p.numel() for p in self.unet.parameters())
-
-    def batch(self) -> torch.Tensor:
-        if self.pos + BATCH > len(self.data):
-            self.order, self.pos = torch.randperm(len(self.data)), 0
-        idx = self.order[self.pos:self.pos + BATCH]
-        self.pos += BATCH
-        return self.data[idx]
 
     def __call__(self, k: int = 1) -> None:
         for _ in range(k):

@@ -65,6 +65,36 @@ def gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 7) -> float:
     return 2 * n ** 3 / best
 
 
+class ShuffledBatches:
+    """Batches of `batch` rows of an in-memory tensor, reshuffled each epoch (the peers' loops)."""
+
+    def __init__(self, data: torch.Tensor, batch: int):
+        self.data, self.batch = data, batch
+        self.order, self.pos = torch.randperm(len(data)), 0
+
+    def __call__(self) -> torch.Tensor:
+        if self.pos + self.batch > len(self.data):
+            self.order, self.pos = torch.randperm(len(self.data)), 0
+        idx = self.order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return self.data[idx]
+
+
+def train_for(contenders: dict[str, Callable[[int], object]], budget: float, chunk: int) -> dict[str, dict]:
+    """Round-robin calls contender(chunk) (chunk more training steps) until each has trained
+    `budget` seconds of its own time; machine load falls on all alike. Contenders carry `params`."""
+    spent = {k: 0.0 for k in contenders}
+    steps = {k: 0 for k in contenders}
+    while any(v < budget for v in spent.values()):
+        for k, c in contenders.items():
+            if spent[k] < budget:
+                t0 = time.perf_counter()
+                c(chunk)
+                spent[k] += time.perf_counter() - t0
+                steps[k] += chunk
+    return {k: {"seconds": spent[k], "steps": steps[k], "params": contenders[k].params} for k in contenders}
+
+
 def write_png_folder(images: torch.Tensor, folder: Path) -> Path:
     """Images in [-1, 1] (N, C, H, W) as 8-bit PNG files, for peers that train from a folder."""
     from PIL import Image

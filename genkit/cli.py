@@ -85,9 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     s.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no",
                    help="run the network under autocast (bf16: faster on CPUs with bf16 instructions)")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks with frozen weights: a one-off compile, then faster steps "
-                        "(worth it for many images; docs/benchmarks.md)")
+    _compile_arguments(s, "torch.compile the networks with frozen weights: a one-off compile, then faster "
+                          "steps (worth it for many images; docs/benchmarks.md)")
 
     r = sub.add_parser("reflow", help="write reflow pairs (noise, ODE(noise)) of a rectified-flow run",
                        description="Solve a run's ODE from seeded noise and write the pairs as safetensors "
@@ -203,10 +202,22 @@ def _eval_parser(sub: Any) -> None:
         if name not in ("curve", "bpd", "straightness", "recon"):
             m.add_argument("--sampler", help="sampler for run folders (default: the family's)")
             m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
-            m.add_argument("--compile", action="store_true",
-                           help="run folders: torch.compile the networks (a one-off compile, then faster sampling)")
+            _compile_arguments(m, "run folders: torch.compile the networks (a one-off compile, then faster "
+                                  "sampling)")
         m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
         m.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+
+
+def _compile_arguments(p: argparse.ArgumentParser, help: str) -> None:
+    """--compile and --compile-mode (a torch.compile mode; implies --compile)."""
+    p.add_argument("--compile", action="store_true", help=help)
+    p.add_argument("--compile-mode", metavar="MODE",
+                   help="torch.compile mode for --compile, e.g. max-autotune (implies --compile)")
+
+
+def _compile(args: argparse.Namespace) -> bool | str:
+    """`sample`'s compile argument from --compile / --compile-mode."""
+    return getattr(args, "compile_mode", None) or getattr(args, "compile", False)
 
 
 def _w1_arguments(m: argparse.ArgumentParser) -> None:
@@ -236,7 +247,7 @@ def _sample(args: argparse.Namespace) -> None:
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
                            guidance=args.guidance, prompts=_prompts(args), precision=args.precision,
-                           compile=args.compile, **options)
+                           compile=_compile(args), **options)
     print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")
     print(f"grid: {save_grid(out.images, args.out)}")
     if args.save_npz:
@@ -296,7 +307,7 @@ def _eval(args: argparse.Namespace) -> None:
                             device=args.device, seed=args.seed,
                             sample=SampleSettings(sampler=getattr(args, "sampler", None),
                                                   steps=getattr(args, "steps", None),
-                                                  options={"compile": True} if getattr(args, "compile", False)
+                                                  options={"compile": _compile(args)} if _compile(args)
                                                   else None))
     if args.metric == "curve":
         return _curve(args, s)

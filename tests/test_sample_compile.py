@@ -1,7 +1,9 @@
 """`genkit.samplers.sample(compile=True)`: compiled frozen copies of the networks, never stale weights."""
 
+import pytest
 import torch
 
+from genkit.errors import SamplerError
 from genkit.families.ddpm import DDPM, DDPMConfig
 from genkit.nn.unet import UNetConfig
 from genkit.samplers import sample
@@ -25,14 +27,14 @@ def test_compiled_sampling_matches_eager_and_follows_weight_updates():
     assert (compiled - eager).abs().max() < 1e-4            # same images up to float rounding
 
     _images(family, compile=True)                           # unchanged weights: the compiled copy is reused
-    assert family._genkit_compiled_nets["unet"][1] is first
+    assert family._genkit_compiled_nets["unet", "default"][1] is first
 
     with torch.no_grad():                                   # an in-place update, as an optimizer step does
         unet.conv_in.weight.mul_(1.5)
     eager2, compiled2 = _images(family), _images(family, compile=True)
     assert (eager2 - eager).abs().max() > 1e-2              # the update changes the images ...
     assert (compiled2 - eager2).abs().max() < 1e-4          # ... and compiled sampling sees it (no frozen stale graph)
-    assert family._genkit_compiled_nets["unet"][1] is not first
+    assert family._genkit_compiled_nets["unet", "default"][1] is not first
 
 
 def test_fingerprint_sees_in_place_writes_and_replaced_data():
@@ -70,3 +72,30 @@ def test_cli_compile_flag_reaches_sample_and_eval(monkeypatch, tmp_path):
     assert cli.main(["eval", "fid", "--real", "recipe:ddpm_digits", "--fake", str(tmp_path), "--n", "4",
                      "--compile"]) == 130
     assert seen["eval"] == {"compile": True}
+    cli.main(["sample", str(tmp_path), "--compile-mode", "max-autotune", "--out", str(tmp_path / "g.png")])
+    assert seen["sample"]["compile"] == "max-autotune"
+
+
+def test_unknown_compile_mode_is_refused_naming_it():
+    family = DDPM(DDPMConfig(unet=TINY_UNET), shape=(1, 8, 8))
+    with pytest.raises(SamplerError, match="compile must be true, false or one of default, .*; got 'fastest'"):
+        _images(family, compile="fastest")
+
+
+def test_a_failing_compile_is_one_line_naming_the_mode_and_leaves_the_family_intact(monkeypatch):
+    family = DDPM(DDPMConfig(unet=TINY_UNET), shape=(1, 8, 8))
+    unet = family.nets["unet"]
+
+    class Broken(torch.nn.Module):  # holds the copy's weights, as torch.compile's wrapper does
+        def __init__(self, module):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no g++ found"), None)
+
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: Broken(module))
+    with pytest.raises(SamplerError, match=r"compile='default': torch.compile failed: .*no g\+\+ found") as e:
+        _images(family, compile=True)
+    assert "\n" not in str(e.value)
+    assert family.nets["unet"] is unet and torch.equal(_images(family), _images(family))  # eager still works

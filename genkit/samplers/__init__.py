@@ -35,7 +35,7 @@ from torch import Tensor
 
 from genkit.errors import SamplerError
 from genkit.samplers.adapters import randn
-from genkit.samplers.compiled import compiled_nets
+from genkit.samplers.compiled import compile_mode, compiled_nets
 from genkit.samplers.guidance import guided, slice_condition
 from genkit.samplers.ddim import sample_ancestral, sample_ddim
 from genkit.samplers.schedules import grid
@@ -147,7 +147,7 @@ def sample(
     family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
     generator: torch.Generator | None = None, batch_size: int | None = None, schedule: str | None = None,
     noise: Tensor | None = None, condition: dict[str, Any] | None = None, guidance: float | None = None,
-    precision: str = "no", compile: bool = False, **options: Any,
+    precision: str = "no", compile: bool | str = False, **options: Any,
 ) -> SampleOutput:
     """Generate n images with a registered sampler, in batches, networks in eval mode.
 
@@ -160,8 +160,9 @@ def sample(
     `guidance` is the classifier-free guidance scale w (`genkit.samplers.guidance`; 1: none).
     `precision` "bf16" / "fp16" runs the networks under autocast (faster on CPUs with bf16
     instructions and on GPUs); the sampler's own arithmetic stays float32.
-    `compile=True` runs the networks as `torch.compile`d copies with frozen weights
-    (`genkit.samplers.compiled`): a one-off compile (tens of seconds), then faster steps.
+    `compile=True` (or a torch.compile mode, e.g. "max-autotune") runs the networks as
+    `torch.compile`d copies with frozen weights (`genkit.samplers.compiled`): a one-off
+    compile (tens of seconds), then faster steps.
     """
     if noise is not None and len(noise) != n:
         raise SamplerError(f"noise holds {len(noise)} states for n={n}")
@@ -174,7 +175,8 @@ def sample(
     steps = None if spec.adaptive or spec.needs != "denoise" else steps or family.default_steps
     batch_size = batch_size or n
     cast = autocast(family.device, precision)
-    nets = compiled_nets(family) if compile else contextlib.nullcontext()
+    mode = compile_mode(compile)
+    nets = compiled_nets(family, mode) if mode else contextlib.nullcontext()
     t0 = time.perf_counter()
     was_training = family.nets.training
     family.nets.eval()

@@ -89,6 +89,7 @@ class AutoencoderKL(NetsFamily):
 
     name = "autoencoder_kl"
     default_sampler = "direct"
+    compile_sampling = False  # `sample(compile=True)`: samples through its decoder's `decode`, which compiling the networks' forward does not reach
     default_steps = None
 
     def __init__(self, cfg: AutoencoderKLConfig, shape: tuple[int, int, int], num_classes: int = 0):

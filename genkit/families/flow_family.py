@@ -35,6 +35,7 @@ class FlowFamily(NetsFamily):
 
     name: str
     default_sampler = "direct"
+    compile_sampling = False  # `sample(compile=True)`: samples through the flow's inverse, which compiling the networks' forward does not reach
     default_steps = None
 
     def __init__(self, cfg: Any, shape: tuple[int, int, int], flow: nn.Module, n_bits: int = 8):

@@ -175,7 +175,7 @@ def sample(
     steps = None if spec.adaptive or spec.needs != "denoise" else steps or family.default_steps
     batch_size = batch_size or n
     cast = autocast(family.device, precision)
-    mode = compile_mode(compile)
+    mode = compile_mode(family, compile)
     nets = compiled_nets(family, mode) if mode else contextlib.nullcontext()
     t0 = time.perf_counter()
     was_training = family.nets.training

@@ -32,10 +32,15 @@ _CACHE = "_genkit_compiled_nets"  # family attribute: {(net name, mode): (finger
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
-def compile_mode(compile: bool | str) -> str | None:
-    """`sample`'s compile argument as a torch.compile mode (None: no compile)."""
+def compile_mode(family: Any, compile: bool | str) -> str | None:
+    """`sample`'s compile argument as a torch.compile mode (None: no compile). A family whose
+    sampling does not go through its networks' forward (flows' inverse, a decoder's `decode`)
+    says so with `compile_sampling = False` and is refused rather than silently left eager."""
     if compile is False or compile is None:
         return None
+    if not getattr(family, "compile_sampling", True):
+        raise SamplerError(f"compile: family '{family.name}' samples through methods other than its networks' "
+                           "forward, which torch.compile does not reach; sample without compile")
     if compile is True:
         return "default"
     if compile not in MODES:

@@ -15,6 +15,21 @@ Run: `OMP_NUM_THREADS=1 python -m benchmarks.bench_flows [--root runs] [--ode-ro
   `normflows.MultiscaleFlow` of `GlowBlock`s (its multi-scale prior is a learned diagonal Gaussian
   per scale, not Glow's conditional split prior; its coupling network has no ActNorm by default).
   Needs `pip install normflows` (the `bench` extra).
+* Equal budget (`equal_budget`): genkit's Glow (recipe `glow_digits` through genkit's Trainer,
+  as bench_quality drives DDPM: `_train_step` + the logger, i.e. accelerate, gradient clipping
+  at 10, EMA 0.995; `train.lr_schedule=constant` since the steps a budget buys are unknown) vs
+  normflows' Glow of the matched size in normflows' usual loop (`forward_kld`, Adam, a step
+  skipped when the loss is not finite, no clipping, no EMA). Both: batch 64, Adam lr 1e-3
+  betas (0.9, 0.999) (the glow_digits recipe's) with its 200-step linear warmup, the 1500
+  digits training images at 16x16 uniformly dequantized afresh each step, `budget` seconds of
+  each one's own training time in interleaved chunks of 5 steps, one thread. Held-out bits/dim
+  on the 297 test digits, one dequantization (seed 0) shared by both, one formula
+  (`genkit.eval.likelihood.bits_per_dim`); genkit is scored with its EMA weights (what
+  `genkit.load` gives) and with its raw weights.
+  Units: normflows is fed y = (k + u) / 256 in [0, 1] (its examples' Scale + Jitter), genkit
+  x = 2 y - 1 in [-1, 1]. With x = 2y - 1, p_x(x) = p_y(y) |dy/dx| = p_y(y) 2^-D, so
+  -log p_x(x) = -log p_y(y) + D ln 2 and the genkit formula (NLL_x - D ln 2 + 8 D ln 2) / (D ln 2)
+  becomes -log p_y(y) / (D ln 2) + 8, normflows' own bits/dim (`normflows_bits_per_dim`).
 """
 
 from __future__ import annotations
@@ -141,57 +156,69 @@ def step_times(repeats: int = 10) -> list[dict]:
     return rows
 
 
-class NormflowsAsFamily:
-    """A normflows model seen through genkit's flow interface, for `family_bits_per_dim`.
-
-    normflows' examples train on y = (k + u) / 256 in [0, 1); genkit's flows model
-    x = 2 (k + u) / 256 - 1 = 2y - 1 in [-1, 1]. So log p_x(x) = log p_y((x + 1) / 2) - D ln 2
-    (the Jacobian of y -> x), and both models then go through the same dequantization and
-    bits/dim formula."""
-
-    name, n_bits = "normflows", 8
-
-    def __init__(self, model: torch.nn.Module, shape: tuple[int, int, int]):
-        self.nets = torch.nn.ModuleDict({"flow": model})
-        self.sample_shape, self.dims = tuple(shape), math.prod(shape)
-        self.device = next(model.parameters()).device
-
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x) in nats for x in [-1, 1]."""
-        return self.nets["flow"].log_prob((x + 1) / 2, None) - self.dims * math.log(2)
+# -- equal wall-clock budget ---------------------------------------------------------------
+DIGITS = ((1, 16, 16), 2, 4, 64)  # shape, L, K, hidden: the glow_digits recipe
+BATCH, LR, WARMUP = 64, 1e-3, 200  # the glow_digits recipe's batch, Adam lr and linear warmup
 
 
-class NormflowsLoop:
-    """normflows' Glow example loop (its examples/glow.ipynb): Adamax (lr 1e-3, weight decay
-    1e-5), `forward_kld` on uniformly dequantized [0, 1) batches, steps with a non-finite loss
-    skipped. `__call__(k)` trains k more steps."""
+def normflows_bits_per_dim(log_p_unit: torch.Tensor, dims: int, n_bits: int = 8) -> torch.Tensor:
+    """Bits/dim in genkit's units from log p_y(y) of a model on y = (k + u) / 2^n in [0, 1]^D.
 
-    def __init__(self, levels: torch.Tensor, shape, size: tuple[int, int, int]):
-        from benchmarks.common import ShuffledBatches
+    genkit's model space is x = 2y - 1, so log p_x(x) = log p_y(y) - D ln 2 (the Jacobian of
+    y = (x + 1) / 2); the result is genkit's `bits_per_dim` of -log p_x(x) (= NLL_y / (D ln 2) + n).
+    """
+    from genkit.eval.likelihood import bits_per_dim
 
-        torch.manual_seed(0)
-        self.model = normflows_glow(shape, *size)
+    return bits_per_dim(-(log_p_unit - dims * math.log(2)), dims, n_bits)
+
+
+def normflows_held_out(model, images_uint8: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Per-image bits/dim of a normflows model on 8-bit images: genkit's dequantization (same
+    seed, so the same points as `family_bits_per_dim`), mapped to its [0, 1] input."""
+    from genkit.eval.likelihood import dequantize
+
+    x = dequantize(images_uint8, torch.Generator().manual_seed(seed), 8)  # [-1, 1], genkit's space
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        log_p = model.log_prob((x + 1) / 2, None)
+    model.train(was_training)
+    return normflows_bits_per_dim(log_p, x[0].numel())
+
+
+class NormflowsGlowLoop:
+    """normflows' usual training loop on its Glow; `__call__(k)` trains k more steps."""
+
+    def __init__(self, levels_uint8: torch.Tensor, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = normflows_glow(*DIGITS)
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.opt = torch.optim.Adamax(self.model.parameters(), lr=1e-3, weight_decay=1e-5)
-        self.batch = ShuffledBatches(levels, BUDGET_BATCH)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=LR, betas=(0.9, 0.999))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: min(1.0, (k + 1) / WARMUP))
+        self.data, self.gen = levels_uint8, torch.Generator().manual_seed(seed)
+        self.order, self.pos, self.skipped = torch.randperm(len(levels_uint8), generator=self.gen), 0, 0
+
+    def _batch(self) -> torch.Tensor:
+        if self.pos + BATCH > len(self.order):  # a new epoch, shuffled (drop_last, as a DataLoader)
+            self.order, self.pos = torch.randperm(len(self.data), generator=self.gen), 0
+        k = self.data[self.order[self.pos:self.pos + BATCH]].float()
+        self.pos += BATCH
+        return (k + torch.rand(k.shape, generator=self.gen)) / 256  # Scale(255/256) + Jitter(1/256)
 
     def __call__(self, k: int) -> None:
         for _ in range(k):
-            levels = self.batch()
-            loss = self.model.forward_kld((levels.float() + torch.rand(levels.shape)) / 256)
+            loss = self.model.forward_kld(self._batch())
             if torch.isfinite(loss):
                 loss.backward()
                 self.opt.step()
+            else:
+                self.skipped += 1
             self.opt.zero_grad(set_to_none=True)
-
-
-BUDGET_BATCH, BUDGET_CHUNK = 64, 5
+            self.sched.step()
 
 
 def equal_budget(budget: float = 120.0) -> dict:
-    """genkit Glow (recipe glow_digits through genkit's Trainer, constant LR after warm-up) vs
-    normflows' Glow at matched size, each trained `budget` seconds of its own time; held-out
-    bits/dim of both through `family_bits_per_dim` (same dequantization noise, same formula)."""
+    """genkit Glow (its Trainer) vs normflows Glow (its loop), `budget` s each; held-out bits/dim."""
     import tempfile
 
     from benchmarks.bench_train import GenkitSteps
@@ -201,32 +228,60 @@ def equal_budget(budget: float = 120.0) -> dict:
     from genkit.eval.specs import iter_images
 
     single_thread()
-    shape, levels, k, hidden, _ = SIZES["digits (glow_digits)"]
-    held_out = torch.cat(list(iter_images("recipe:glow_digits:test", None, 100)))
-
-    def bpd(family) -> dict:
-        return family_bits_per_dim(family, held_out, batch_size=100, generator=torch.Generator().manual_seed(0))
-
+    test = torch.cat(list(iter_images("recipe:glow_digits:test", None, 297)))
     with tempfile.TemporaryDirectory(prefix="genkit-flows-") as tmp:
-        ours = GenkitSteps(shape[-1], Path(tmp), ("train.lr_schedule=constant",), recipe="glow_digits")
-        train = to_uint8(ours.trainer.dataset.images)
-        theirs = NormflowsLoop(train, shape, (levels, k, hidden))
-        rows = train_for({"genkit Glow": ours, "normflows Glow": theirs}, budget, BUDGET_CHUNK)
+        ours = GenkitSteps(DIGITS[0][1], Path(tmp), ("train.lr_schedule=constant",), recipe="glow_digits")
+        theirs = NormflowsGlowLoop(to_uint8(ours.trainer.dataset.images))
+        rows = train_for({"genkit Glow": ours, "normflows Glow": theirs}, budget, chunk=5)
+        family = ours.trainer.family
+        raw = family_bits_per_dim(family, test, batch_size=len(test), generator=torch.Generator().manual_seed(0))
         with ours.trainer._eval_weights():
-            rows["genkit Glow"].update(bpd(ours.trainer.family), weights="EMA (recipe default)")
-        rows["genkit Glow, raw weights"] = dict(rows["genkit Glow"], **bpd(ours.trainer.family), weights="raw")
-        rows["normflows Glow"].update(bpd(NormflowsAsFamily(theirs.model, shape)), weights="raw (no EMA)")
-    return {"rows": rows, "budget": budget, "held_out": len(held_out)}
+            ema = family_bits_per_dim(family, test, batch_size=len(test), generator=torch.Generator().manual_seed(0))
+    bpd = normflows_held_out(theirs.model, test)
+    out = {"genkit Glow (EMA weights)": dict(rows["genkit Glow"], bpd=ema["bits_per_dim"],
+                                             se=ema["bits_per_dim_std"] / math.sqrt(ema["n"]), n=ema["n"]),
+           "genkit Glow (raw weights)": dict(rows["genkit Glow"], bpd=raw["bits_per_dim"],
+                                             se=raw["bits_per_dim_std"] / math.sqrt(raw["n"]), n=raw["n"]),
+           "normflows Glow": dict(rows["normflows Glow"], bpd=float(bpd.mean()),
+                                  se=float(bpd.std()) / math.sqrt(len(bpd)), n=len(bpd), skipped=theirs.skipped)}
+    return {"rows": out, "budget": budget}
 
 
 def run(root: str = "runs", ode_root: str | None = None, ode_n: int = 16, repeats: int = 10,
         budget: float = 120.0) -> dict:
+    """Held-out bits/dim of the shipped recipes, step times vs normflows, and the equal-budget race."""
     root = Path(root)
     return {"bpd": held_out_bpd(root, Path(ode_root) if ode_root else root, ode_n),
-            "steps": step_times(repeats), "ode_n": ode_n, "budget": equal_budget(budget)}
+            "steps": step_times(repeats), "ode_n": ode_n, "equal": equal_budget(budget)}
+
+
+def markdown_equal(result: dict) -> str:
+    """Table of the equal-budget race: steps, images/s, held-out bits/dim +- standard error."""
+    lines = [f"Equal training budget: {result['budget']:.0f} s of each one's own time (interleaved chunks, one "
+             f"thread), batch {BATCH}, Adam lr {LR:g} with {WARMUP}-step warmup (glow_digits' recipe); held-out "
+             "bits/dim on the 297 test digits, same dequantization and formula.", "",
+             "| contender | params | steps in budget | images/s | held-out bits/dim | std. error |",
+             "|---|---|---|---|---|---|"]
+    for k, r in result["rows"].items():
+        lines.append(f"| {k} | {r['params']:,} | {r['steps']} | {r['steps'] * BATCH / r['seconds']:.0f} | "
+                     f"{r['bpd']:.3f} | {r['se']:.3f} |")
+    return "\n".join(lines)
+
+
+def markdown_steps(steps: list[dict]) -> str:
+    """Table of genkit vs normflows Glow step times at matched sizes."""
+    lines = ["| Glow size | input | L | K | hidden | batch | genkit params | normflows params | "
+             "genkit s/step | normflows s/step | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in steps:
+        lines.append(f"| {r['size']} | {'x'.join(map(str, r['shape']))} | {r['levels']} | {r['K']} | {r['hidden']} | "
+                     f"{r['batch']} | {r['genkit_params']:,} | {r['normflows_params']:,} | {r['genkit_s']:.4f} | "
+                     f"{r['normflows_s']:.4f} | {r['genkit_s'] / r['normflows_s']:.2f} |")
+    return ("\n".join(lines) + f"\n\nStep = log-likelihood forward + backward + Adam step, fp32, median of "
+            f"interleaved repeats on {steps[0]['device']} with {steps[0]['threads']} thread(s).")
 
 
 def markdown(result: dict) -> str:
+    """All three tables: held-out bits/dim of the shipped recipes, step times, equal budget."""
     lines = ["| model | method | held-out images | bits/dim | std. error | train s | eval s |",
              "|---|---|---|---|---|---|---|"]
     for r in result["bpd"]:
@@ -234,30 +289,8 @@ def markdown(result: dict) -> str:
         se = r["bits_per_dim_std"] / math.sqrt(r["n"])
         lines.append(f"| {r['model']} | {method} | {r['n']} | {r['bits_per_dim']:.3f} | {se:.3f} | "
                      f"{r['train_seconds']:.0f} | {r['eval_seconds']:.1f} |")
-    lines += ["", "| Glow size | input | L | K | hidden | batch | genkit params | normflows params | "
-              "genkit s/step | normflows s/step | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["steps"]:
-        lines.append(f"| {r['size']} | {'x'.join(map(str, r['shape']))} | {r['levels']} | {r['K']} | {r['hidden']} | "
-                     f"{r['batch']} | {r['genkit_params']:,} | {r['normflows_params']:,} | {r['genkit_s']:.4f} | "
-                     f"{r['normflows_s']:.4f} | {r['genkit_s'] / r['normflows_s']:.2f} |")
-    dev = result["steps"][0]
-    text = ("\n".join(lines) + f"\n\nStep = log-likelihood forward + backward + Adam step, fp32, median of "
-            f"interleaved repeats on {dev['device']} with {dev['threads']} thread(s). ODE bits/dim on the first "
-            f"{result['ode_n']} held-out images only (Hutchinson, rtol = atol = 1e-3).")
-    return text + "\n\n" + budget_markdown(result["budget"]) if "budget" in result else text
-
-
-def budget_markdown(b: dict) -> str:
-    """Table of the equal-budget comparison: steps, images/s, held-out bits/dim."""
-    lines = [f"Equal training budget: {b['budget']:.0f} s of each contender's own time (interleaved chunks of "
-             f"{BUDGET_CHUNK} steps, one thread), batch {BUDGET_BATCH}, digits 16x16, L=2, K=4, hidden 64; held-out "
-             f"bits/dim on the {b['held_out']} held-out digits, same dequantization noise and formula for both.", "",
-             "| contender | weights | params | steps in budget | images/s | held-out bits/dim | std. error |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in b["rows"].items():
-        lines.append(f"| {name} | {r['weights']} | {r['params']:,} | {r['steps']} | "
-                     f"{r['steps'] * BUDGET_BATCH / r['seconds']:.0f} | {r['bits_per_dim']:.3f} | "
-                     f"{r['bits_per_dim_std'] / math.sqrt(r['n']):.3f} |")
+    lines += ["", f"ODE bits/dim on the first {result['ode_n']} held-out images only (Hutchinson, "
+              "rtol = atol = 1e-3).", "", markdown_steps(result["steps"]), "", markdown_equal(result["equal"])]
     return "\n".join(lines)
 
 
@@ -267,10 +300,12 @@ if __name__ == "__main__":
     p.add_argument("--ode-root", default=None)
     p.add_argument("--ode-n", type=int, default=16)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--budget", type=float, default=120.0, help="training seconds per Glow (equal budget)")
-    p.add_argument("--budget-only", action="store_true", help="only the equal-budget Glow comparison")
+    p.add_argument("--budget", type=float, default=120.0, help="equal-budget training seconds per contender")
+    p.add_argument("--only", choices=["steps", "equal"], default=None, help="run only this part")
     a = p.parse_args()
-    if a.budget_only:
-        print(budget_markdown(equal_budget(a.budget)))
+    if a.only == "steps":
+        print(markdown_steps(step_times(a.repeats)))
+    elif a.only == "equal":
+        print(markdown_equal(equal_budget(a.budget)))
     else:
         print(markdown(run(a.root, a.ode_root, a.ode_n, a.repeats, a.budget)))

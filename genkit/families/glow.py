@@ -82,6 +82,8 @@ class GlowFlow(nn.Module):
                 h, e, ld = self.splits[i](h)
                 eps.append(e)
                 logdet = logdet + ld
+        if self.top is None:  # N(0, I): eps = h, no log-scale term (the same values, no ops)
+            return eps + [h], logdet
         mean, logs = self.top_prior(h)
         eps.append((h - mean) * torch.exp(-logs))
         return eps, logdet - logs.flatten(1).to(logdet.dtype).sum(1).expand(x.shape[0])

@@ -18,14 +18,14 @@ BENCHMARKS = {
     "eval": ("benchmarks.bench_eval", "FID pipeline throughput: genkit vs torchmetrics, same network"),
     "samplers": ("benchmarks.bench_samplers", "FD vs NFE of the shared samplers on the digits default"),
     "reflow": ("benchmarks.bench_reflow", "Rectified flow, reflow and 1-step distillation on digits: FD vs Euler steps"),
-    "flows": ("benchmarks.bench_flows", "NICE and Glow on digits: held-out bits/dim; Glow step time vs normflows"),
+    "flows": ("benchmarks.bench_flows", "NICE and Glow on digits: held-out bits/dim; Glow step time and equal-budget bits/dim vs normflows"),
     "ar": ("benchmarks.bench_ar", "AR prior sampling at 256 tokens: tokens/s with vs without the KV cache"),
     "ldm": ("benchmarks.bench_ldm", "Latent diffusion on captioned digits: prompt accuracy and FD vs guidance; latent vs pixel step cost"),
     "train": ("benchmarks.bench_train", "DDPM training throughput: genkit Trainer vs a plain diffusers loop vs "
               "denoising-diffusion-pytorch"),
     "sample": ("benchmarks.bench_sample", "DDIM sampling throughput: genkit vs diffusers.DDIMPipeline, same UNet"),
     "quality": ("benchmarks.bench_quality", "Quality per compute: digits FD after equal training time, genkit vs "
-                "denoising-diffusion-pytorch and rectified-flow-pytorch"),
+                "denoising-diffusion-pytorch, rectified-flow-pytorch and torchcfm"),
     "memory": ("benchmarks.bench_memory", "Peak memory of training and sampling: genkit vs peers, gradient "
                "checkpointing"),
 }

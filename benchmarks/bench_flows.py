@@ -195,14 +195,13 @@ class NormflowsGlowLoop:
         self.params = sum(p.numel() for p in self.model.parameters())
         self.opt = torch.optim.Adam(self.model.parameters(), lr=LR, betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda k: min(1.0, (k + 1) / WARMUP))
-        self.data, self.gen = levels_uint8, torch.Generator().manual_seed(seed)
-        self.order, self.pos, self.skipped = torch.randperm(len(levels_uint8), generator=self.gen), 0, 0
+        from benchmarks.common import ShuffledBatches
+
+        self.gen, self.skipped = torch.Generator().manual_seed(seed), 0
+        self.levels = ShuffledBatches(levels_uint8, BATCH, self.gen)
 
     def _batch(self) -> torch.Tensor:
-        if self.pos + BATCH > len(self.order):  # a new epoch, shuffled (drop_last, as a DataLoader)
-            self.order, self.pos = torch.randperm(len(self.data), generator=self.gen), 0
-        k = self.data[self.order[self.pos:self.pos + BATCH]].float()
-        self.pos += BATCH
+        k = self.levels().float()
         return (k + torch.rand(k.shape, generator=self.gen)) / 256  # Scale(255/256) + Jitter(1/256)
 
     def __call__(self, k: int) -> None:

@@ -68,13 +68,13 @@ def gemm_peak(dtype: torch.dtype, n: int = 1024, reps: int = 7) -> float:
 class ShuffledBatches:
     """Batches of `batch` rows of an in-memory tensor, reshuffled each epoch (the peers' loops)."""
 
-    def __init__(self, data: torch.Tensor, batch: int):
-        self.data, self.batch = data, batch
-        self.order, self.pos = torch.randperm(len(data)), 0
+    def __init__(self, data: torch.Tensor, batch: int, generator: torch.Generator | None = None):
+        self.data, self.batch, self.generator = data, batch, generator
+        self.order, self.pos = torch.randperm(len(data), generator=generator), 0
 
     def __call__(self) -> torch.Tensor:
-        if self.pos + self.batch > len(self.data):
-            self.order, self.pos = torch.randperm(len(self.data)), 0
+        if self.pos + self.batch > len(self.data):  # a new epoch, reshuffled (drop_last, as a DataLoader)
+            self.order, self.pos = torch.randperm(len(self.data), generator=self.generator), 0
         idx = self.order[self.pos:self.pos + self.batch]
         self.pos += self.batch
         return self.data[idx]

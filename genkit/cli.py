@@ -307,7 +307,7 @@ def _eval(args: argparse.Namespace) -> None:
                             device=args.device, seed=args.seed,
                             sample=SampleSettings(sampler=getattr(args, "sampler", None),
                                                   steps=getattr(args, "steps", None),
-                                                  options={"compile": _compile(args)} if _compile(args)
+                                                  options={"compile": mode} if (mode := _compile(args))
                                                   else None))
     if args.metric == "curve":
         return _curve(args, s)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from genkit.families.ar_prior import ArPrior, ArPriorConfig
-from genkit.families.vqgan import QuantizerConfig, VQGAN, VQGANConfig
+from genkit.families.vqgan import VQGAN, QuantizerConfig, VQGANConfig
 from genkit.nn.gpt import GPTConfig
 
 SIZES = {"digits recipe (4 x 128)": GPTConfig(layers=4, heads=4, dim=128),

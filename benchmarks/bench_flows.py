@@ -167,7 +167,7 @@ def normflows_bits_per_dim(log_p_unit: torch.Tensor, dims: int, n_bits: int = 8)
     genkit's model space is x = 2y - 1, so log p_x(x) = log p_y(y) - D ln 2 (the Jacobian of
     y = (x + 1) / 2); the result is genkit's `bits_per_dim` of -log p_x(x) (= NLL_y / (D ln 2) + n).
     """
-    from genkit.eval.likelihood import bits_per_dim
+    from genkit.samplers.likelihood import bits_per_dim
 
     return bits_per_dim(-(log_p_unit - dims * math.log(2)), dims, n_bits)
 
@@ -175,7 +175,7 @@ def normflows_bits_per_dim(log_p_unit: torch.Tensor, dims: int, n_bits: int = 8)
 def normflows_held_out(model, images_uint8: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Per-image bits/dim of a normflows model on 8-bit images: genkit's dequantization (same
     seed, so the same points as `family_bits_per_dim`), mapped to its [0, 1] input."""
-    from genkit.eval.likelihood import dequantize
+    from genkit.samplers.likelihood import dequantize
 
     x = dequantize(images_uint8, torch.Generator().manual_seed(seed), 8)  # [-1, 1], genkit's space
     was_training = model.training
@@ -222,9 +222,9 @@ def equal_budget(budget: float = 120.0) -> dict:
 
     from benchmarks.bench_train import GenkitSteps
     from benchmarks.common import single_thread, train_for
-    from genkit.data.base import to_uint8
     from genkit.eval.likelihood import family_bits_per_dim
     from genkit.eval.specs import iter_images
+    from genkit.io import to_uint8
 
     single_thread()
     test = torch.cat(list(iter_images("recipe:glow_digits:test", None, 297)))

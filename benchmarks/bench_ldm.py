@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 import genkit
-from genkit.data.base import to_uint8
 from genkit.data.captions import digit_prompt
 from genkit.eval.conditional import digits_accuracy
 from genkit.eval.engine import EvalSettings, build_extractor, reference_stats
 from genkit.eval.frechet import GaussianStats, frechet_distance
+from genkit.families.sampling import sample
+from genkit.io import to_uint8
 from genkit.nn.cond_unet import build_cond_unet
-from genkit.samplers import sample
 
 GUIDANCE = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
 
@@ -39,7 +39,7 @@ def guidance_rows(run: str, n: int, steps: int, sampler: str) -> list[dict]:
     rows = []
     for w in GUIDANCE:
         out = sample(family, n, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0),
-                     batch_size=250, condition={"prompts": prompts}, guidance=w)
+                     batch_size=250, prompts=prompts, guidance=w)
         acc = GaussianStats(extractor.dim)
         acc.update(extractor(to_uint8(out.images).to(next(extractor.parameters()).device)).double().cpu())
         mu, sigma = acc.mean_cov()

@@ -42,8 +42,8 @@ def _rss() -> float:
 
 
 def _digits(size: int) -> torch.Tensor:
-    from genkit.config import load_recipe
     from genkit.data import build_dataset
+    from genkit.runs import load_recipe
 
     return build_dataset(load_recipe("ddpm_digits", [f"data.image_size={size}"]).data, "train").images
 

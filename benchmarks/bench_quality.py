@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ShuffledBatches, single_thread, train_for, write_png_folder
 from benchmarks.bench_train import BATCH, DDPTrainer, GenkitSteps
+from benchmarks.common import ShuffledBatches, single_thread, train_for, write_png_folder
 
 SIZE, CHUNK, STEPS = 16, 5, 50
 RF_UNET = dict(dim=30, dim_mults=(1, 2, 2))  # 1.15M parameters
@@ -130,7 +130,7 @@ class TorchCFMTrainer:
 
 
 def _genkit_images(g: GenkitSteps, n: int, precision: str = "no") -> torch.Tensor:
-    from genkit.samplers import sample
+    from genkit.families.sampling import sample
 
     with g.trainer._eval_weights():
         return sample(g.trainer.family, n, sampler="ddim", steps=STEPS, batch_size=250, precision=precision,
@@ -155,8 +155,8 @@ def _digits_reference() -> tuple[Any, Any]:
 
 def fd_against_digits(images: torch.Tensor) -> float:
     """FD of images in [-1, 1] vs the digits training set, shipped `digits` features."""
-    from genkit.data.base import to_uint8
     from genkit.eval.frechet import GaussianStats, frechet_distance
+    from genkit.io import to_uint8
 
     extractor, ref = _digits_reference()
     acc = GaussianStats(extractor.dim)

@@ -30,8 +30,8 @@ BATCH, STEPS = 64, 50
 
 def build_family(size: int) -> Any:
     """The ddpm_digits family at `size` px with seeded random weights."""
-    from genkit.config import load_recipe
-    from genkit.training.trainer import build_family as build
+    from genkit.runs import build_family as build
+    from genkit.runs import load_recipe
 
     recipe = load_recipe("ddpm_digits", [f"data.image_size={size}"])
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def pipeline(family: Any) -> Any:
 
 def genkit_images(family: Any, seed: int, precision: str = "no", compile: bool | str = False) -> torch.Tensor:
     """BATCH images from genkit's ddim, 50 steps (bf16: under CPU/CUDA autocast; compile: torch.compile)."""
-    from genkit.samplers import sample
+    from genkit.families.sampling import sample
 
     kw = {"precision": precision} if precision != "no" else {}
     return sample(family, BATCH, sampler="ddim", steps=STEPS, generator=torch.Generator().manual_seed(seed),

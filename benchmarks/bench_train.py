@@ -30,8 +30,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ShuffledBatches, count_flops, gemm_peak, interleaved, median_spread, single_thread, \
-    timed, write_png_folder
+from benchmarks.common import (
+    ShuffledBatches,
+    count_flops,
+    gemm_peak,
+    interleaved,
+    median_spread,
+    single_thread,
+    timed,
+    write_png_folder,
+)
 
 CONFIGS = {"digits16": 16, "digits32": 32}
 BATCH = 64
@@ -42,7 +50,7 @@ class GenkitSteps:
     """genkit's Trainer after setup; `__call__(k)` runs k steps as `Trainer.fit` runs them."""
 
     def __init__(self, size: int, root: Path, overrides: tuple[str, ...] = (), recipe: str = "ddpm_digits"):
-        from genkit.config import load_recipe
+        from genkit.runs import load_recipe
         from genkit.training.logger import TrainLogger
         from genkit.training.trainer import Trainer, make_accelerator
 

@@ -1,7 +1,22 @@
-"""genkit: generative models behind one trainer, one sampler interface and one evaluation suite."""
+"""genkit: generative models behind one trainer, one sampler interface and one evaluation suite.
 
-__version__ = "0.1.0"
+`import genkit` is cheap (no torch): the API (`genkit.train`, `genkit.load`, `genkit.sample`,
+`genkit.save_grid`, `genkit.load_recipe`) is imported from `genkit.api` on first use.
+"""
 
-from genkit.api import load, sample, save_grid, train  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["__version__", "load", "sample", "save_grid", "train"]
+from typing import Any
+
+from genkit.version import __version__
+
+__all__ = ["__version__", "load", "load_recipe", "sample", "save_grid", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    """The API's functions, imported lazily (PEP 562) so that the CLI starts without torch."""
+    if name in __all__:
+        from genkit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'genkit' has no attribute {name!r}")

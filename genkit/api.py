@@ -9,19 +9,25 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 
-from genkit.config import Recipe, load_recipe, recipe_from_dict
+import genkit.runs as runs
+from genkit.config import Recipe
 from genkit.errors import RunError
-from genkit.io import check_run_dir, load_tensors
+from genkit.families.base import Family
+from genkit.families.sampling import SampleOutput
+from genkit.families.sampling import sample as sample_family
+from genkit.interop import is_diffusers_folder, load_diffusers
 from genkit.io import save_grid as _save_grid
-from genkit.samplers import SampleOutput
-from genkit.samplers import sample as _sample
+from genkit.training import train as train_run
+
+
+def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """A recipe (YAML path or shipped name such as ``"ddpm_digits"``) with ``key=value`` overrides applied."""
+    return runs.load_recipe(recipe, overrides)
 
 
 def train(recipe: str | Path | Recipe, overrides: Sequence[str] = (), out: str | Path | None = None,
@@ -34,41 +40,15 @@ def train(recipe: str | Path | Recipe, overrides: Sequence[str] = (), out: str |
         out: the run folder; default ``runs/<recipe name>``.
         resume: continue from the latest checkpoint of an existing run folder.
     """
-    from genkit.training import Trainer
-
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, overrides)
+        recipe = runs.load_recipe(recipe, overrides)
     elif overrides:
         raise RunError("overrides apply to recipe files; edit the Recipe object instead")
     run_dir = Path(out) if out is not None else Path("runs") / recipe.name
-    if _is_main_process():
-        check_run_dir(run_dir, resume)
-    return Trainer(recipe, run_dir, resume=resume).fit()
+    return train_run(recipe, run_dir, resume=resume)
 
 
-def _is_main_process() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _run_weights(run: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Final model/ weights, or else the latest checkpoint's nets with its EMA on top."""
-    from genkit.training.checkpoint import latest_checkpoint
-
-    model = run / "model"
-    if (model / "genkit.json").exists():
-        return load_tensors(model / "weights.safetensors"), json.loads((model / "genkit.json").read_text())
-    ckpt = latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise RunError(f"'{run}' has neither model/ nor a checkpoint: is it a genkit run folder?")
-    weights = load_tensors(ckpt / "nets.safetensors")
-    if (ckpt / "ema.safetensors").exists():
-        weights.update(load_tensors(ckpt / "ema.safetensors"))
-    return weights, json.loads((ckpt / "state.json").read_text())
-
-
-def load(run: str | Path, device: str | torch.device | None = None) -> Any:
+def load(run: str | Path, device: str | torch.device | None = None) -> Family:
     """Load a trained family from a run folder (EMA weights when trained with EMA), in eval mode.
 
     Args:
@@ -76,43 +56,27 @@ def load(run: str | Path, device: str | torch.device | None = None) -> Any:
             diffusers pipeline folder (unet/ + scheduler/; see `genkit.interop`).
         device: where to put the networks; default CUDA when available, else CPU.
     """
-    from genkit.interop import is_diffusers_folder, load_diffusers
-
     run = Path(run)
     if is_diffusers_folder(run):
         return load_diffusers(run, device)
-    if not (run / "config.yaml").exists():
-        raise RunError(f"'{run}' is not a genkit run folder (no config.yaml) nor a diffusers folder")
-    recipe = recipe_from_dict(yaml.safe_load((run / "config.yaml").read_text()), str(run / "config.yaml"))
-    weights, info = _run_weights(run)
-    return build_loaded(recipe, tuple(info["shape"]), info.get("num_classes", 0), weights, device)
+    if not (run / runs.CONFIG).exists():
+        raise RunError(f"'{run}' is not a genkit run folder (no {runs.CONFIG}) nor a diffusers folder")
+    return runs.load(run, device)
 
 
-def build_loaded(recipe: Recipe, shape: tuple[int, int, int], num_classes: int, weights: dict[str, torch.Tensor],
-                 device: str | torch.device | None = None) -> Any:
-    """The recipe's family with `weights` loaded (strict), on `device`, in eval mode, without gradients."""
-    from genkit.training import build_family
-
-    family = build_family(recipe, tuple(shape), num_classes)
-    family.nets.load_state_dict(weights)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    family.nets.to(device).eval().requires_grad_(False)
-    family.recipe = recipe
-    return family
-
-
-def sample_with_info(family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
+def sample_with_info(family: Family, n: int, *, sampler: str | None = None, steps: int | None = None,
                      seed: int = 0, batch_size: int | None = None, schedule: str | None = None,
                      labels: Sequence[int] | torch.Tensor | None = None, guidance: float | None = None,
                      prompts: Sequence[str] | str | None = None, **options: Any) -> SampleOutput:
     """Like `sample`, but also returns the sampler's NFE and the resolved sampler/steps."""
-    generator = torch.Generator().manual_seed(seed)
-    condition = {k: v for k, v in (("labels", labels), ("prompts", prompts)) if v is not None} or None
-    return _sample(family, n, sampler=sampler, steps=steps, generator=generator, batch_size=batch_size,
-                   schedule=schedule, condition=condition, guidance=guidance, **options)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return sample_family(family, n, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(seed),
+                         batch_size=batch_size, schedule=schedule, labels=labels, prompts=prompts,
+                         guidance=guidance, **options)
 
 
-def sample(family: Any, n: int, *, sampler: str | None = None, steps: int | None = None,
+def sample(family: Family, n: int, *, sampler: str | None = None, steps: int | None = None,
            seed: int = 0, batch_size: int | None = None, schedule: str | None = None,
            labels: Sequence[int] | torch.Tensor | None = None, guidance: float | None = None,
            prompts: Sequence[str] | str | None = None, **options: Any) -> torch.Tensor:

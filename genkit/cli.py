@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from genkit import __version__
 from genkit.errors import GenkitError, Interrupted
+from genkit.version import __version__
 
 
 def _finite(value: str) -> float:
@@ -122,9 +122,6 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", type=Path, required=True, help="run folder to create")
 
     sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
-    b = sub.add_parser("bench", help="run benchmarks against peers (source checkout)", add_help=False,
-                       description="`python -m benchmarks` from a source checkout; its --help lists the names.")
-    b.add_argument("args", nargs="*", help="benchmark names, --no-write, --help")
     _eval_parser(sub)
     return p
 
@@ -152,6 +149,7 @@ def _eval_parser(sub: Any) -> None:
         if name == "stats":
             m.add_argument("spec", metavar="SPEC", help="images to summarise")
             m.add_argument("--out", type=Path, required=True, help="statistics .npz to write")
+            m.set_defaults(json=False)
         elif name == "bpd":
             m.add_argument("run", type=Path, help="run folder")
             m.add_argument("--data", metavar="SPEC", help="images (default: the run recipe's held-out split)")
@@ -181,6 +179,7 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--schedule", choices=["karras", "uniform"], help="sigma grid (default: the family's)")
             m.add_argument("--real", metavar="SPEC", help="reference (default: the run's training data)")
             m.add_argument("--out", type=Path, help="folder for curve.csv/.png/.json (default RUN/eval)")
+            m.set_defaults(json=False)
         else:
             if name != "is":
                 m.add_argument("--real", required=True, metavar="SPEC", help="reference images or statistics")
@@ -195,6 +194,8 @@ def _eval_parser(sub: Any) -> None:
                                 "dinov2, digits" + (", or pixels (flattened images in [-1, 1])" if name == "w1" else ""))
             m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
             m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
+        else:
+            m.set_defaults(features="", protocol=None, weights=None)
         m.add_argument("--n", type=_positive, help="images per side (default: all; required for run "
                                                     "folders; straightness: paths, default 256)")
         if name != "straightness":
@@ -204,6 +205,9 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--steps", type=_positive, help="sampler steps for run folders")
             _compile_arguments(m, "run folders: torch.compile the networks (a one-off compile, then faster "
                                   "sampling)")
+        else:  # every metric's namespace has the same keys: `_eval` reads them without probing
+            m.set_defaults(sampler=None, compile=False, compile_mode=None, **({} if name == "straightness" else
+                                                                                {"steps": None}))
         m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
         m.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
 
@@ -217,7 +221,7 @@ def _compile_arguments(p: argparse.ArgumentParser, help: str) -> None:
 
 def _compile(args: argparse.Namespace) -> bool | str:
     """`sample`'s compile argument from --compile / --compile-mode."""
-    return getattr(args, "compile_mode", None) or getattr(args, "compile", False)
+    return args.compile_mode or args.compile
 
 
 def _w1_arguments(m: argparse.ArgumentParser) -> None:
@@ -230,10 +234,11 @@ def _w1_arguments(m: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from genkit.api import _is_main_process, train
+    from genkit.api import train
+    from genkit.training.stages import is_main_process
 
     run = train(args.recipe, overrides=args.overrides, out=args.out, resume=args.resume)
-    if _is_main_process():
+    if is_main_process():
         print(f"run folder: {run}")
 
 
@@ -242,8 +247,8 @@ def _sample(args: argparse.Namespace) -> None:
     from genkit.io import save_grid, save_npz
 
     family = load(args.run, device=args.device)
-    options = {k: getattr(args, k) for k in ("eta", "temperature", "truncation", "top_k", "top_p", "rtol", "atol")
-               if getattr(args, k) is not None}
+    options = {k: v for k in ("eta", "temperature", "truncation", "top_k", "top_p", "rtol", "atol")
+               if (v := vars(args)[k]) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
                            guidance=args.guidance, prompts=_prompts(args), precision=args.precision,
@@ -274,15 +279,6 @@ def _prompts(args: argparse.Namespace) -> list[str] | None:
     return prompts
 
 
-def _bench(args: argparse.Namespace) -> None:
-    try:
-        from benchmarks.__main__ import main as bench
-    except ModuleNotFoundError:
-        raise GenkitError("the benchmarks live in the source checkout (benchmarks/): run `genkit bench` from "
-                          "the repository root") from None
-    bench(args.args, prog="genkit bench")
-
-
 def _recipes(args: argparse.Namespace) -> None:
     from genkit.config import list_recipes
 
@@ -301,12 +297,10 @@ def _eval(args: argparse.Namespace) -> None:
 
     if args.metric == "straightness":
         return _straightness(args)
-    s = engine.EvalSettings(features=getattr(args, "features", ""), protocol=getattr(args, "protocol", None),
-                            weights=getattr(args, "weights", None),
+    s = engine.EvalSettings(features=args.features, protocol=args.protocol, weights=args.weights,
                             n=args.n, batch_size=args.batch_size or (16 if args.metric == "bpd" else 100),
                             device=args.device, seed=args.seed,
-                            sample=SampleSettings(sampler=getattr(args, "sampler", None),
-                                                  steps=getattr(args, "steps", None),
+                            sample=SampleSettings(sampler=args.sampler, steps=args.steps,
                                                   options={"compile": mode} if (mode := _compile(args))
                                                   else None))
     if args.metric == "curve":
@@ -327,9 +321,9 @@ def _eval(args: argparse.Namespace) -> None:
     else:
         fn = {"fid": engine.compute_fid, "kid": engine.compute_kid, "prdc": engine.compute_prdc}[args.metric]
         result = fn(args.real, args.fake, s)
-    if getattr(args, "out", None) and args.metric != "stats":
+    if args.out and args.metric != "stats":
         write_json(args.out, result)
-    if getattr(args, "json", False):
+    if args.json:
         print(json.dumps(result, indent=2))
         return
     shown = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -370,7 +364,7 @@ def _straightness(args: argparse.Namespace) -> None:
 def _reflow(args: argparse.Namespace) -> None:
     from genkit.reflow import generate_pairs
 
-    options = {k: getattr(args, k) for k in ("rtol", "atol") if getattr(args, k) is not None}
+    options = {k: v for k in ("rtol", "atol") if (v := vars(args)[k]) is not None}
     out = generate_pairs(args.run, args.out, args.pairs, sampler=args.sampler, steps=args.steps,
                          batch_size=args.batch_size, seed=args.seed, shard_size=args.shard_size,
                          device=args.device, **options)
@@ -430,7 +424,7 @@ def _import_diffusers(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _train, "sample": _sample, "reflow": _reflow, "recipes": _recipes, "eval": _eval,
-            "export": _export, "import-diffusers": _import_diffusers, "bench": _bench}
+            "export": _export, "import-diffusers": _import_diffusers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,8 +436,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             parser.parse_args(argv)  # argparse's own message and exit 2
         args.overrides = [*args.overrides, *extra]
-    elif args.command == "bench":  # benchmarks/__main__.py parses its own options
-        args.args = [*extra, *args.args]
     elif extra:
         parser.parse_args(argv)
     try:

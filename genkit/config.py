@@ -102,11 +102,20 @@ class EvalConfig:
 
 
 @dataclass
+class FamilyConfig:
+    """What every family's config (the recipe's `model` section) has; each family's config derives
+    from it and sets its own `family` default."""
+
+    family: str = ""
+    init_from: str | None = None  # a run folder whose final (EMA) weights start training (fine-tuning, reflow)
+
+
+@dataclass
 class Recipe:
     """A whole experiment; `model` is the config dataclass of the family `model.family`."""
 
     name: str
-    model: Any
+    model: FamilyConfig
     description: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     optim: dict[str, OptimConfig] = field(default_factory=dict)
@@ -265,7 +274,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         return _convert_dict(tp, value, where)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return value if isinstance(value, tp) else from_dict(tp, value, where)
     raise TypeError(f"{where}: unsupported config field type {tp!r}")
 
 
@@ -321,7 +330,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     return out
 
 
-def _model_from_dict(raw: Any, families: Mapping) -> Any:
+def _model_from_dict(raw: Any, families: Mapping[str, type]) -> Any:
     """The family's config dataclass, chosen by `model.family`."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"section 'model' must be a mapping, got {_describe(raw)}")
@@ -335,8 +344,7 @@ def _model_from_dict(raw: Any, families: Mapping) -> Any:
         close = difflib.get_close_matches(name, list(families), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"model.family: unknown family {name!r}{hint}; known: {known}")
-    _, config_cls = families[name]
-    return from_dict(config_cls, raw, "model")
+    return from_dict(families[name], raw, "model")
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -369,9 +377,7 @@ def validate(recipe: Recipe) -> None:
         _check(o.eps > 0, f"optim.{name}.eps", "> 0", o.eps)
 
 
-def _recipe(raw: Any, families: Mapping | None) -> Recipe:
-    if families is None:
-        from genkit.families import FAMILIES as families  # lazy: families import torch
+def _recipe(raw: Any, families: Mapping[str, type]) -> Recipe:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"recipe must be a mapping, got {_describe(raw)}")
     if "model" not in raw:
@@ -382,10 +388,12 @@ def _recipe(raw: Any, families: Mapping | None) -> Recipe:
     return recipe
 
 
-def recipe_from_dict(
-    raw: dict, source: str = "<dict>", families: Mapping | None = None
-) -> Recipe:
-    """Build and validate a Recipe from a plain dict; errors are prefixed with `source`."""
+def parse_recipe(raw: Any, source: str, families: Mapping[str, type]) -> Recipe:
+    """Build and validate a Recipe from plain data; errors are prefixed with `source`.
+
+    `families` maps `model.family` names to their config dataclasses (`genkit.runs` passes the
+    registry's): this module knows no family.
+    """
     try:
         return _recipe(raw, families)
     except ConfigError as e:
@@ -413,10 +421,8 @@ def _resolve(source: str | Path) -> Path:
     raise ConfigError(f"recipe not found: {str(source)!r} ({hint}`genkit recipes` lists them)")
 
 
-def load_recipe(
-    source: str | Path, overrides: Sequence[str] = (), families: Mapping | None = None
-) -> Recipe:
-    """Load a recipe file (or shipped recipe by name), apply `key=value` overrides, validate."""
+def read_recipe(source: str | Path, overrides: Sequence[str], families: Mapping[str, type]) -> Recipe:
+    """Read a recipe file (or shipped recipe by name), apply `key=value` overrides, validate."""
     path = _resolve(source)
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8"))

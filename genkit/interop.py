@@ -46,13 +46,27 @@ from typing import Any, Callable
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-from genkit import __version__
-from genkit.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
+from genkit.config import Recipe, dump_recipe, recipe_to_dict
 from genkit.errors import ConfigError, RunError
-from genkit.families.ddpm import DDPMConfig
-from genkit.families.rectified_flow import RectifiedFlowConfig
+from genkit.families.base import Family
+from genkit.families.ddpm import DDPM, DDPMConfig
+from genkit.families.ldm import LDM
+from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from genkit.io import atomic_dir, load_tensors, save_tensors, write_json, write_text
 from genkit.nn.unet import UNetConfig
+from genkit.runs import (
+    CHECKPOINTS,
+    CKPT_NETS,
+    CONFIG,
+    INFO,
+    MODEL,
+    WEIGHTS,
+    build_loaded,
+    latest_checkpoint,
+    load,
+    recipe_from_dict,
+)
+from genkit.version import __version__
 
 # genkit name -> diffusers name
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -68,12 +82,14 @@ EXPORT_INFO = "genkit_export.json"
 # ------------------------------------------------------------------------------- export
 
 
-def ddpm_scheduler(cfg: DDPMConfig) -> DDPMScheduler:
-    """The DDPMScheduler of a genkit DDPM config (DDIMPipeline's DDIMScheduler reads the same config)."""
+def ddpm_scheduler(cfg: Any, clip_sample: bool) -> DDPMScheduler:
+    """The DDPMScheduler of a genkit DDPM (or latent-diffusion) noise process; DDIMPipeline's
+    DDIMScheduler reads the same config. `cfg` has the DDPM schedule keys (schedule, timesteps,
+    beta_start, beta_end, prediction, spacing)."""
     sched = DDPMScheduler(
         num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
         beta_schedule=BETA_SCHEDULES[cfg.schedule], prediction_type=PREDICTIONS[cfg.prediction],
-        clip_sample=getattr(cfg, "clip_sample", False), clip_sample_range=1.0, timestep_spacing=SPACINGS[cfg.spacing],
+        clip_sample=clip_sample, clip_sample_range=1.0, timestep_spacing=SPACINGS[cfg.spacing],
         variance_type="fixed_small", steps_offset=0,
     )
     sched.register_to_config(set_alpha_to_one=True)  # DDIM: the last step lands on x0_hat, as genkit's grid
@@ -88,11 +104,11 @@ def flow_match_scheduler(cfg: RectifiedFlowConfig) -> FlowMatchEulerDiscreteSche
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=FLOW_MATCH_TIMESTEPS, shift=cfg.shift)
 
 
-def _ddpm_pipeline(family: Any) -> DDPMPipeline:
-    return DDPMPipeline(unet=family.nets["unet"], scheduler=ddpm_scheduler(family.cfg))
+def _ddpm_pipeline(family: DDPM) -> DDPMPipeline:
+    return DDPMPipeline(unet=family.nets["unet"], scheduler=ddpm_scheduler(family.cfg, family.cfg.clip_sample))
 
 
-def _flow_pipeline(family: Any) -> DDPMPipeline:
+def _flow_pipeline(family: RectifiedFlow) -> DDPMPipeline:
     return DDPMPipeline(unet=family.nets["unet"], scheduler=flow_match_scheduler(family.cfg))
 
 
@@ -108,18 +124,17 @@ class LatentDiffusionFolders:
     fused into the exported UNet.
     """
 
-    def __init__(self, family: Any):
-        nets = getattr(family.first_stage, "nets", {})
-        vae = nets["vae"] if "vae" in nets else None
-        if vae is None:
+    def __init__(self, family: LDM):
+        nets = family.first_stage.nets
+        if "vae" not in nets:
             raise ConfigError(f"model.first_stage of this run is a '{family.first_stage.name}', not an AutoencoderKL: "
                               "only KL first stages export as a diffusers vae/ folder")
-        self.family, self.vae = family, vae
-        self.scheduler = ddpm_scheduler(family.cfg)
+        self.family, self.vae = family, nets["vae"]
+        self.scheduler = ddpm_scheduler(family.cfg, clip_sample=False)
 
     def _unet(self) -> Any:
         unet = copy.deepcopy(self.family.nets["unet"])
-        if getattr(unet, "peft_config", None):
+        if self.family.cfg.lora.rank:
             unet.fuse_lora()
             unet.unload_lora()
         return unet
@@ -141,12 +156,12 @@ class LatentDiffusionFolders:
             "context_length": text.context_length})
 
 
-def _ldm_folders(family: Any) -> LatentDiffusionFolders:
+def _ldm_folders(family: LDM) -> LatentDiffusionFolders:
     return LatentDiffusionFolders(family)
 
 
 # family name -> its diffusers pipeline, or an object with save_pretrained() and .scheduler
-EXPORTERS: dict[str, Callable[[Any], Any]] = {
+EXPORTERS: dict[str, Callable[[Family], Any]] = {
     "ddpm": _ddpm_pipeline,
     "rectified_flow": _flow_pipeline,
     "ldm": _ldm_folders,
@@ -167,21 +182,18 @@ def _check_new_folder(out: Path, what: str) -> None:
         raise RunError(f"{what} '{out}' already exists: choose another --out or remove it")
 
 
-def _run_family(run: Path, weights: str) -> tuple[Any, str]:
+def _run_family(run: Path, weights: str) -> tuple[Family, str]:
     """The run's family on CPU with its EMA (default) or raw weights, and what was loaded."""
-    from genkit.api import load
-    from genkit.training.checkpoint import latest_checkpoint
-
     family = load(run, device="cpu")
     if weights == "raw":
-        ckpt = latest_checkpoint(run / "checkpoints")
+        ckpt = latest_checkpoint(run / CHECKPOINTS)
         if ckpt is None:
-            raise RunError(f"'{run}' has no checkpoint: raw weights live in checkpoints/step-N/nets.safetensors")
-        family.nets.load_state_dict(load_tensors(ckpt / "nets.safetensors"))
+            raise RunError(f"'{run}' has no checkpoint: raw weights live in {CHECKPOINTS}/step-N/{CKPT_NETS}")
+        family.nets.load_state_dict(load_tensors(ckpt / CKPT_NETS))
         return family, f"raw ({ckpt.name})"
     if weights != "ema":
         raise ConfigError(f"weights: expected 'ema' or 'raw', got {weights!r}")
-    info = run / "model" / "genkit.json"
+    info = run / MODEL / INFO
     trained_with_ema = json.loads(info.read_text()).get("ema", True) if info.exists() else True
     return family, "ema" if trained_with_ema else "final (trained without EMA)"
 
@@ -353,15 +365,13 @@ def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     return {f"unet.{k}": v for k, v in unet.state_dict().items()}
 
 
-def load_diffusers(folder: str | Path, device: str | torch.device | None = None) -> Any:
+def load_diffusers(folder: str | Path, device: str | torch.device | None = None) -> Family:
     """A genkit family (eval mode) from a diffusers folder: `genkit.load(folder)` calls this.
 
     Args:
         folder: a diffusers pipeline folder with unet/ and scheduler/.
         device: where to put the networks; default CUDA when available, else CPU.
     """
-    from genkit.api import build_loaded
-
     folder = Path(folder)
     recipe, shape = diffusers_recipe(folder)
     return build_loaded(recipe, shape, 0, _unet_weights(folder), device)
@@ -380,10 +390,10 @@ def import_diffusers(folder: str | Path, out: str | Path) -> Path:
     weights = _unet_weights(folder)
     config = dump_recipe(recipe)
     with atomic_dir(out) as tmp:
-        write_text(tmp / "config.yaml", config)
-        save_tensors(tmp / "model" / "weights.safetensors", weights,
+        write_text(tmp / CONFIG, config)
+        save_tensors(tmp / MODEL / WEIGHTS, weights,
                      metadata={"genkit_config": config, "genkit_version": __version__})
-        write_json(tmp / "model" / "genkit.json", {
+        write_json(tmp / MODEL / INFO, {
             "shape": list(shape), "num_classes": 0, "family": recipe.model.family, "ema": False,
             "imported_from": str(folder.resolve()), "genkit_version": __version__})
     return out

@@ -1,7 +1,8 @@
-"""Run folders, atomic writes, safetensors weights, image grids and sample archives.
+"""Atomic writes, safetensors weights, uint8 image conversions, image grids and sample archives.
 
 Every file genkit writes goes to a temporary name in the same folder, is flushed to disk,
 and is renamed over the target: a crash leaves the previous good file, never half a file.
+(The run folder's layout lives in `genkit.runs`.)
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from genkit.data.base import to_uint8
-from genkit.errors import RunError
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Map floats in [-1, 1] to uint8 in [0, 255] (round to nearest, clamp)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    """Map uint8 in [0, 255] to float32 in [-1, 1] (exact inverse of `to_uint8` on its range)."""
+    return images.to(torch.float32) / 127.5 - 1
 
 
 def _fsync_dir(path: Path) -> None:
@@ -154,23 +162,3 @@ def save_npz(path: str | Path, images: Tensor, **meta: Any) -> Path:
             np.savez(f, **arrays)
 
     return atomic_write(path, write)
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite an existing run unless resuming; refuse to resume a missing one."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
-    if exists and not resume:
-        raise RunError(f"run folder '{run_dir}' already exists: pass --resume to continue it, "
-                       f"or --out to train into another folder")
-    if resume and not exists:
-        raise RunError(f"cannot resume: run folder '{run_dir}' does not exist")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RunError(f"run folder '{run_dir}' cannot be created: {error.strerror or error}") from error
-    probe = run_dir / f".write-test-{os.getpid()}"
-    try:  # a real write: catches read-only mounts, full disks and permissions (os.access lies for root)
-        probe.write_bytes(b"genkit")
-        probe.unlink()
-    except OSError as error:
-        raise RunError(f"run folder '{run_dir}' is not writable: {error.strerror or error}") from error

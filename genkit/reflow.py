@@ -7,7 +7,6 @@ trains on the same pairs with `time_sampling: grid` (see `genkit.families.rectif
 
     transport(family, noise)            x = ODE(noise), the deterministic map a sampler defines
     generate_pairs(run, out, n)         PAIRS/manifest.json + shard-*.safetensors (`genkit reflow`)
-    init_from_run(family, run)          start training from a run's final (EMA) weights
     straightness(run)                   the paper's S(Z) of a run (`genkit eval straightness`)
 """
 
@@ -19,19 +18,23 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from genkit import __version__
 from genkit.data.pairs import MANIFEST, num_shards, read_manifest, shard_name, shard_rows
-from genkit.errors import ConfigError, GenkitError, RunError
+from genkit.errors import GenkitError, RunError
+from genkit.families.base import Family
+from genkit.families.rectified_flow import RectifiedFlow
+from genkit.families.sampling import resolve_sampler, sample
 from genkit.io import save_tensors, write_json
-from genkit.samplers import resolve_sampler, sample
-from genkit.samplers.adapters import randn
+from genkit.rng import randn, seeded
+from genkit.runs import load
+from genkit.version import __version__
 
 # manifest keys that must agree when an interrupted generation is resumed
 RESUME_KEYS = ("run", "n", "sampler", "steps", "options", "seed", "shard_size", "sample_shape")
 
 
-def transport(family: Any, noise: Tensor, sampler: str | None = "rk45", steps: int | None = None,
+def transport(family: Family, noise: Tensor, sampler: str | None = "rk45", steps: int | None = None,
               **options: Any) -> Tensor:
     """x = ODE(noise): a deterministic sampler run from the given initial state, clamped to [-1, 1].
 
@@ -44,12 +47,10 @@ def transport(family: Any, noise: Tensor, sampler: str | None = "rk45", steps: i
 
 def _shard_noise(seed: int, k: int, rows: int, shape: tuple[int, ...]) -> Tensor:
     """The noise of shard k, from its own seeded CPU stream: the same on resume and any device."""
-    from genkit.training.handle import mix_seed
-
-    return randn((rows, *shape), torch.Generator().manual_seed(mix_seed(seed, k)), torch.device("cpu"))
+    return randn((rows, *shape), seeded(seed, k), torch.device("cpu"))
 
 
-def _manifest(run: Path, family: Any, n: int, sampler: str | None, steps: int | None, seed: int,
+def _manifest(run: Path, family: Family, n: int, sampler: str | None, steps: int | None, seed: int,
               shard_size: int, options: dict[str, Any]) -> dict[str, Any]:
     name, spec = resolve_sampler(family, sampler)
     return {"run": str(run.resolve()), "n": n, "sampler": name,
@@ -89,10 +90,6 @@ def generate_pairs(run: str | Path, out: str | Path, n: int, *, sampler: str | N
         shard_size: pairs per shard file.
         device: where to run (default CUDA when available).
     """
-    from tqdm.auto import tqdm
-
-    from genkit.api import load
-
     for key, value in (("n", n), ("batch_size", batch_size), ("shard_size", shard_size)):
         if value < 1:
             raise GenkitError(f"{key} must be >= 1, got {value}")
@@ -113,37 +110,13 @@ def generate_pairs(run: str | Path, out: str | Path, n: int, *, sampler: str | N
     return out
 
 
-def init_from_run(family: Any, run: str | Path) -> None:
-    """Load a run's final (EMA) weights into `family.nets` (`model.init_from`: reflow, fine-tuning)."""
-    from genkit.api import _run_weights
-
-    run = Path(run)
-    if not run.is_dir():
-        raise RunError(f"model.init_from: run folder '{run}' does not exist")
-    weights, _ = _run_weights(run)
-    if hasattr(family, "init_from_weights"):  # the family maps the keys (LDM: under LoRA adapters)
-        return family.init_from_weights(weights, run)
-    own = family.nets.state_dict()
-    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    if missing or extra:
-        raise ConfigError(f"model.init_from: '{run}' has other networks than this model "
-                          f"({'missing ' + missing[0] if missing else 'unexpected ' + extra[0]})")
-    for key, value in weights.items():
-        if value.shape != own[key].shape:
-            raise ConfigError(f"model.init_from: '{run}' has {key} of shape {tuple(value.shape)}, "
-                              f"this model {tuple(own[key].shape)}: use the same model.unet as that run")
-    family.nets.load_state_dict(weights)
-
-
 def straightness(run: str | Path, n: int = 256, steps: int = 50, seed: int = 0,
                  device: str | torch.device | None = None) -> dict[str, Any]:
     """The paper's straightness S(Z) of a run's flow over n Euler paths of `steps` steps."""
-    from genkit.api import load
-
     if n < 1 or steps < 1:
         raise GenkitError(f"n and steps must be >= 1, got n={n}, steps={steps}")
     family = load(run, device=device)
-    if not hasattr(family, "straightness"):
+    if not isinstance(family, RectifiedFlow):
         raise GenkitError(f"family '{family.name}' has no straightness (rectified_flow has)")
     t0 = time.perf_counter()
     value = family.straightness(n, torch.Generator().manual_seed(seed), steps=steps)

@@ -15,8 +15,10 @@ import genkit
 from genkit.cli import main
 from genkit.errors import ConfigError, SamplerError
 from genkit.families.ar_prior import ArPrior, ArPriorConfig, draw_tokens, filter_logits
+from genkit.families.sampling import sample, samplers_for
 from genkit.nn.gpt import GPT, GPTConfig
-from genkit.samplers import SAMPLERS, sample, samplers_for
+from genkit.runs import build_family, recipe_from_dict
+from genkit.samplers import SAMPLERS
 
 TINY_GPT = GPTConfig(layers=2, heads=2, dim=16)
 
@@ -149,9 +151,9 @@ def test_tokenizer_is_frozen_and_outside_the_trainable_nets():
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="model.tokenizer: required"):
-        ArPrior(ArPriorConfig(), (1, 8, 8))
-    with pytest.raises(ConfigError, match="model.tokenizer"):
-        ArPrior(ArPriorConfig(tokenizer=str(tmp_path)), (1, 8, 8))
+        build_family(recipe_from_dict({"name": "p", "model": {"family": "ar_prior"}}), (1, 8, 8), 0)
+    with pytest.raises(ConfigError, match=f"model.tokenizer: '{tmp_path}' is not a genkit run folder"):
+        build_family(recipe_from_dict({"name": "p", "model": {"family": "ar_prior", "tokenizer": str(tmp_path)}}), (1, 8, 8), 0)
     with pytest.raises(ConfigError, match=r"model.tokenizer works on images \(1, 8, 8\)"):
         ArPrior(ArPriorConfig(gpt=TINY_GPT), (1, 16, 16), tokenizer=tiny_vqgan())
     with pytest.raises(ConfigError, match="labelled dataset"):
@@ -182,8 +184,9 @@ def test_prior_nll_drops_below_log_k(runs):
     assert losses[-1] < 0.85 * log_k and losses[-1] < losses[0]
     prior = genkit.load(prior_run)
     from genkit.data import build_dataset
+    from genkit.runs import run_recipe
 
-    batch = [build_dataset(prior.recipe.data, "test")[i] for i in range(64)]
+    batch = [build_dataset(run_recipe(prior_run).data, "test")[i] for i in range(64)]
     x, y = torch.stack([b["image"] for b in batch]), torch.stack([b["label"] for b in batch])
     held_out = float(prior.token_nll(prior.codes(x), y))
     assert held_out < log_k                        # the trained prior beats log K on held-out codes

@@ -7,13 +7,13 @@ import torch
 from conftest import TINY_UNET as TINY_UNET_OVERRIDES
 
 import genkit
-from genkit.config import load_recipe
 from genkit.errors import ConfigError, SamplerError
 from genkit.eval.conditional import conditional_accuracy
 from genkit.families.ddpm import DDPM, DDPMConfig
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+from genkit.families.sampling import sample
 from genkit.nn.unet import UNetConfig
-from genkit.samplers import sample
+from genkit.runs import load_recipe
 from genkit.samplers.guidance import guided
 
 TINY_UNET = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
@@ -71,7 +71,7 @@ def test_guidance_one_is_conditional_and_zero_is_unconditional_through_the_unet(
 
 def test_guided_sampling_costs_one_counted_call_per_step_and_depends_on_the_scale():
     family = conditional("rectified_flow")
-    kw = dict(sampler="ddim", steps=3, condition={"labels": [2]})
+    kw = dict(sampler="ddim", steps=3, labels=[2])
     a = sample(family, 4, generator=torch.Generator().manual_seed(0), guidance=1.0, **kw)
     b = sample(family, 4, generator=torch.Generator().manual_seed(0), guidance=3.0, **kw)
     c = sample(family, 4, generator=torch.Generator().manual_seed(0), **kw)
@@ -94,7 +94,7 @@ def test_unconditional_families_refuse_labels_and_guidance():
     family = RectifiedFlow(RectifiedFlowConfig(unet=TINY_UNET), shape=SHAPE, num_classes=10)
     assert family.num_classes == 0  # class_cond is off: the dataset's labels are ignored
     with pytest.raises(SamplerError, match="unconditional"):
-        sample(family, 2, steps=2, condition={"labels": [1]})
+        sample(family, 2, steps=2, labels=[1])
     with pytest.raises(SamplerError, match="needs a conditional family"):
         sample(family, 2, steps=2, guidance=2.0)
 

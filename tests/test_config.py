@@ -11,14 +11,15 @@ import yaml
 
 from genkit import config
 from genkit.config import (
+    FamilyConfig,
     OptimConfig,
     Recipe,
     apply_overrides,
     dump_recipe,
     from_dict,
-    load_recipe,
+    parse_recipe,
     parse_yaml,
-    recipe_from_dict,
+    read_recipe,
     recipe_to_dict,
 )
 from genkit.errors import ConfigError
@@ -31,7 +32,7 @@ class FakeNet:
 
 
 @dataclass
-class FakeConfig:
+class FakeConfig(FamilyConfig):
     family: str = "fake"
     timesteps: int = 100
     prediction: Literal["eps", "v"] = "eps"
@@ -39,11 +40,11 @@ class FakeConfig:
 
 
 @dataclass
-class OtherConfig:
+class OtherConfig(FamilyConfig):
     family: str = "other"
 
 
-FAMILIES = {"fake": (object, FakeConfig), "other": (object, OtherConfig)}
+FAMILIES = {"fake": FakeConfig, "other": OtherConfig}  # config receives the family configs
 
 FULL = """\
 description: a tiny test recipe
@@ -68,13 +69,13 @@ def write(tmp_path: Path, text: str, name: str = "tiny.yaml") -> Path:
 
 
 def load(tmp_path: Path, text: str = FULL, overrides: tuple[str, ...] = ()) -> Recipe:
-    return load_recipe(write(tmp_path, text), overrides, families=FAMILIES)
+    return read_recipe(write(tmp_path, text), overrides, FAMILIES)
 
 
 def error(tmp_path: Path, text: str = FULL, overrides: tuple[str, ...] = ()) -> str:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_recipe(path, overrides, families=FAMILIES)
+        read_recipe(path, overrides, FAMILIES)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"{path}: ")
@@ -91,7 +92,7 @@ def with_section(section: str, body: str) -> str:
 def test_full_recipe_loads_with_types(tmp_path: Path) -> None:
     r = load(tmp_path)
     assert r.name == "tiny"  # from the file stem
-    assert r.model == FakeConfig("fake", 50, "v", FakeNet([4, 8, 8], 0.1))
+    assert r.model == FakeConfig(timesteps=50, prediction="v", net=FakeNet([4, 8, 8], 0.1))
     assert r.data.image_size == 8 and r.data.hflip is True and r.data.root is None
     opt = r.optim["model"]
     assert opt == OptimConfig(name="adam", lr=1e-4, betas=(0.5, 0.99))
@@ -189,7 +190,7 @@ def test_missing_model_and_non_mapping_recipe(tmp_path: Path) -> None:
 
 def test_missing_required_key_from_dict() -> None:
     with pytest.raises(ConfigError, match=r"^<dict>: missing required key 'name'$"):
-        recipe_from_dict({"model": {"family": "other"}}, families=FAMILIES)
+        parse_recipe({"model": {"family": "other"}}, "<dict>", FAMILIES)
 
 
 def test_unknown_family_suggests_and_lists_known(tmp_path: Path) -> None:
@@ -266,12 +267,12 @@ def test_round_trip_through_dict_and_yaml(tmp_path: Path) -> None:
     plain = recipe_to_dict(r)
     assert list(plain)[:3] == ["name", "description", "model"]
     assert plain["optim"]["model"]["betas"] == [0.5, 0.99]  # tuples become lists
-    assert recipe_from_dict(plain, families=FAMILIES) == r
+    assert parse_recipe(plain, "<dict>", FAMILIES) == r
     text = dump_recipe(r)
-    assert recipe_from_dict(parse_yaml(text), families=FAMILIES) == r
-    assert load_recipe(write(tmp_path, text, "again.yaml"), families=FAMILIES) == r
+    assert parse_recipe(parse_yaml(text), "<dict>", FAMILIES) == r
+    assert read_recipe(write(tmp_path, text, "again.yaml"), (), FAMILIES) == r
     odd = Recipe(name="1e3", model=OtherConfig(), description="no")  # strings that look typed
-    assert recipe_from_dict(parse_yaml(dump_recipe(odd)), families=FAMILIES) == odd
+    assert parse_recipe(parse_yaml(dump_recipe(odd)), "<dict>", FAMILIES) == odd
     assert yaml.safe_load(dump_recipe(odd))["description"] == "no"
 
 
@@ -301,7 +302,7 @@ def test_from_dict_generic_types() -> None:
 
 def test_missing_file_names_it_and_suggests_genkit_recipes(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"recipe not found: '.*nope.yaml'.*genkit recipes"):
-        load_recipe(tmp_path / "nope.yaml", families=FAMILIES)
+        read_recipe(tmp_path / "nope.yaml", (), FAMILIES)
 
 
 def test_shipped_recipes_resolve_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,11 +310,11 @@ def test_shipped_recipes_resolve_by_name(tmp_path: Path, monkeypatch: pytest.Mon
     write(tmp_path, "description: b recipe\nmodel: {family: other}\n", "b_one.yaml")
     write(tmp_path, "model: {family: other}\n", "a_two.yaml")
     monkeypatch.chdir(tmp_path / "..")
-    assert load_recipe("b_one", families=FAMILIES).name == "b_one"
-    assert load_recipe("b_one.yaml", families=FAMILIES).description == "b recipe"
+    assert read_recipe("b_one", (), FAMILIES).name == "b_one"
+    assert read_recipe("b_one.yaml", (), FAMILIES).description == "b recipe"
     assert config.list_recipes() == [("a_two", ""), ("b_one", "b recipe")]
     with pytest.raises(ConfigError, match=r"did you mean 'b_one'\?"):
-        load_recipe("b_on", families=FAMILIES)
+        read_recipe("b_on", (), FAMILIES)
 
 
 def test_shipped_recipes_dir_is_the_package_folder() -> None:

@@ -17,22 +17,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
-from genkit.data import SOURCES, build_dataset, dataset_from_tensor, from_uint8, to_uint8
+from genkit.config import DataConfig
+from genkit.data import SOURCES, build_dataset, dataset_from_tensor
 from genkit.errors import DataError
-
-
-@dataclass
-class DataConfig:
-    """Local stand-in for genkit.config.DataConfig (same fields and defaults)."""
-
-    source: str = "digits"
-    root: str | None = None
-    image_size: int = 16
-    batch_size: int = 64
-    channels: int | None = None
-    hflip: bool = False
-    download: bool = False
-    num_workers: int = 0
+from genkit.io import from_uint8, to_uint8
 
 
 def images_of(ds) -> torch.Tensor:

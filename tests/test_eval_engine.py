@@ -12,15 +12,16 @@ from PIL import Image
 from torch import nn
 
 import genkit
-from genkit.config import load_recipe
 from genkit.errors import GenkitError
 from genkit.eval import engine
+from genkit.eval.features import FeatureExtractor
 from genkit.eval.frechet import frechet_distance
 from genkit.eval.specs import iter_images
 from genkit.eval.stats import RefStats, load_stats, save_stats
+from genkit.runs import load_recipe
 
 
-class PixelProjection(nn.Module):
+class PixelProjection(FeatureExtractor):
     """A fixed random projection of resized pixels: a cheap, deterministic feature extractor."""
 
     name, protocol, resize, weights_sha256 = "pixels", "test", "bilinear 8x8", None

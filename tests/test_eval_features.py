@@ -18,7 +18,7 @@ from genkit.errors import GenkitError
 from genkit.eval import features as ft
 from genkit.eval.digits_classifier import digits_split
 from genkit.eval.frechet import frechet_distance
-from genkit.eval.weights import resolve_weights, sha256_file
+from genkit.weights import resolve_weights, sha256_file
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +106,7 @@ def test_pytorch_fid_protocol_equals_pytorch_fid(random_inception):
     with torch.no_grad():
         expected = ref(images.float() / 255)[0].squeeze(-1).squeeze(-1)
     got = ours(images)
-    assert got.shape == (2, 2048) and got.dtype == torch.float32 and not hasattr(ours, "logits")
+    assert got.shape == (2, 2048) and got.dtype == torch.float32 and not ours.has_logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     tf = ft.build_features("inception", protocol="tf")(images)
     assert (tf - got).abs().max() > 1e-3 * got.abs().max()  # the resize is part of the protocol

@@ -13,17 +13,16 @@ from torch.autograd.functional import jacobian
 
 import genkit
 from genkit.cli import main
-from genkit.config import load_recipe
 from genkit.errors import GenkitError
 from genkit.eval.engine import EvalSettings, compute_bpd
 from genkit.eval.likelihood import family_bits_per_dim
 from genkit.eval.specs import iter_images
-from genkit.families import flow_family
+from genkit.families import flow_family, glow
 from genkit.families.glow import Glow, GlowConfig
 from genkit.families.nice import NICE, NICEConfig
 from genkit.io import load_tensors
 from genkit.nn import flow_layers as fl
-from genkit.training.checkpoint import list_checkpoints
+from genkit.runs import list_checkpoints, load_recipe
 
 
 def perturb(module: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> torch.nn.Module:

@@ -12,14 +12,13 @@ import torch
 from torch import nn
 
 import genkit
-from genkit.config import load_recipe
 from genkit.errors import ConfigError, SamplerError
 from genkit.families.gan import GAN, GANConfig, truncated_latents
+from genkit.families.sampling import sample
 from genkit.io import load_tensors
 from genkit.nn.gan_nets import CriticConfig, GeneratorConfig
 from genkit.nn.lipschitz import gradient_penalty, interpolate
-from genkit.samplers import sample
-from genkit.training.checkpoint import latest_checkpoint
+from genkit.runs import latest_checkpoint, load_recipe
 
 SHAPE = (1, 16, 16)
 TINY = ["model.generator.channels=[16,8]", "model.critic.channels=[8,16]", "model.latent_dim=8",

@@ -5,8 +5,8 @@ from conftest import TINY_UNET
 from diffusers.models.resnet import ResnetBlock2D
 
 import genkit
-from genkit.config import load_recipe
 from genkit.io import load_tensors
+from genkit.runs import load_recipe
 
 
 def _train(tmp_path, checkpointing: bool):

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET
-from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
-                       FlowMatchEulerDiscreteScheduler, UNet2DModel)
+from diffusers import (
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
 
 import genkit
 from genkit.cli import main

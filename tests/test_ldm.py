@@ -9,16 +9,23 @@ import torch
 from safetensors.torch import save_file
 
 import genkit
-from genkit.config import load_recipe
 from genkit.data import build_dataset
 from genkit.data.captions import DIGIT_WORDS, digit_prompt
 from genkit.errors import DataError, SamplerError
 from genkit.eval.conditional import prompt_accuracy
-from genkit.families.first_stage import latent_scale_factor, load_first_stage
+from genkit.families.first_stage import latent_scale_factor
 from genkit.families.ldm import LDM, LDMConfig
+from genkit.families.sampling import sample
+from genkit.io import to_uint8
 from genkit.nn.cond_unet import CondUNetConfig
 from genkit.nn.text import TextConfig, TextEncoder
+from genkit.runs import load_recipe, load_stage, run_recipe
 from genkit.samplers.guidance import guided
+
+
+def load_first_stage(spec: str):
+    """The frozen first stage an LDM recipe's model.first_stage names, as the run loader resolves it."""
+    return load_stage(spec, LDM.stages[0])
 
 AE_OVERRIDES = ["data.image_size=8", "data.batch_size=32", "model.channels=[16,32]", "model.norm_groups=8",
                 "model.latent_channels=2", "train.steps=200", "train.log_every=50", "train.warmup=10",
@@ -68,7 +75,7 @@ def test_latent_round_trip_keeps_images_close_and_the_scale_gives_unit_variance(
 
 def test_the_run_stores_the_scale_factor_of_its_data(ae_run, ldm_run):
     family = genkit.load(ldm_run, device="cpu")
-    expected = latent_scale_factor(load_first_stage(str(ae_run)), images(family.recipe.data, "train"))
+    expected = latent_scale_factor(load_first_stage(str(ae_run)), images(run_recipe(ldm_run).data, "train"))
     assert family.cfg.scale_factor == pytest.approx(expected, rel=1e-6)
     assert family.cfg.first_stage == str(ae_run.resolve())
     assert not any(p is q for p in family.first_stage.nets.parameters() for q in family.nets.parameters())
@@ -122,7 +129,7 @@ def test_samplers_run_on_latents_and_decode_to_images(ldm_run):
         assert out.images.shape == (3, *family.sample_shape) and out.nfe == 3
         assert out.images.abs().max() <= 1
     noise = torch.randn(3, *family.latent_shape)
-    z_final = genkit.samplers.sample(family, 3, sampler="ddim", steps=2, noise=noise).images
+    z_final = sample(family, 3, sampler="ddim", steps=2, noise=noise).images
     assert z_final.shape == (3, 1, 8, 8)
 
 
@@ -223,7 +230,7 @@ def test_clip_score_from_local_weights_and_a_clear_error_without(tmp_path):
 
     extractor = build_clip(None, f"local-dir:{folder}")
     with torch.no_grad():
-        img = F.normalize(extractor(genkit.data.to_uint8(images).expand(-1, 3, -1, -1)), dim=-1)
+        img = F.normalize(extractor(to_uint8(images).expand(-1, 3, -1, -1)), dim=-1)
         txt = F.normalize(clip.encode_text(open_clip_tokens(prompts)), dim=-1)
     expected = float((100 * (img * txt).sum(-1).clamp_min(0)).mean())
     assert result["clip_score"] == pytest.approx(expected, rel=1e-5) and result["n"] == 4

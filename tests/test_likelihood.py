@@ -1,5 +1,6 @@
 """Likelihoods: the probability-flow ODE against closed-form Gaussian marginals, Hutchinson
-against the exact divergence, and the one bits/dim formula (genkit/eval/likelihood.py)."""
+against the exact divergence, and the one bits/dim formula (genkit/samplers/likelihood.py,
+genkit/eval/likelihood.py)."""
 
 import math
 
@@ -8,9 +9,11 @@ import torch
 from torch import nn
 
 from genkit.errors import GenkitError
-from genkit.eval.likelihood import (bits_per_dim, dequantize, family_bits_per_dim, ode_log_likelihood,
-                                    rademacher, velocity_and_divergence)
+from genkit.eval.likelihood import family_bits_per_dim
+from genkit.families.base import Denoising, Family
+from genkit.rng import rademacher
 from genkit.samplers.adapters import vp_coefficients
+from genkit.samplers.likelihood import bits_per_dim, dequantize, ode_log_likelihood, velocity_and_divergence
 
 INF = math.inf
 
@@ -205,17 +208,24 @@ def test_dequantize_refuses_floats_and_out_of_range():
         dequantize(torch.tensor([16]), None, n_bits=4)
 
 
-class GaussianFamily:
-    """An ODE family whose density is known: the exact denoiser of Gaussian data, sigma in [1e-3, inf]."""
+class GaussianFamily(Family, Denoising):
+    """A denoising family whose density is known: the exact denoiser of Gaussian data, sigma in [1e-3, inf]."""
+
+    name, default_sampler = "gaussian", "ddim"
 
     def __init__(self):
         self.data = Gaussian(4, rotate=True, seed=2)
         self.sample_shape = (1, 2, 2)
-        self.nets = nn.ModuleDict()
-        self.device = torch.device("cpu")
+        self.nets = nn.ModuleDict({"none": nn.Linear(1, 1)})  # the device comes from the nets
+
+    def train_step(self, batch, step, opt):
+        raise NotImplementedError("exact: nothing to train")
 
     def denoise(self, z, sigma):
         return self.data.denoise(z.flatten(1).double(), sigma).view_as(z).to(z.dtype)
+
+    def sigmas(self, steps):
+        raise NotImplementedError("only the likelihood is used")
 
     def sigma_range(self):
         return 1e-3, INF

@@ -12,7 +12,8 @@ from test_ddpm import DIFFUSERS_PREDICTION, tiny_ddpm
 
 from genkit.errors import SamplerError
 from genkit.families.ddpm import NoiseSchedule, make_betas
-from genkit.samplers import SAMPLERS, CountingDenoiser, sample
+from genkit.families.sampling import sample
+from genkit.samplers import SAMPLERS, CountingDenoiser
 from genkit.samplers.adapters import training_target
 from genkit.samplers.ddim import sample_ddim
 from genkit.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun, sample_rk45, velocity
@@ -259,8 +260,9 @@ def test_every_denoising_sampler_runs_on_a_tiny_ddpm(name):
 
 def test_named_grids_span_the_family_range_and_karras_is_capped_at_edm_sigma_max():
     from genkit.families.ddpm import DDPM, DDPMConfig
+    from genkit.families.sampling import full_range, sigma_grid
     from genkit.nn.unet import UNetConfig
-    from genkit.samplers import KARRAS_SIGMA_MAX, full_range, sigma_grid
+    from genkit.samplers import KARRAS_SIGMA_MAX
 
     unet = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
     family = DDPM(DDPMConfig(schedule="cosine", unet=unet), shape=(1, 8, 8))

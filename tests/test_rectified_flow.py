@@ -13,10 +13,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 
 import genkit
-from genkit.config import load_recipe
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig, sigma_to_t, t_to_sigma
+from genkit.families.sampling import sample
 from genkit.nn.unet import UNetConfig
-from genkit.samplers import SAMPLERS, sample
+from genkit.runs import load_recipe
+from genkit.samplers import SAMPLERS
 from genkit.samplers.adapters import vp_coefficients
 from genkit.samplers.ddim import sample_ddim
 from genkit.samplers.ode import sample_euler, sample_heun, sample_rk45
@@ -264,7 +265,7 @@ def test_default_sampler_is_the_paper_euler_loop():
     family = tiny_rf()
     family.nets.eval()
     steps = 5
-    images = family.generate(2, generator=torch.Generator().manual_seed(0), steps=steps)
+    images = sample(family, 2, generator=torch.Generator().manual_seed(0), steps=steps).images
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for i in range(steps):

@@ -11,15 +11,16 @@ from conftest import TINY_UNET
 from test_rectified_flow import FakeOpt, Oracle, hand_loss, tiny_rf
 
 import genkit
-from genkit.api import _run_weights
+import genkit.reflow
 from genkit.cli import main
-from genkit.config import DataConfig, load_recipe
+from genkit.config import DataConfig
 from genkit.data import build_dataset
 from genkit.errors import ConfigError, DataError, RunError
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from genkit.io import load_tensors
 from genkit.nn.unet import UNetConfig
-from genkit.reflow import generate_pairs, init_from_run, transport
+from genkit.reflow import generate_pairs, transport
+from genkit.runs import init_from_run, load_recipe, run_weights
 
 SHAPE = (1, 8, 8)
 
@@ -253,14 +254,14 @@ def flat_unet(weights):
     return torch.cat([v.flatten().float() for k, v in sorted(weights.items())])
 
 
-def test_reflow_training_starts_from_the_init_run_weights(pairs, tiny_run, tmp_path):
+def test_reflow_training_starts_from_the_initrun_weights(pairs, tiny_run, tmp_path):
     recipe = load_recipe("rf_digits_reflow", overrides=[
         *TINY_UNET, "data.image_size=8", "data.batch_size=4", f"data.root={pairs}",
         f"model.init_from={tiny_run}", "train.steps=2", "train.warmup=0", "optim.model.lr=1e-9",
         "sample.n=2"])
     run = genkit.train(recipe, out=tmp_path / "rf2")
     trained = flat_unet(load_tensors(run / "checkpoints" / "step-2" / "nets.safetensors"))
-    init = flat_unet(_run_weights(tiny_run)[0])
+    init = flat_unet(run_weights(tiny_run)[0])
     fresh = tiny_rf(seed=0)  # the seed-0 random init the reflow run would have had without init_from
     random_init = flat_unet(fresh.nets.state_dict())
     assert (trained - init).abs().max() < 1e-6
@@ -299,7 +300,7 @@ def test_cli_reflow_and_eval_straightness(tiny_run, tmp_path, capsys, monkeypatc
     assert main(["reflow", str(tiny_run), "--pairs", "3", "--out", str(out), "--seed", "1",
                  "--sampler", "ddim", "--steps", "2", "--shard-size", "2", "--device", "cpu"]) == 2
     assert "seed" in capsys.readouterr().err
-    monkeypatch.setattr(genkit.api, "load", lambda run, device=None: SimpleNamespace(name="ddpm"))
+    monkeypatch.setattr(genkit.reflow, "load", lambda run, device=None: SimpleNamespace(name="ddpm"))
     assert main(["eval", "straightness", str(tiny_run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "family 'ddpm' has no straightness" in err

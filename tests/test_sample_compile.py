@@ -1,13 +1,25 @@
-"""`genkit.samplers.sample(compile=True)`: compiled frozen copies of the networks, never stale weights."""
+"""`sample(compile=True)`: compiled frozen copies of the networks, never stale weights.
+
+These run torch.compile with Dynamo's cheap "eager" backend: the private copies and their
+fingerprints, which this file tests, behave the same under any backend, and Inductor's C++
+build would cost a minute. Real Inductor parity is tests/reliability/test_compile_families.py
+(slow step).
+"""
 
 import pytest
 import torch
 
 from genkit.errors import SamplerError
 from genkit.families.ddpm import DDPM, DDPMConfig
+from genkit.families.sampling import sample
 from genkit.nn.unet import UNetConfig
-from genkit.samplers import sample
+from genkit.samplers import compiled as compiled_module
 from genkit.samplers.compiled import fingerprint
+
+
+@pytest.fixture(autouse=True)
+def eager_backend(monkeypatch):
+    monkeypatch.setattr(compiled_module, "BACKEND", "eager")
 
 TINY_UNET = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
 
@@ -22,19 +34,19 @@ def test_compiled_sampling_matches_eager_and_follows_weight_updates():
     unet = family.nets["unet"]
     eager, compiled = _images(family), _images(family, compile=True)
     assert family.nets["unet"] is unet                      # the original comes back after sampling
-    (_, first), = family._genkit_compiled_nets.values()
+    (_, first), = family.nets._genkit_compiled.values()
     assert first is not unet and isinstance(first, torch._dynamo.eval_frame.OptimizedModule)
     assert (compiled - eager).abs().max() < 1e-4            # same images up to float rounding
 
     _images(family, compile=True)                           # unchanged weights: the compiled copy is reused
-    assert family._genkit_compiled_nets["unet", "default"][1] is first
+    assert family.nets._genkit_compiled["unet", "default"][1] is first
 
     with torch.no_grad():                                   # an in-place update, as an optimizer step does
         unet.conv_in.weight.mul_(1.5)
     eager2, compiled2 = _images(family), _images(family, compile=True)
     assert (eager2 - eager).abs().max() > 1e-2              # the update changes the images ...
     assert (compiled2 - eager2).abs().max() < 1e-4          # ... and compiled sampling sees it (no frozen stale graph)
-    assert family._genkit_compiled_nets["unet", "default"][1] is not first
+    assert family.nets._genkit_compiled["unet", "default"][1] is not first
 
 
 def test_fingerprint_sees_in_place_writes_and_replaced_data():
@@ -94,7 +106,7 @@ def test_a_failing_compile_is_one_line_naming_the_mode_and_leaves_the_family_int
         def forward(self, *args, **kwargs):
             raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no g++ found"), None)
 
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: Broken(module))
+    monkeypatch.setattr(torch, "compile", lambda module, **options: Broken(module))
     with pytest.raises(SamplerError, match=r"compile='default': torch.compile failed: .*no g\+\+ found") as e:
         _images(family, compile=True)
     assert "\n" not in str(e.value)

@@ -6,8 +6,8 @@ import torch
 from genkit.errors import SamplerError
 from genkit.families.ddpm import DDPM, DDPMConfig
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+from genkit.families.sampling import sample
 from genkit.nn.unet import UNetConfig
-from genkit.samplers import sample
 
 TINY_UNET = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
 

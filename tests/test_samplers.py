@@ -10,8 +10,10 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from test_ddpm import DIFFUSERS_PREDICTION, tiny_ddpm
 
 from genkit.errors import SamplerError
+from genkit.families.base import Direct, Family
 from genkit.families.ddpm import NoiseSchedule, make_betas
-from genkit.samplers import SAMPLERS, CountingDenoiser, sample
+from genkit.families.sampling import sample
+from genkit.samplers import SAMPLERS, CountingDenoiser
 from genkit.samplers.adapters import TO_X0, eps_from_x0, training_target, vp_coefficients
 from genkit.samplers.ddim import sample_ancestral, sample_ddim
 
@@ -309,9 +311,15 @@ def test_sample_refuses_bad_requests_with_one_line_errors(family):
 
 
 def test_sampler_needing_a_missing_capability_is_refused():
-    class OnePass:  # a family without `denoise` (a GAN, a flow)
+    class OnePass(Family, Direct):  # a family without the denoising capability (a GAN, a flow)
         name, default_sampler, default_steps = "gan", "ddim", 1
         nets = torch.nn.ModuleDict()
+
+        def train_step(self, batch, step, opt):
+            return {}
+
+        def direct(self, n, *, generator=None, batch_size=None):
+            return torch.zeros(n, 1, 2, 2)
 
     with pytest.raises(SamplerError, match="does not fit family 'gan'"):
         sample(OnePass(), 1)

@@ -13,11 +13,10 @@ from conftest import TINY_UNET
 from toy_family import Toy, ToyConfig
 
 import genkit
-from genkit.config import load_recipe, recipe_from_dict
 from genkit.data import build_dataset
 from genkit.errors import GenkitError, RunError
 from genkit.io import load_tensors, load_torch
-from genkit.training.checkpoint import latest_checkpoint, list_checkpoints
+from genkit.runs import latest_checkpoint, list_checkpoints, load_recipe, recipe_from_dict
 
 
 def toy_recipe(batch=8, accum=1, steps=2, two_groups=False, optim="sgd", lr=0.1, **train):

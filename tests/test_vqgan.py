@@ -14,7 +14,7 @@ from torch import nn
 import genkit
 from genkit.cli import main
 from genkit.errors import ConfigError, GenkitError, SamplerError
-from genkit.families.vqgan import VQGAN, VQGANConfig, QuantizerConfig, adaptive_weight, hinge_d_loss
+from genkit.families.vqgan import VQGAN, QuantizerConfig, VQGANConfig, adaptive_weight, hinge_d_loss
 from genkit.nn.vq import VectorQuantizer, code_stats
 
 TINY_VQGAN = [  # digits at 8 px, f = 2: 4x4 codes of K = 16
@@ -284,9 +284,10 @@ def _l1(family, x):
 
 def test_short_run_lowers_reconstruction_error(vq_run):
     from genkit.data import build_dataset
+    from genkit.runs import run_recipe
 
     family = genkit.load(vq_run)
-    x = torch.stack([build_dataset(family.recipe.data, "test")[i]["image"] for i in range(64)])
+    x = torch.stack([build_dataset(run_recipe(vq_run).data, "test")[i]["image"] for i in range(64)])
     assert _l1(family, x) < 0.6 * _l1(tiny_vqgan(ema=True), x)
     logs = [json.loads(line) for line in (vq_run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in logs if "l1" in r]
@@ -324,7 +325,7 @@ def test_psnr_of_uint8_images():
 @pytest.mark.parametrize("name", ["vqgan_digits", "ar_prior_digits", "vqgan_photos", "ar_prior_photos",
                                   "vqgan_cifar", "ar_prior_cifar"])
 def test_shipped_two_stage_recipes_load(name):
-    from genkit.config import load_recipe
+    from genkit.runs import load_recipe
 
     recipe = load_recipe(name)
     from genkit.families.vqgan import check_config

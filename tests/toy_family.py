@@ -7,14 +7,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from genkit.config import FamilyConfig
+from genkit.families.base import Denoising, Family
+
 
 @dataclass
-class ToyConfig:
+class ToyConfig(FamilyConfig):
     family: str = "toy"
     two_groups: bool = False
 
 
-class Toy:
+class Toy(Family, Denoising):
     """a: Linear(D, D); b: Linear(D, 1). loss_a = ||a(x) - x||^2, loss_b = (b(a(x)) - 1)^2.
 
     With two groups, loss_b also depends on a's weights: the trainer must not let it leak
@@ -32,10 +35,6 @@ class Toy:
         if cfg.two_groups:
             nets["b"] = nn.Linear(d, 1)
         self.nets = nn.ModuleDict(nets)
-
-    @property
-    def device(self):
-        return next(self.nets.parameters()).device
 
     def param_groups(self):
         if self.cfg.two_groups:
@@ -65,7 +64,5 @@ class Toy:
     def sigmas(self, steps):
         return torch.tensor([1.0, 0.0], dtype=torch.float64)
 
-    def generate(self, n, *, generator=None, sampler=None, steps=None, **options):
-        from genkit.samplers import sample
-
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images
+    def sigma_range(self):
+        return 1.0, 1.0

@@ -14,8 +14,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
-from genkit.data.base import (SPLITS, ImageDataset, InMemoryImageDataset, dataset_from_tensor,
-                              from_uint8, to_uint8)
+from genkit.config import DataConfig
+from genkit.data.base import SPLITS, ImageDataset, InMemoryImageDataset, dataset_from_tensor
 from genkit.data.digits import build_digits
 from genkit.data.folder import FolderDataset, build_folder
 from genkit.data.pairs import PairsDataset, build_pairs
@@ -23,7 +23,7 @@ from genkit.data.photos import build_photos
 from genkit.data.torchvision_data import build_cifar10, build_mnist
 from genkit.errors import DataError
 
-SOURCES: dict[str, Callable[[Any, str], ImageDataset]] = {
+SOURCES: dict[str, Callable[[DataConfig, str], ImageDataset]] = {
     "digits": build_digits,
     "folder": build_folder,
     "cifar10": build_cifar10,
@@ -33,7 +33,7 @@ SOURCES: dict[str, Callable[[Any, str], ImageDataset]] = {
 }
 
 
-def build_dataset(cfg: Any, split: str = "train") -> ImageDataset:
+def build_dataset(cfg: DataConfig, split: str = "train") -> ImageDataset:
     """Build the dataset named by `cfg.source` for `split` ("train" or "test").
 
     Args:
@@ -42,7 +42,7 @@ def build_dataset(cfg: Any, split: str = "train") -> ImageDataset:
             applies it per batch (`Trainer._hflip`).
         split: "train", or "test" for the source's fixed held-out split.
     """
-    source = getattr(cfg, "source", None)
+    source = cfg.source
     if source not in SOURCES:
         raise DataError(f"data.source: unknown source {source!r}{_suggest(source)}; "
                         f"known: {', '.join(SOURCES)}")
@@ -56,4 +56,4 @@ def _suggest(name: Any) -> str:
 
 
 __all__ = ["SOURCES", "SPLITS", "FolderDataset", "ImageDataset", "InMemoryImageDataset", "PairsDataset",
-           "build_dataset", "dataset_from_tensor", "from_uint8", "to_uint8"]
+           "build_dataset", "dataset_from_tensor"]

@@ -17,19 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from genkit.config import DataConfig
 from genkit.errors import DataError
+from genkit.io import from_uint8
 
 SPLITS = ("train", "test")
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Map floats in [-1, 1] to uint8 in [0, 255] (round to nearest, clamp)."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def from_uint8(images: Tensor) -> Tensor:
-    """Map uint8 in [0, 255] to float32 in [-1, 1] (exact inverse of `to_uint8` on its range)."""
-    return images.to(torch.float32) / 127.5 - 1
 
 
 def resize_unit(images: Tensor, size: int) -> Tensor:
@@ -46,18 +38,18 @@ def unlabelled() -> Tensor:
     return torch.tensor(-1, dtype=torch.int64)
 
 
-def check_request(cfg: Any, split: str) -> None:
+def check_request(cfg: DataConfig, split: str) -> None:
     """Refuse an unknown split or a non-positive `data.image_size` before any loading."""
     if split not in SPLITS:
         raise DataError(f"split: unknown split {split!r}; known: {', '.join(SPLITS)}")
-    size = getattr(cfg, "image_size", None)
+    size = cfg.image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise DataError(f"data.image_size: expected a positive integer, got {size!r}")
 
 
-def check_channels(cfg: Any, channels: int, source: str) -> None:
+def check_channels(cfg: DataConfig, channels: int, source: str) -> None:
     """Refuse `data.channels` when it differs from a source's fixed channel count."""
-    wanted = getattr(cfg, "channels", None)
+    wanted = cfg.channels
     if wanted is not None and wanted != channels:
         raise DataError(f"data.channels: {source} images have {channels} channel(s), got {wanted}")
 

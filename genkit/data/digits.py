@@ -13,13 +13,12 @@ Fixed held-out split, in sklearn's order:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from sklearn.datasets import load_digits
 
-from genkit.data.captions import digit_captions
+from genkit.config import DataConfig
 from genkit.data.base import InMemoryImageDataset, check_channels, check_request, resize_unit
+from genkit.data.captions import digit_captions
 
 N_TRAIN = 1500  # images [0, N_TRAIN) train, [N_TRAIN, 1797) test
 NATIVE_SIZE = 8
@@ -32,7 +31,7 @@ def split_indices(split: str) -> slice:
     return slice(0, N_TRAIN) if split == "train" else slice(N_TRAIN, None)
 
 
-def build_digits(cfg: Any, split: str = "train") -> InMemoryImageDataset:
+def build_digits(cfg: DataConfig, split: str = "train") -> InMemoryImageDataset:
     """Build the digits dataset for `split` ("train" or "test") at `cfg.image_size`."""
     check_request(cfg, split)
     check_channels(cfg, CHANNELS, "digits")

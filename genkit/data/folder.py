@@ -13,30 +13,37 @@ it. With `data.on_error: skip` every file is checked once when the dataset is bu
 ones are left out (so the dataset's length, and exact resume, stay fixed) and counted in a
 warning naming the first.
 
-A folder has no held-out split: asking for split "test" is refused. A folder with a
-`metadata.jsonl` (file_name, text[, label]) is a captioned dataset: see `genkit.data.captions`.
+A folder has no held-out split: asking for split "test" is refused.
+
+A folder with a `metadata.jsonl` (the Hugging Face image-folder convention) is a captioned
+dataset: one JSON object per line with `file_name` (relative to the folder) and `text`, and
+optionally an integer `label` (class conditioning). The metadata lists the dataset: exactly its
+files, in its order; items gain a `caption` string (collated into a list).
 """
 
 from __future__ import annotations
 
+import json
 import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from genkit.data.base import ImageDataset, check_request, from_uint8, unlabelled
+from genkit.config import DataConfig
+from genkit.data.base import ImageDataset, check_request, unlabelled
 from genkit.errors import DataError
+from genkit.io import from_uint8
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
               Image.DecompressionBombError)
 MODES = {1: "L", 3: "RGB"}
+METADATA = "metadata.jsonl"
 
 
 def find_images(root: Path) -> list[Path]:
@@ -107,7 +114,7 @@ class FolderDataset(ImageDataset):
         return decode(self.files[index], self.channels, self.image_size), unlabelled()
 
 
-def check_root(root: Any) -> Path:
+def check_root(root: str | None) -> Path:
     """Return `data.root` as a Path, or raise DataError when it is unset or not a folder."""
     if root is None or str(root) == "":
         raise DataError("data.root is not set: data.source=folder needs data.root=DIR, a folder of images")
@@ -117,25 +124,23 @@ def check_root(root: Any) -> Path:
     return path
 
 
-def build_folder(cfg: Any, split: str = "train") -> FolderDataset:
+def build_folder(cfg: DataConfig, split: str = "train") -> FolderDataset:
     """Build a dataset from the images under `cfg.root` (train split only)."""
     check_request(cfg, split)
     if split != "train":
         raise DataError(f"data.source=folder has no held-out '{split}' split; "
                         "evaluate against the training folder or another data.root")
-    channels = 3 if getattr(cfg, "channels", None) is None else cfg.channels
+    channels = 3 if cfg.channels is None else cfg.channels
     if channels not in MODES:
         raise DataError(f"data.channels: folder images can be read with 1 or 3 channels, got {channels!r}")
-    root = check_root(getattr(cfg, "root", None))
-    if (root / "metadata.jsonl").is_file():  # captioned folder (Hugging Face image-folder convention)
-        from genkit.data.captions import CaptionedFolderDataset
-
+    root = check_root(cfg.root)
+    if (root / METADATA).is_file():  # captioned folder (Hugging Face image-folder convention)
         return CaptionedFolderDataset(root, channels=channels, image_size=cfg.image_size)
     files = find_images(root)
     if not files:
         raise DataError(f"data.root: no images found under '{root}' "
                         f"(read recursively: {', '.join(e[1:] for e in EXTENSIONS)}, any case)")
-    if getattr(cfg, "on_error", "raise") == "skip":
+    if cfg.on_error == "skip":
         files = readable(files, root, cfg.image_size)
     return FolderDataset(root, files, channels=channels, image_size=cfg.image_size)
 
@@ -156,3 +161,51 @@ def readable(files: list[Path], root: Path, size: int) -> list[Path]:
         raise DataError(f"data.root: none of the {len(files)} image files under '{root}' can be read "
                         f"(first: {bad[0]})")
     return good
+
+
+def read_metadata(root: Path) -> tuple[list[Path], list[str], list[int] | None]:
+    """(files, captions, labels or None) from root/metadata.jsonl; DataError names the line."""
+    path = root / METADATA
+    files, texts, labels = [], [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) \
+                or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{n}: needs string keys 'file_name' and 'text'")
+        file = root / row["file_name"]
+        if not file.is_file():
+            raise DataError(f"{path}:{n}: image '{file}' not found")
+        label = row.get("label")
+        if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
+            raise DataError(f"{path}:{n}: 'label' must be an integer >= 0, got {label!r}")
+        files.append(file)
+        texts.append(row["text"])
+        labels.append(label)
+    if not files:
+        raise DataError(f"{path}: no entries")
+    given = [lab is not None for lab in labels]
+    if any(given) and not all(given):
+        raise DataError(f"{path}:{given.index(False) + 1}: 'label' missing (give it on every line or none)")
+    return files, texts, labels if all(given) else None
+
+
+class CaptionedFolderDataset(FolderDataset):
+    """The images and captions (and labels) listed in a folder's metadata.jsonl, decoded per item."""
+
+    def __init__(self, root: Path, *, channels: int, image_size: int) -> None:
+        files, self.captions, labels = read_metadata(root)
+        super().__init__(root, files, channels=channels, image_size=image_size)
+        self.labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
+        self.num_classes = 0 if labels is None else max(labels) + 1
+
+    def _load(self, index: int) -> tuple[Tensor, Tensor]:
+        label = unlabelled() if self.labels is None else self.labels[index].clone()
+        return decode(self.files[index], self.channels, self.image_size), label
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(super().__getitem__(index), caption=self.captions[index])

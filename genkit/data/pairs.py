@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from genkit.config import DataConfig
 from genkit.data.base import ImageDataset, check_channels, check_request, unlabelled
 from genkit.errors import DataError
+from genkit.io import load_tensors
 
 MANIFEST = "manifest.json"
 
@@ -71,8 +73,6 @@ class PairsDataset(ImageDataset):
 
 def load_pairs(root: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """(noise, images, manifest) of a pairs folder; every shard must be present."""
-    from genkit.io import load_tensors  # genkit.io imports genkit.data: import at call time
-
     root = Path(root)
     manifest = read_manifest(root)
     n, shard_size = int(manifest["n"]), int(manifest["shard_size"])
@@ -92,15 +92,15 @@ def load_pairs(root: str | Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
     return torch.cat(noise), torch.cat(images), manifest
 
 
-def build_pairs(cfg: Any, split: str = "train") -> PairsDataset:
+def build_pairs(cfg: DataConfig, split: str = "train") -> PairsDataset:
     """Build the pairs dataset of `cfg.root` (train split only)."""
     check_request(cfg, split)
     if split != "train":
         raise DataError(f"data.source=pairs has no held-out '{split}' split; "
                         f"evaluate against the original data instead")
-    if not getattr(cfg, "root", None):
+    if not cfg.root:
         raise DataError("data.root: data.source=pairs needs the folder written by `genkit reflow`")
-    if getattr(cfg, "hflip", False):
+    if cfg.hflip:
         raise DataError("data.hflip: must be false for data.source=pairs (flipping the image alone "
                         "breaks its pairing with the noise)")
     noise, images, _ = load_pairs(cfg.root)

@@ -12,13 +12,13 @@ Fixed held-out split, by photograph (no patch of a test photograph is in train):
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from genkit.data.base import InMemoryImageDataset, check_channels, check_request, to_uint8
+from genkit.config import DataConfig
+from genkit.data.base import InMemoryImageDataset, check_channels, check_request
 from genkit.errors import DataError
+from genkit.io import to_uint8
 
 PHOTOS = {"train": ("astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"),
           "test": ("coffee",)}
@@ -46,7 +46,7 @@ def patches(image: torch.Tensor, size: int) -> torch.Tensor:
     return tiles.permute(0, 2, 3, 1, 4, 5).reshape(-1, image.shape[1], size, size)
 
 
-def build_photos(cfg: Any, split: str = "train") -> InMemoryImageDataset:
+def build_photos(cfg: DataConfig, split: str = "train") -> InMemoryImageDataset:
     """Patches of the split's photographs at `cfg.image_size`, stored as uint8."""
     check_request(cfg, split)
     check_channels(cfg, CHANNELS, "photos")

@@ -19,9 +19,10 @@ import torch
 import torchvision
 from torch import Tensor
 
-from genkit.data.base import (InMemoryImageDataset, check_channels, check_request, resize_unit,
-                              to_uint8)
+from genkit.config import DataConfig
+from genkit.data.base import InMemoryImageDataset, check_channels, check_request, resize_unit
 from genkit.errors import DataError
+from genkit.io import to_uint8
 
 RESIZE_CHUNK = 4096  # images resized per interpolate call: bounds the float copy's memory
 
@@ -59,7 +60,7 @@ MNIST = TorchvisionSource(
     channels=1, native_size=28)
 
 
-def check_files(source: TorchvisionSource, root: Any, download: bool) -> Path:
+def check_files(source: TorchvisionSource, root: str | None, download: bool) -> Path:
     """Return the root folder, or raise DataError saying where the files must go."""
     if root is None or str(root) == "":
         raise DataError(f"data.root is not set: {source.title} needs data.root=DIR, a folder to "
@@ -98,23 +99,23 @@ def resize_uint8(images: Tensor, size: int) -> Tensor:
     return torch.cat(chunks)
 
 
-def build_torchvision(source: TorchvisionSource, cfg: Any, split: str) -> InMemoryImageDataset:
+def build_torchvision(source: TorchvisionSource, cfg: DataConfig, split: str) -> InMemoryImageDataset:
     """Build an in-memory dataset for one torchvision source and split."""
     check_request(cfg, split)
     check_channels(cfg, source.channels, source.name)
-    download = bool(getattr(cfg, "download", False))
-    root = check_files(source, getattr(cfg, "root", None), download)
+    download = cfg.download
+    root = check_files(source, cfg.root, download)
     images, labels = load_uint8(source, root, split, download)
     images = resize_uint8(images, cfg.image_size)
     return InMemoryImageDataset(images, labels, source.name, split=split,
                                 num_classes=source.num_classes)
 
 
-def build_cifar10(cfg: Any, split: str = "train") -> InMemoryImageDataset:
+def build_cifar10(cfg: DataConfig, split: str = "train") -> InMemoryImageDataset:
     """CIFAR-10 (Krizhevsky 2009): 32x32 RGB, 10 classes, 50000 train / 10000 test."""
     return build_torchvision(CIFAR10, cfg, split)
 
 
-def build_mnist(cfg: Any, split: str = "train") -> InMemoryImageDataset:
+def build_mnist(cfg: DataConfig, split: str = "train") -> InMemoryImageDataset:
     """MNIST (LeCun et al. 1998): 28x28 grey, 10 classes, 60000 train / 10000 test."""
     return build_torchvision(MNIST, cfg, split)

@@ -13,17 +13,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from genkit.data.base import to_uint8
 from genkit.errors import GenkitError
+from genkit.eval.features import build_clip
+from genkit.io import to_uint8
 
 
 @torch.inference_mode()
 def clip_score(images: torch.Tensor, prompts: Sequence[str], weights: str | None, protocol: str | None = None,
                batch_size: int = 100, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Mean CLIP score of images in [-1, 1] (N, C, H, W) against their N prompts."""
-    import open_clip
-
-    from genkit.eval.features import build_clip
+    import open_clip  # heavy: only for CLIP scores
 
     if len(prompts) != len(images):
         raise GenkitError(f"CLIP score: {len(prompts)} prompts for {len(images)} images")

@@ -11,10 +11,13 @@ from typing import Any
 
 import torch
 
+from genkit.data.captions import digit_prompt
 from genkit.errors import GenkitError
 from genkit.eval.features import build_digits
-from genkit.data.base import to_uint8
-from genkit.samplers import sample
+from genkit.families.base import Family
+from genkit.families.ldm import LDM
+from genkit.families.sampling import sample
+from genkit.io import to_uint8
 
 
 @torch.inference_mode()
@@ -26,29 +29,27 @@ def digits_accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
     return float((pred == labels.cpu()).float().mean())
 
 
-def conditional_accuracy(family: Any, n: int = 500, *, guidance: float | None = None, seed: int = 0,
+def conditional_accuracy(family: Family, n: int = 500, *, guidance: float | None = None, seed: int = 0,
                          batch_size: int = 250, **sampler_kwargs: Any) -> dict[str, Any]:
     """Class-balanced samples (labels 0..C-1 in turn) and the digits classifier's agreement with them."""
-    if not getattr(family, "num_classes", 0):
+    if not family.num_classes:
         raise GenkitError(f"family '{family.name}' is not class-conditional (model.class_cond: false)")
     labels = torch.arange(n) % family.num_classes
     out = sample(family, n, generator=torch.Generator().manual_seed(seed), batch_size=batch_size,
-                 condition={"labels": labels}, guidance=guidance, **sampler_kwargs)
+                 labels=labels, guidance=guidance, **sampler_kwargs)
     return {"accuracy": digits_accuracy(out.images, labels), "n": n, "guidance": guidance,
             "sampler": out.sampler, "steps": out.steps, "nfe": out.nfe}
 
 
-def prompt_accuracy(family: Any, n: int = 500, *, guidance: float | None = None, seed: int = 0,
+def prompt_accuracy(family: Family, n: int = 500, *, guidance: float | None = None, seed: int = 0,
                     batch_size: int = 250, **sampler_kwargs: Any) -> dict[str, Any]:
     """Text control on digits: samples prompted "a handwritten digit <d>" for d = 0..9 in turn, and the
     fraction the digits classifier reads as the digit the prompt asked for (chance: 0.1)."""
-    from genkit.data.captions import digit_prompt
-
-    if not hasattr(family, "embed"):
+    if not isinstance(family, LDM):
         raise GenkitError(f"family '{family.name}' takes no text prompts (model.family: ldm does)")
     labels = torch.arange(n) % 10
     out = sample(family, n, generator=torch.Generator().manual_seed(seed), batch_size=batch_size,
-                 condition={"prompts": [digit_prompt(int(d)) for d in labels]}, guidance=guidance,
+                 prompts=[digit_prompt(int(d)) for d in labels], guidance=guidance,
                  **sampler_kwargs)
     return {"accuracy": digits_accuracy(out.images, labels), "n": n, "guidance": guidance,
             "sampler": out.sampler, "steps": out.steps, "nfe": out.nfe}

@@ -13,13 +13,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-
-from genkit.api import load
-from genkit.eval.engine import EvalSettings, build_extractor, generated_stats, protocol_of, reference_stats
+from genkit.eval.engine import EvalSettings, build_extractor, generated_stats, reference_stats
 from genkit.eval.frechet import frechet_distance
 from genkit.eval.stats import check_same_protocol
+from genkit.families.sampling import resolve_sampler
 from genkit.io import atomic_write, write_text
-from genkit.samplers import resolve_sampler
+from genkit.runs import load
 
 COLUMNS = ("sampler", "steps", "schedule", "nfe", "fd", "seconds")
 
@@ -33,7 +32,7 @@ def fd_curve(run: str | Path, samplers: list[str], steps: list[int], s: EvalSett
     family = load(run, device=s.device)
     extractor = build_extractor(s)
     ref = reference_stats(real or f"recipe:{run / 'config.yaml'}", extractor, s)
-    check_same_protocol(ref.protocol, protocol_of(extractor), "the reference")
+    check_same_protocol(ref.protocol, extractor.protocol_dict(), "the reference")
     rows = []
     for sampler in samplers:
         for k in [None] if resolve_sampler(family, sampler)[1].adaptive else steps:

@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -29,9 +28,10 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from genkit.data import build_dataset, to_uint8
+from genkit.config import DataConfig
+from genkit.data import build_dataset
 from genkit.errors import GenkitError
-from genkit.io import atomic_write, write_json
+from genkit.io import atomic_write, to_uint8, write_json
 
 SIZE = 16  # input resolution of the network
 ARCH = {"channels": [32, 64], "features": 64, "classes": 10, "input": SIZE}
@@ -92,7 +92,7 @@ class DigitsClassifier(nn.Module):
 
 def digits_split(split: str) -> tuple[Tensor, Tensor]:
     """The digits split at 16 px as uint8 images (N, 1, 16, 16) and int64 labels (N,)."""
-    data = build_dataset(SimpleNamespace(source="digits", image_size=SIZE), split)
+    data = build_dataset(DataConfig(source="digits", image_size=SIZE), split)
     images = torch.stack([data[i]["image"] for i in range(len(data))])
     labels = torch.stack([data[i]["label"] for i in range(len(data))])
     return to_uint8(images), labels

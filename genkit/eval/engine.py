@@ -14,12 +14,19 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from genkit import __version__
 from genkit.errors import GenkitError
+from genkit.eval.features import FeatureExtractor, build_features
 from genkit.eval.frechet import GaussianStats, frechet_distance
+from genkit.eval.likelihood import family_bits_per_dim
 from genkit.eval.metrics import inception_score, kid, prdc
 from genkit.eval.specs import SampleSettings, describe, iter_images
 from genkit.eval.stats import RefStats, check_same_protocol, is_stats_file, load_stats, save_stats
+from genkit.families.base import Family, Likelihood
+from genkit.families.sampling import sample
+from genkit.io import to_uint8
+from genkit.rng import seeded
+from genkit.runs import load
+from genkit.version import __version__
 
 METRICS = ("fid", "kid", "is", "prdc")
 
@@ -38,22 +45,14 @@ class EvalSettings:
     sample: SampleSettings = field(default_factory=SampleSettings)
 
 
-def protocol_of(extractor: Any) -> dict[str, Any]:
-    """The extractor's identity: what must match for two feature sets to be compared."""
-    return {"features": extractor.name, "protocol": extractor.protocol, "dim": int(extractor.dim),
-            "weights_sha256": extractor.weights_sha256, "resize": extractor.resize}
-
-
-def build_extractor(s: EvalSettings) -> Any:
+def build_extractor(s: EvalSettings) -> FeatureExtractor:
     """The feature extractor the settings name, on their device (CUDA when available)."""
-    from genkit.eval.features import build_features
-
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return build_features(s.features, protocol=s.protocol, weights=s.weights, device=device)
 
 
 @torch.inference_mode()
-def _features(spec: str, extractor: Any, s: EvalSettings, logits: bool = False) -> Iterator[Tensor]:
+def _features(spec: str, extractor: FeatureExtractor, s: EvalSettings, logits: bool = False) -> Iterator[Tensor]:
     device = next(extractor.parameters()).device
     sample = SampleSettings(**{**asdict(s.sample), "seed": s.seed, "device": s.sample.device or str(device)})
     for batch in iter_images(spec, s.n, s.batch_size, sample):
@@ -61,18 +60,19 @@ def _features(spec: str, extractor: Any, s: EvalSettings, logits: bool = False) 
         yield (extractor.logits(batch) if logits else extractor(batch)).double().cpu()
 
 
-def _all_features(spec: str, extractor: Any, s: EvalSettings, logits: bool = False) -> Tensor:
+def all_features(spec: str, extractor: FeatureExtractor, s: EvalSettings, logits: bool = False) -> Tensor:
+    """Every feature (or logit) vector of a SPEC's images, float64 on the CPU: (N, dim)."""
     feats = list(_features(spec, extractor, s, logits))
     if not feats:
         raise GenkitError(f"no images in '{spec}'")
     return torch.cat(feats)
 
 
-def reference_stats(spec: str, extractor: Any, s: EvalSettings) -> RefStats:
+def reference_stats(spec: str, extractor: FeatureExtractor, s: EvalSettings) -> RefStats:
     """Gaussian statistics of a SPEC: read from a statistics file, or computed from its images."""
     if is_stats_file(spec):
         stats = load_stats(spec)
-        check_same_protocol(stats.protocol, protocol_of(extractor), f"'{spec}' and --features {s.features}")
+        check_same_protocol(stats.protocol, extractor.protocol_dict(), f"'{spec}' and --features {s.features}")
         return stats
     acc = None
     for feats in _features(spec, extractor, s):
@@ -81,44 +81,39 @@ def reference_stats(spec: str, extractor: Any, s: EvalSettings) -> RefStats:
     if acc is None:
         raise GenkitError(f"no images in '{spec}'")
     mu, sigma = acc.mean_cov()
-    return RefStats(mu, sigma, acc.count, protocol_of(extractor), source=spec)
+    return RefStats(mu, sigma, acc.count, extractor.protocol_dict(), source=spec)
 
 
 @torch.inference_mode()
-def generated_stats(family: Any, extractor: Any, n: int, batch_size: int, seed: int = 0, *,
+def generated_stats(family: Family, extractor: FeatureExtractor, n: int, batch_size: int, seed: int = 0, *,
                     rank: int = 0, world: int = 1, **sampling: Any) -> tuple[GaussianStats, int, float]:
     """Feature statistics of n generated images (quantized to uint8), with the sampler's NFE and time.
 
     Batch k is generated from its own generator, seeded by (seed, k), so the n images are the
     same however they are split: process `rank` of `world` takes batches rank, rank + world, ...
     and the per-process statistics sum (`GaussianStats.all_reduce`) to the single-process ones.
-    `sampling` goes to `genkit.samplers.sample` (sampler, steps, schedule, sampler options).
+    `sampling` goes to `genkit.families.sampling.sample` (sampler, steps, schedule, sampler options).
     """
-    from genkit.data.base import to_uint8
-    from genkit.samplers import sample
-    from genkit.training.handle import mix_seed
-
     acc, nfe, seconds = GaussianStats(extractor.dim), 0, 0.0
     device = next(extractor.parameters()).device
     for k, start in enumerate(range(0, n, batch_size)):
         if k % world != rank:
             continue
-        generator = torch.Generator().manual_seed(mix_seed(seed, k))
-        out = sample(family, min(batch_size, n - start), generator=generator, **sampling)
+        out = sample(family, min(batch_size, n - start), generator=seeded(seed, k), **sampling)
         nfe, seconds = out.nfe, seconds + out.seconds
         acc.update(extractor(to_uint8(out.images).to(device)).double().cpu())
     return acc, nfe, seconds
 
 
-def _record(metric: str, s: EvalSettings, extractor: Any, real: str | None, fake: str, **values) -> dict:
-    record = {"metric": metric, **values, "protocol": protocol_of(extractor),
+def _record(metric: str, s: EvalSettings, extractor: FeatureExtractor, real: str | None, fake: str, **values) -> dict:
+    record = {"metric": metric, **values, "protocol": extractor.protocol_dict(),
               "real": real, "fake": fake, "seed": s.seed, "genkit_version": __version__}
     if describe(fake) == "run":
         record["sampling"] = {"sampler": s.sample.sampler, "steps": s.sample.steps, **(s.sample.options or {})}
     return record
 
 
-def compute_fid(real: str, fake: str, s: EvalSettings, extractor: Any | None = None) -> dict[str, Any]:
+def compute_fid(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
     """Frechet distance between the feature Gaussians of two SPECs (FID with inception)."""
     extractor = extractor or build_extractor(s)
     a, b = reference_stats(real, extractor, s), reference_stats(fake, extractor, s)
@@ -128,14 +123,14 @@ def compute_fid(real: str, fake: str, s: EvalSettings, extractor: Any | None = N
     return _record("fid", s, extractor, real, fake, **{name: value, "value": value, "n_real": a.n, "n_fake": b.n})
 
 
-def _raw_pair(real: str, fake: str, s: EvalSettings, extractor: Any) -> tuple[Tensor, Tensor]:
+def _raw_pair(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor) -> tuple[Tensor, Tensor]:
     for spec in (real, fake):
         if is_stats_file(spec):
             raise GenkitError(f"'{spec}' holds only statistics; this metric needs images")
-    return _all_features(real, extractor, s), _all_features(fake, extractor, s)
+    return all_features(real, extractor, s), all_features(fake, extractor, s)
 
 
-def compute_kid(real: str, fake: str, s: EvalSettings, extractor: Any | None = None) -> dict[str, Any]:
+def compute_kid(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
     """Kernel Inception Distance (unbiased polynomial-kernel MMD^2 over subsets)."""
     extractor = extractor or build_extractor(s)
     fr, ff = _raw_pair(real, fake, s, extractor)
@@ -144,18 +139,18 @@ def compute_kid(real: str, fake: str, s: EvalSettings, extractor: Any | None = N
                    n_real=len(fr), n_fake=len(ff))
 
 
-def compute_is(fake: str, s: EvalSettings, extractor: Any | None = None) -> dict[str, Any]:
+def compute_is(fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
     """Inception Score of a SPEC's images (classifier logits; `digits` uses its own classes)."""
     extractor = extractor or build_extractor(s)
-    if not hasattr(extractor, "logits"):
-        raise GenkitError(f"--features {s.features} has no classifier head: IS needs inception or digits")
-    logits = _all_features(fake, extractor, s, logits=True)
+    if not extractor.has_logits:
+        extractor.logits(torch.zeros(0))  # its one-line error: no classifier head
+    logits = all_features(fake, extractor, s, logits=True)
     mean, std = inception_score(logits)
     return _record("is", s, extractor, None, fake, inception_score=mean, inception_score_std=std,
                    value=mean, n_fake=len(logits))
 
 
-def compute_prdc(real: str, fake: str, s: EvalSettings, extractor: Any | None = None,
+def compute_prdc(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None,
                  k: int = 5) -> dict[str, Any]:
     """Precision, recall, density and coverage (Naeem et al. 2020) in feature space."""
     extractor = extractor or build_extractor(s)
@@ -179,15 +174,12 @@ def compute_bpd(run: str | Path, data: str | None, s: EvalSettings, *, divergenc
 
     Both go through `family_bits_per_dim`: one dequantization and one bits/dim formula.
     """
-    from genkit.api import load
-    from genkit.eval.likelihood import family_bits_per_dim
-
     run = Path(run)
     data = data or f"recipe:{run / 'config.yaml'}:test"
     family = load(run, device=s.device)
     images = torch.cat(list(iter_images(data, s.n, s.batch_size)))
     generator = torch.Generator().manual_seed(s.seed)
-    if hasattr(family, "log_prob"):  # a flow: exact log-likelihood, no solver
+    if isinstance(family, Likelihood):  # a flow: exact log-likelihood, no solver
         out = family_bits_per_dim(family, images, batch_size=s.batch_size, generator=generator)
         solver = {}
     else:

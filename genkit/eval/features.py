@@ -7,7 +7,7 @@ Every extractor takes uint8 images (B, C, H, W), C in {1, 3} (grey repeated to R
 networks), any H and W, and records what produced its features (`protocol_dict()`): name,
 protocol, dim, the weights' SHA-256 and the resize method. Weights never download: they resolve
 from `--weights`, $GENKIT_WEIGHTS_DIR, the torch hub cache or ~/.cache/genkit
-(`genkit.eval.weights`), and the Inception files are checked by the SHA-256 prefix in their names.
+(`genkit.weights`), and the Inception files are checked by the SHA-256 prefix in their names.
 
 - inception / tf (default): torch-fidelity's TF-ported InceptionV3 (TF1 bilinear resize to 299,
   (x - 128) / 128), pool3 2048-d; `logits` = 'logits_unbiased' (1008) for IS.
@@ -30,9 +30,10 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
-import genkit
 from genkit.errors import GenkitError
-from genkit.eval.weights import load_state_dict, locate_weights, sha256_file
+from genkit.eval.digits_classifier import METADATA_KEY, DigitsClassifier
+from genkit.io import load_tensors, sha256_file
+from genkit.weights import load_state_dict, locate_weights
 
 INCEPTION_SHA256_PREFIX = "6726825d"  # tests patch this to accept a random state dict
 INCEPTION_FILES = {"tf": "weights-inception-2015-12-05-6726825d.pth",
@@ -46,7 +47,7 @@ DINOV2 = {"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dino
           "vitl14": "vit_large_patch14_dinov2", "vitg14": "vit_giant_patch14_dinov2"}
 DINOV2_SIZE = 224
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-ASSETS = Path(genkit.__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DIGITS_JSON = "digits_classifier.json"
 
 
@@ -58,11 +59,16 @@ class FeatureExtractor(nn.Module):
     dim: int
     weights_sha256: str | None
     resize: str
+    has_logits: bool = False  # a classifier head: `logits` (Inception Score, class accuracy)
 
     def protocol_dict(self) -> dict[str, Any]:
         """What produced the features; two feature sets compare only when these agree."""
         return {"features": self.name, "protocol": self.protocol, "dim": int(self.dim),
                 "weights_sha256": self.weights_sha256, "resize": self.resize}
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Class logits of uint8 images; only extractors with `has_logits` have a classifier head."""
+        raise GenkitError(f"--features {self.name} has no classifier head: IS needs inception or digits")
 
     def freeze(self) -> "FeatureExtractor":
         """Eval mode, no gradients."""
@@ -108,6 +114,7 @@ class InceptionTF(FeatureExtractor):
     """torch-fidelity's InceptionV3 ('inception-v3-compat'): TF1 resize and weights, bit-exact pool3."""
 
     name, protocol, dim = "inception", "tf", 2048
+    has_logits = True
     resize = "bilinear (TF1-compatible, torch-fidelity) to 299x299"
 
     def __init__(self, weights: str | Path | None = None):
@@ -298,6 +305,7 @@ class DigitsFeatures(FeatureExtractor):
     """genkit's digits CNN: 64-d penultimate features, 10-class logits (IS, accuracy)."""
 
     name, protocol = "digits", "genkit"
+    has_logits = True
     resize = "bilinear (F.interpolate, antialias) to 16x16; RGB averaged to grey"
 
     def __init__(self, net: nn.Module, sha256: str):
@@ -332,9 +340,6 @@ def shipped_digits_weights(assets: Path = ASSETS) -> tuple[Path, str]:
 def build_digits(protocol: str | None = None, weights: str | Path | None = None) -> FeatureExtractor:
     """The digits classifier's features: the shipped weights, or a safetensors file of your own."""
     from safetensors import safe_open
-
-    from genkit.eval.digits_classifier import METADATA_KEY, DigitsClassifier
-    from genkit.io import load_tensors
 
     _check_protocol("digits", protocol, ["genkit"])
     path, sha = shipped_digits_weights() if weights is None else _locate(Path(str(weights)).name, weights, "")

@@ -7,17 +7,20 @@ from typing import Any
 
 import torch
 
-from genkit.data.base import to_uint8
-from genkit.eval.engine import EvalSettings, build_extractor, generated_stats, protocol_of
+from genkit.config import Recipe
+from genkit.data import ImageDataset
+from genkit.eval.engine import EvalSettings, build_extractor, generated_stats
 from genkit.eval.frechet import GaussianStats, frechet_distance
 from genkit.eval.stats import RefStats, check_same_protocol, load_stats, save_stats
-from genkit.samplers import sampler_options
+from genkit.families.base import Family
+from genkit.families.sampling import sampler_options
+from genkit.io import to_uint8
 
 
 class TrainingEvaluator:
     """FD of `eval.n` samples vs the recipe's training data; reference statistics cached on disk."""
 
-    def __init__(self, recipe: Any, run_dir: Path, dataset: Any, device: torch.device):
+    def __init__(self, recipe: Recipe, run_dir: Path, dataset: ImageDataset, device: torch.device):
         cfg = recipe.eval
         self.recipe, self.dataset = recipe, dataset
         self.settings = EvalSettings(features=cfg.features, protocol=cfg.protocol, weights=cfg.weights,
@@ -38,7 +41,7 @@ class TrainingEvaluator:
     def _reference(self) -> RefStats:
         if self.cache.exists():
             stats = load_stats(str(self.cache))
-            check_same_protocol(stats.protocol, protocol_of(self.extractor), f"'{self.cache}'")
+            check_same_protocol(stats.protocol, self.extractor.protocol_dict(), f"'{self.cache}'")
             return stats
         acc = GaussianStats(self.extractor.dim)
         bs = self.settings.batch_size
@@ -46,7 +49,7 @@ class TrainingEvaluator:
             images = torch.stack([self.dataset[i]["image"] for i in range(start, min(start + bs, len(self.dataset)))])
             acc.update(self._features(to_uint8(images)))
         mu, sigma = acc.mean_cov()
-        stats = RefStats(mu, sigma, acc.count, protocol_of(self.extractor), source=f"recipe:{self.recipe.name}")
+        stats = RefStats(mu, sigma, acc.count, self.extractor.protocol_dict(), source=f"recipe:{self.recipe.name}")
         save_stats(self.cache, stats)
         return stats
 
@@ -55,7 +58,7 @@ class TrainingEvaluator:
         return self.extractor(images_uint8.to(device)).double().cpu()
 
     @torch.inference_mode()
-    def frechet(self, family: Any, seed: int = 0, accelerator: Any | None = None) -> float | None:
+    def frechet(self, family: Family, seed: int = 0, accelerator: Any | None = None) -> float | None:
         """FD between `eval.n` samples of the family (recipe's sampler) and the reference.
 
         With an `accelerator` every process generates its share of the batches and the feature

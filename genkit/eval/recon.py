@@ -18,12 +18,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from genkit import __version__
-from genkit.data.base import from_uint8, to_uint8
 from genkit.errors import GenkitError
+from genkit.eval.engine import EvalSettings, build_extractor
 from genkit.eval.frechet import GaussianStats, frechet_distance
 from genkit.eval.specs import iter_images
+from genkit.families.base import Tokenizer
+from genkit.io import from_uint8, to_uint8
+from genkit.nn.perceptual import LPIPS
 from genkit.nn.vq import code_stats
+from genkit.runs import load, run_recipe
+from genkit.version import __version__
 
 
 def psnr_uint8(x: Tensor, y: Tensor) -> Tensor:
@@ -40,27 +44,23 @@ def _optional(build: Any) -> tuple[Any, str | None]:
         return None, str(e)
 
 
-def _default_features(family: Any) -> str:
-    recipe = getattr(family, "recipe", None)
-    return "digits" if recipe is not None and recipe.data.source == "digits" else "inception"
+def _default_features(run: Path) -> str:
+    return "digits" if run_recipe(run).data.source == "digits" else "inception"
 
 
 @torch.inference_mode()
-def compute_recon(run: str | Path, data: str | None, s: Any, lpips_weights: str | None = None) -> dict[str, Any]:
+def compute_recon(run: str | Path, data: str | None, s: EvalSettings,
+                  lpips_weights: str | None = None) -> dict[str, Any]:
     """PSNR, LPIPS, rFD and codebook usage of a tokenizer run's reconstructions of `data` (default: its test split).
 
     `s` is an `genkit.eval.engine.EvalSettings`; `s.features` None picks the default extractor.
     """
-    from genkit.api import load
-    from genkit.eval.engine import build_extractor, protocol_of
-    from genkit.nn.perceptual import LPIPS
-
     run = Path(run)
     family = load(run, device=s.device)
-    if not all(hasattr(family, a) for a in ("encode", "decode", "num_codes")):
+    if not isinstance(family, Tokenizer):
         raise GenkitError(f"'{run}' is a {family.name} run: eval recon needs a tokenizer run (vqgan)")
     data = data or f"recipe:{run / 'config.yaml'}:test"
-    s.features = s.features or _default_features(family)
+    s.features = s.features or _default_features(run)
     extractor = build_extractor(s)
     device = next(extractor.parameters()).device
     lpips, lpips_reason = (None, "images smaller than 16 px") if family.sample_shape[1] < 16 else \
@@ -87,5 +87,5 @@ def compute_recon(run: str | Path, data: str | None, s: Any, lpips_weights: str 
             "lpips_skipped": lpips_reason, rfd_key: frechet_distance(mu1, s1, mu2, s2),
             "codebook_usage": float(stats["usage"]), "codebook_perplexity": float(stats["perplexity"]),
             "num_codes": family.num_codes, "n": real.count, "data": data, "run": str(run),
-            "protocol": protocol_of(extractor), "genkit_version": __version__,
-            "lpips_backbone": getattr(lpips, "backbone", None)}
+            "protocol": extractor.protocol_dict(), "genkit_version": __version__,
+            "lpips_backbone": None if lpips is None else lpips.backbone}

@@ -20,9 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from genkit.data.base import to_uint8
+from genkit.data import build_dataset
 from genkit.data.folder import EXTENSIONS, find_images, open_image
 from genkit.errors import GenkitError
+from genkit.families.sampling import sample
+from genkit.io import to_uint8
+from genkit.runs import load, load_recipe
+
 
 @dataclass
 class SampleSettings:
@@ -74,9 +78,6 @@ def _limit(batches: Iterator[Tensor], n: int | None) -> Iterator[Tensor]:
 
 
 def _recipe_batches(ref: str, batch_size: int) -> Iterator[Tensor]:
-    from genkit.config import load_recipe
-    from genkit.data import build_dataset
-
     name, _, split = ref.partition(":")
     dataset = build_dataset(load_recipe(name).data, split or "train")
     for start in range(0, len(dataset), batch_size):
@@ -134,12 +135,11 @@ def _folder_batches(root: Path, batch_size: int) -> Iterator[Tensor]:
 
 
 def _run_batches(run: Path, n: int | None, batch_size: int, s: SampleSettings) -> Iterator[Tensor]:
-    from genkit.api import load, sample
-
     if n is None:
         raise GenkitError(f"'{run}' is a run folder: say how many images to generate with --n")
     family = load(run, device=s.device)
     for i, start in enumerate(range(0, n, batch_size)):
         b = min(batch_size, n - start)
-        images = sample(family, b, sampler=s.sampler, steps=s.steps, seed=s.seed + i, **(s.options or {}))
-        yield to_uint8(images)
+        out = sample(family, b, sampler=s.sampler, steps=s.steps, generator=torch.Generator().manual_seed(s.seed + i),
+                     **(s.options or {}))
+        yield to_uint8(out.images)

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from genkit import __version__
 from genkit.errors import GenkitError
 from genkit.io import atomic_write
+from genkit.version import __version__
 
 # Foreign protocols a user may name for a statistics file without metadata.
 FOREIGN = {

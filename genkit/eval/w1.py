@@ -22,9 +22,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from genkit import __version__
 from genkit.errors import GenkitError
+from genkit.eval.engine import EvalSettings, all_features, build_extractor
+from genkit.eval.features import FeatureExtractor
+from genkit.eval.specs import SampleSettings, iter_images
+from genkit.eval.stats import is_stats_file
 from genkit.nn.lipschitz import clip_weights, critic_grad_norm, gradient_penalty, interpolate
+from genkit.version import __version__
 
 PIXELS = "pixels"  # --features pixels: flattened images in [-1, 1]
 
@@ -113,13 +117,10 @@ def wasserstein1(real: Tensor, fake: Tensor, s: CriticSettings | None = None) ->
             "grad_norm_max": float(norm.max())}
 
 
-def _vectors(spec: str, s: Any, extractor: Any | None) -> Tensor:
+def _vectors(spec: str, s: EvalSettings, extractor: FeatureExtractor | None) -> Tensor:
     """(N, D) features of a SPEC, or its flattened pixels in [-1, 1] when extractor is None."""
-    from genkit.eval.engine import _all_features
-    from genkit.eval.specs import SampleSettings, iter_images
-
     if extractor is not None:
-        return _all_features(spec, extractor, s).float()
+        return all_features(spec, extractor, s).float()
     sample = SampleSettings(**{**asdict(s.sample), "seed": s.seed, "device": s.device})
     batches = [b.float().flatten(1) / 127.5 - 1 for b in iter_images(spec, s.n, s.batch_size, sample)]
     if not batches:
@@ -127,11 +128,8 @@ def _vectors(spec: str, s: Any, extractor: Any | None) -> Tensor:
     return torch.cat(batches)
 
 
-def compute_w1(real: str, fake: str, s: Any, critic: CriticSettings | None = None) -> dict[str, Any]:
+def compute_w1(real: str, fake: str, s: EvalSettings, critic: CriticSettings | None = None) -> dict[str, Any]:
     """W1 between two SPECs (engine.EvalSettings `s`) in a feature space or in pixels."""
-    from genkit.eval.engine import build_extractor, protocol_of
-    from genkit.eval.stats import is_stats_file
-
     critic = critic or CriticSettings(seed=s.seed)
     for spec in (real, fake):
         if is_stats_file(spec):
@@ -142,7 +140,7 @@ def compute_w1(real: str, fake: str, s: Any, critic: CriticSettings | None = Non
         raise GenkitError(f"'{real}' and '{fake}' differ in size ({a.shape[1]} vs {b.shape[1]} pixels)")
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = wasserstein1(a.to(device), b.to(device), critic)
-    protocol = protocol_of(extractor) if extractor is not None else {"features": PIXELS, "dim": a.shape[1]}
+    protocol = extractor.protocol_dict() if extractor is not None else {"features": PIXELS, "dim": a.shape[1]}
     return {"metric": "w1", **out, "value": out["w1"], "n_real": len(a), "n_fake": len(b),
             "protocol": protocol, "critic": asdict(critic), "real": real, "fake": fake, "seed": s.seed,
             "genkit_version": __version__}

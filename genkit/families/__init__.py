@@ -1,4 +1,9 @@
-"""The family registry: a plain dict from `model.family` to (class, config dataclass)."""
+"""The family registry: a plain dict from `model.family` to (class, config dataclass).
+
+A new family is one module (a class deriving from `genkit.families.base.Family` and its
+capabilities, a config dataclass deriving from `genkit.config.FamilyConfig`), one line here and
+one recipe; the contract tests pick it up. docs/architecture.md walks through it.
+"""
 
 from genkit.families.ar_prior import ArPrior, ArPriorConfig
 from genkit.families.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig

@@ -1,7 +1,7 @@
 """Autoregressive transformer prior over VQGAN codes (Esser et al., CVPR 2021, "Taming Transformers", sec. 3.2).
 
 Stage 2 of "compress first, then generate". A frozen tokenizer run (`model.tokenizer`, a
-`vqgan` run loaded with `genkit.load`) maps an image to its index map s = (s_1, ..., s_T),
+`vqgan` run that `genkit.runs` loads and passes in as a declared `Stage`) maps an image to its index map s = (s_1, ..., s_T),
 T = h w in raster order; a decoder-only transformer (`genkit.nn.gpt`) learns
     p(s | c) = prod_i p(s_i | s_<i, c)
 with c a class given as a prefix token (or one start token when unconditional). Training
@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genkit.errors import ConfigError, RunError, SamplerError
-from genkit.families.base import NetsFamily
+from genkit.config import FamilyConfig
+from genkit.errors import ConfigError, SamplerError
+from genkit.families.base import Autoregressive, Family, Stage, StepHandle, Tokenizer
 from genkit.nn.gpt import GPT, GPTConfig
-from genkit.samplers import sample
 
 
 @dataclass
-class ArPriorConfig:
+class ArPriorConfig(FamilyConfig):
     family: str = "ar_prior"
-    tokenizer: str = ""                     # the vqgan run folder whose codes are modelled (required)
+    tokenizer: str | None = None            # the vqgan run folder whose codes are modelled (required)
     conditional: bool = False               # class of each image as a prefix token (needs labels)
     gpt: GPTConfig = field(default_factory=GPTConfig)
 
@@ -70,32 +70,17 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, v
         raise SamplerError(f"top_p: must be in (0, 1], got {top_p}")
 
 
-def load_tokenizer(run: str) -> Any:
-    """The frozen tokenizer of `model.tokenizer`: a vqgan run loaded on CPU, in eval mode."""
-    if not run:
-        raise ConfigError("model.tokenizer: required: the vqgan run folder whose codes this prior models")
-    from genkit.api import load
-
-    try:
-        tok = load(run, device="cpu")
-    except RunError as e:
-        raise ConfigError(f"model.tokenizer: {e}") from None
-    if not all(hasattr(tok, a) for a in ("encode", "decode", "num_codes", "token_shape")):
-        raise ConfigError(f"model.tokenizer: '{run}' is a {tok.name} run, not a tokenizer (vqgan)")
-    return tok
-
-
-class ArPrior(NetsFamily):
+class ArPrior(Family, Autoregressive):
     """Transformer prior over a frozen tokenizer's codes: nets {"gpt"}, one group "model"."""
 
     name = "ar_prior"
     default_sampler = "autoregressive"
-    default_steps = None
+    stages = (Stage("tokenizer", Tokenizer),)
 
-    def __init__(self, cfg: ArPriorConfig, shape: tuple[int, int, int], num_classes: int = 0,
-                 tokenizer: Any | None = None):
+    def __init__(self, cfg: ArPriorConfig, shape: tuple[int, int, int], num_classes: int = 0, *,
+                 tokenizer: Tokenizer):
         self.cfg = cfg
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.tokenizer = tokenizer
         if tuple(self.tokenizer.sample_shape) != tuple(shape):
             raise ConfigError(f"model.tokenizer works on images {tuple(self.tokenizer.sample_shape)}, "
                               f"the data are {tuple(shape)}: match data.image_size and the dataset")
@@ -115,9 +100,8 @@ class ArPrior(NetsFamily):
         """One optimizer group, "model": the transformer (the tokenizer is frozen, outside)."""
         return {"model": list(self.nets["gpt"].parameters())}
 
-    def _tokenizer(self, device: torch.device) -> Any:
-        if self.tokenizer.device != device:
-            self.tokenizer.nets.to(device)
+    def _tokenizer(self, device: torch.device) -> Tokenizer:
+        self.tokenizer.nets.to(device)  # a no-op once it is there
         return self.tokenizer
 
     def prefix(self, labels: Tensor | None, b: int, device: torch.device) -> Tensor:
@@ -139,7 +123,7 @@ class ArPrior(NetsFamily):
         logits = self.nets["gpt"](inputs)                                           # (B, T, K)
         return F.cross_entropy(logits.float().reshape(-1, self.K), s.reshape(-1))
 
-    def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+    def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """Teacher-forced next-token cross-entropy on the tokenizer's codes of the batch."""
         s = self.codes(batch["image"])
         loss = self.token_nll(s, batch.get("label") if self.num_classes else None)
@@ -188,8 +172,3 @@ class ArPrior(NetsFamily):
                                       kv_cache=kv_cache)
             images.append(tok.decode(s.view(b, *h_w)).float())
         return torch.cat(images), self.T
-
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """n images in [-1, 1] through the shared sampler entry point (default `autoregressive`)."""
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images

@@ -17,24 +17,24 @@ first stage: `encode(x)` (the posterior mean) and `decode(z)`.
 from __future__ import annotations
 
 import types
-
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from genkit.config import FamilyConfig
 from genkit.errors import ConfigError
-from genkit.families.base import NetsFamily
+from genkit.families.base import Autoencoder, Direct, Family, StepHandle
 from genkit.nn.unet import check_resolution
-from genkit.samplers.adapters import randn
+from genkit.rng import randn
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16, the LPIPS backbone
 
 
 @dataclass
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(FamilyConfig):
     family: str = "autoencoder_kl"
     channels: list[int] = field(default_factory=lambda: [32, 64])  # per level; images shrink 2^(levels-1)x
     layers_per_block: int = 1
@@ -84,13 +84,12 @@ def _training_forward(vae: nn.Module, x: Tensor, eps: Tensor) -> tuple[Tensor, T
     return vae.decode(posterior.mean + posterior.std * eps).sample, posterior.kl()
 
 
-class AutoencoderKL(NetsFamily):
+class AutoencoderKL(Family, Direct, Autoencoder):
     """KL autoencoder family: `nets = {"vae": AutoencoderKL}`, one group "model"."""
 
     name = "autoencoder_kl"
     default_sampler = "direct"
-    compile_sampling = False  # `sample(compile=True)`: samples through its decoder's `decode`, which compiling the networks' forward does not reach
-    default_steps = None
+    compile_sampling = False  # samples through its decoder's `decode`, which compiling the networks' forward does not reach
 
     def __init__(self, cfg: AutoencoderKLConfig, shape: tuple[int, int, int], num_classes: int = 0):
         if cfg.kl_weight < 0 or cfg.perceptual_weight < 0:
@@ -101,7 +100,7 @@ class AutoencoderKL(NetsFamily):
         vae.forward = types.MethodType(_training_forward, vae)  # this instance only; class and weights unchanged
         self.nets = nn.ModuleDict({"vae": vae})
         factor = 2 ** (len(cfg.channels) - 1)
-        self.latent_shape = (cfg.latent_channels, shape[1] // factor, shape[2] // factor)
+        self.prior_shape = (cfg.latent_channels, shape[1] // factor, shape[2] // factor)  # (c, h, w) of z
         self.lpips = None
         if cfg.perceptual == "lpips":
             if shape[1] < 16:
@@ -130,10 +129,10 @@ class AutoencoderKL(NetsFamily):
         out["loss"] = total
         return out
 
-    def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+    def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """One step of reconstruction + KL loss; returns the scalars to log."""
         x = batch["image"]
-        losses = self.loss(x, opt.randn(x.shape[0], *self.latent_shape))
+        losses = self.loss(x, opt.randn(x.shape[0], *self.prior_shape))
         opt.step("model", losses["loss"])
         return {k: v.detach() for k, v in losses.items()}
 
@@ -146,22 +145,11 @@ class AutoencoderKL(NetsFamily):
         """Images from latents (unclamped)."""
         return self.nets["vae"].decode(z).sample
 
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """decode(encode(x)) clamped to [-1, 1]."""
-        return self.decode(self.encode(x)).clamp(-1, 1)
-
     @torch.no_grad()
     def direct(self, n: int, *, generator: torch.Generator | None = None,
                batch_size: int | None = None) -> Tensor:
         """Decoded prior draws z ~ N(0, I): rough samples (the KL weight is small by design)."""
         batch_size = batch_size or n
-        chunks = [self.decode(randn((min(batch_size, n - i), *self.latent_shape), generator, self.device))
+        chunks = [self.decode(randn((min(batch_size, n - i), *self.prior_shape), generator, self.device))
                   for i in range(0, n, batch_size)]
         return torch.cat(chunks).float()
-
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """n decoded prior draws z ~ N(0, I) through the `direct` sampler (rough: the KL weight is small)."""
-        from genkit.samplers import sample
-
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images

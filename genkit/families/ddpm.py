@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from genkit.config import FamilyConfig
 from genkit.errors import SamplerError
+from genkit.families.base import StepHandle
 from genkit.families.unet_family import UNetFamily
 from genkit.nn.unet import UNetConfig
 from genkit.samplers.adapters import TO_X0, training_target, vp_coefficients
 
 
 @dataclass
-class DDPMConfig:
+class DDPMConfig(FamilyConfig):
     family: str = "ddpm"
     schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
     timesteps: int = 1000                        # T
@@ -140,7 +142,7 @@ class DDPM(UNetFamily):
         out = self.unet(xt, t.float(), label)
         return torch.mean((out.float() - target) ** 2)
 
-    def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+    def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """One step of the simple loss on a global-batch draw of t and eps."""
         x0 = batch["image"]
         t = opt.randint(self.schedule.T, x0.shape[0])

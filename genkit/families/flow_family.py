@@ -7,9 +7,9 @@ latents: its `forward(x)` returns log p(x) in nats per sample (so the trainer's 
 DDP-wrapped module computes the objective), and its `sample(n, temperature, generator)` inverts it.
 
 Objective (Dinh et al. 2014; Kingma & Dhariwal 2018): the training images, quantized to uint8 as
-every evaluation SPEC is (`genkit.data.to_uint8`) and reduced to n_bits levels, are dequantized with
+every evaluation SPEC is (`genkit.io.to_uint8`) and reduced to n_bits levels, are dequantized with
 uniform noise, and the loss is their bits/dim under the one formula of
-`genkit.eval.likelihood.bits_per_dim` (the Jacobian of the scaling to [-1, 1] counted), so the
+`genkit.samplers.likelihood.bits_per_dim` (the Jacobian of the scaling to [-1, 1] counted), so the
 training loss and `genkit eval bpd` measure the same quantity.
 """
 
@@ -19,24 +19,20 @@ import math
 from typing import Any, Mapping
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
-from genkit.data.base import to_uint8
 from genkit.errors import SamplerError
-from genkit.eval.likelihood import bits_per_dim, dequantize_with, reduce_bits
-from genkit.families.base import NetsFamily
-from genkit.samplers import sample
-
-INIT_SEED = 0  # dequantization noise of the data-dependent initialisation (draws no global RNG)
+from genkit.families.base import Direct, Family, Likelihood, StepHandle
+from genkit.io import to_uint8
+from genkit.samplers.likelihood import bits_per_dim, dequantize_with, reduce_bits
 
 
-class FlowFamily(NetsFamily):
+class FlowFamily(Family, Direct, Likelihood):
     """Base of NICE and Glow: `nets = {"flow": module}`, one parameter group "model"."""
 
-    name: str
     default_sampler = "direct"
-    compile_sampling = False  # `sample(compile=True)`: samples through the flow's inverse, which compiling the networks' forward does not reach
-    default_steps = None
+    compile_sampling = False  # samples through the flow's inverse, which compiling the networks' forward does not reach
 
     def __init__(self, cfg: Any, shape: tuple[int, int, int], flow: nn.Module, n_bits: int = 8):
         self.cfg, self.n_bits = cfg, n_bits
@@ -46,8 +42,7 @@ class FlowFamily(NetsFamily):
 
     def flow(self) -> nn.Module:
         """The network itself (unwrapped from DDP, for its non-forward methods)."""
-        net = self.nets["flow"]
-        return getattr(net, "module", net)
+        return extract_model_from_parallel(self.nets["flow"])
 
     # -- likelihood and training -------------------------------------------------------
     def log_prob(self, x: Tensor) -> Tensor:
@@ -58,25 +53,13 @@ class FlowFamily(NetsFamily):
         """Training images in [-1, 1] -> integer levels in [0, 2^n_bits), as evaluation quantizes them."""
         return reduce_bits(to_uint8(images), self.n_bits)
 
-    def train_step(self, batch: Mapping[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+    def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """One step on the bits/dim of the uniformly dequantized batch (noise from the global stream)."""
         k = self.levels(batch["image"])
         x = dequantize_with(k, opt.rand(*k.shape), self.n_bits)
         bpd = bits_per_dim(-self.log_prob(x).float(), self.dims, self.n_bits).mean()
         opt.step("model", bpd)
         return {"bpd": bpd.detach()}
-
-    @torch.no_grad()
-    def initialize(self, batch: Mapping[str, Tensor]) -> None:
-        """Data-dependent initialisation (ActNorm) from one batch, called by the trainer before
-        `accelerator.prepare`: every process sees the same batch, so no statistics are reduced.
-        Its dequantization noise comes from a private generator: no global RNG is drawn."""
-        init = getattr(self.flow(), "initialize", None)
-        if init is None:  # nothing data-dependent (NICE)
-            return
-        k = self.levels(batch["image"]).to(self.device)
-        u = torch.rand(k.shape, generator=torch.Generator().manual_seed(INIT_SEED)).to(k.device)
-        init(dequantize_with(k, u, self.n_bits))
 
     # -- sampling ----------------------------------------------------------------------
     @torch.no_grad()
@@ -89,9 +72,3 @@ class FlowFamily(NetsFamily):
         chunks = [self.flow().sample(min(batch_size, n - i), temperature, generator).float()
                   for i in range(0, n, batch_size)]
         return torch.cat(chunks)
-
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """n images in [-1, 1] through the `direct` sampler (options: temperature)."""
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images
-

@@ -33,24 +33,24 @@ gradients that never come, and the next iteration would fail.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from genkit.config import FamilyConfig
 from genkit.errors import ConfigError, SamplerError
-from genkit.families.base import NetsFamily
+from genkit.families.base import Direct, Family, StepHandle
 from genkit.nn.gan_nets import Critic, CriticConfig, Generator, GeneratorConfig
 from genkit.nn.lipschitz import clip_weights, critic_grad_norm, gradient_penalty, interpolate
-from genkit.samplers import sample
 
 WASSERSTEIN_LOSSES = ("wgan", "wgan-gp")
 
 
 @dataclass
-class GANConfig:
+class GANConfig(FamilyConfig):
     family: str = "gan"
     loss: Literal["non-saturating", "hinge", "wgan", "wgan-gp"] = "wgan-gp"
     latent_dim: int = 64
@@ -91,13 +91,11 @@ def truncated_latents(shape: tuple[int, ...], generator: torch.Generator | None,
     return z
 
 
-class GAN(NetsFamily):
+class GAN(Family, Direct):
     """A generator G and a critic f trained adversarially through two parameter groups, "G" and "D"."""
 
     name = "gan"
     default_sampler = "direct"
-    default_steps = None
-    ema_nets = ("G",)  # the trainer's EMA (train.ema_decay) averages the generator only
 
     def __init__(self, cfg: GANConfig, shape: tuple[int, int, int], num_classes: int = 0):
         self._validate(cfg)
@@ -128,15 +126,19 @@ class GAN(NetsFamily):
         """Two optimizer groups: "G" (generator) and "D" (critic / discriminator)."""
         return {"G": list(self.nets["G"].parameters()), "D": list(self.nets["D"].parameters())}
 
+    def ema_nets(self) -> tuple[str, ...]:
+        """The trainer's EMA (train.ema_decay) averages the generator only."""
+        return ("G",)
+
     # -- training ----------------------------------------------------------------------
-    def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+    def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """One critic update; one generator update after every n_critic-th (the papers' Algorithm 1)."""
         logs = self.critic_step(batch["image"], opt)
         if (step + 1) % self.n_critic == 0:
             self.generator_step(batch["image"].shape[0] * self.cfg.generator_batch_multiple, opt)
         return logs
 
-    def critic_step(self, x: Tensor, opt: Any) -> dict[str, Tensor]:
+    def critic_step(self, x: Tensor, opt: StepHandle) -> dict[str, Tensor]:
         """L_D on (x, G(z)) and, for wgan-gp, the penalty on interpolates; clip after a real update."""
         f = self.nets["D"]
         n = x.shape[0]
@@ -157,7 +159,7 @@ class GAN(NetsFamily):
             logs["clipped_fraction"] = clip_weights(extract_model_from_parallel(f), self.cfg.clip_value)
         return logs
 
-    def generator_step(self, n: int, opt: Any) -> Tensor:
+    def generator_step(self, n: int, opt: StepHandle) -> Tensor:
         """L_G on fresh latents, through the unwrapped critic (DDP-safe: see the module docstring)."""
         fake = self.nets["G"](opt.randn(n, self.cfg.latent_dim))
         loss = generator_loss(self.cfg.loss, extract_model_from_parallel(self.nets["D"])(fake).float())
@@ -172,8 +174,3 @@ class GAN(NetsFamily):
         z = truncated_latents((n, self.cfg.latent_dim), generator, truncation).to(self.device)
         G, bs = self.nets["G"], batch_size or n
         return torch.cat([G(z[i:i + bs]).float() for i in range(0, n, bs)])
-
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """n images in [-1, 1] through the shared `sample` (default sampler: direct)."""
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images

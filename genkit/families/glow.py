@@ -21,20 +21,31 @@ logscale factor 3 of ActNorm's log-scale (both reparametrisations, not part of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from genkit.config import FamilyConfig
 from genkit.errors import ConfigError
 from genkit.families.flow_family import FlowFamily
-from genkit.nn.flow_layers import (ActNorm, FlowStep, SplitPrior, begin_data_init, gaussian_log_prob,
-                                   squeeze2d, unsqueeze2d)
-from genkit.samplers.adapters import randn
+from genkit.nn.flow_layers import (
+    ActNorm,
+    FlowStep,
+    SplitPrior,
+    begin_data_init,
+    gaussian_log_prob,
+    squeeze2d,
+    unsqueeze2d,
+)
+from genkit.rng import rand, randn
+from genkit.samplers.likelihood import dequantize_with
+
+INIT_SEED = 0  # dequantization noise of the data-dependent initialisation (draws no global RNG)
 
 
 @dataclass
-class GlowConfig:
+class GlowConfig(FamilyConfig):
     family: str = "glow"
     levels: int = 3                                   # L
     steps: int = 32                                   # K steps of flow per level
@@ -134,3 +145,12 @@ class Glow(FlowFamily):
             raise ConfigError(f"data.image_size: {size} does not fit model.levels={cfg.levels} (each level "
                               f"halves the size: it must be a multiple of {2**cfg.levels})")
         super().__init__(cfg, shape, GlowFlow(shape, cfg), cfg.n_bits)
+
+    @torch.no_grad()
+    def initialize(self, batch: Mapping[str, Any]) -> None:
+        """Data-dependent ActNorm initialisation from one batch, called by the trainer before
+        `accelerator.prepare`: every process sees the same batch, so no statistics are reduced.
+        Its dequantization noise comes from a private generator: no global RNG is drawn."""
+        k = self.levels(batch["image"]).to(self.device)
+        u = rand(k.shape, torch.Generator().manual_seed(INIT_SEED), k.device)
+        self.flow().initialize(dequantize_with(k, u, self.n_bits))

@@ -16,6 +16,11 @@ add a null-label class embedding as in `genkit.families.unet_family`.
 All shared samplers run on latents: the state has `latent_shape`, and `decode_latents` maps the
 final latents back to images (the sampler calls it per batch).
 
+The first stage is declared a `Stage` (`genkit.families.base`): `genkit.runs` loads the run that
+`model.first_stage` names and passes it in; when it is unset, the trainer first trains
+`model.first_stage_recipe` on this recipe's data (`genkit.training.stages`). The scale factor is
+computed from the training data by `configure` unless given.
+
 LoRA (Hu et al., ICLR 2022) through peft: `model.lora.rank > 0` freezes every network and adds
 trainable low-rank adapters to the UNet's attention projections; `model.init_from` gives the
 LDM run to adapt (its first stage and scale factor are reused).
@@ -26,20 +31,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
-import yaml
 from torch import Tensor, nn
 
+from genkit.config import FamilyConfig
 from genkit.errors import ConfigError, DataError, SamplerError
-from genkit.families.base import NetsFamily
+from genkit.families.base import Autoencoder, Denoising, Family, Stage, StepHandle
 from genkit.families.ddpm import NoiseSchedule, make_betas, output_to_x0
-from genkit.families.first_stage import latent_scale_factor, latent_shape, load_first_stage
+from genkit.families.first_stage import latent_scale_factor, latent_shape
 from genkit.families.unet_family import null_dropout, sample_labels
 from genkit.nn.cond_unet import CondUNetConfig, build_cond_unet
 from genkit.nn.text import TextConfig, TextEncoder, prompt_embeddings
-from genkit.samplers import sample
 
 SCALE_IMAGES = 2048  # images (evenly spread over the training split) that set the scale factor
 
@@ -53,7 +57,7 @@ class LoRAConfig:
 
 
 @dataclass
-class LDMConfig:
+class LDMConfig(FamilyConfig):
     family: str = "ldm"
     first_stage: str | None = None               # run folder | local-dir:PATH; None: train one first
     first_stage_recipe: str = "autoencoder_kl_digits"  # trained on this recipe's data when first_stage is None
@@ -72,23 +76,19 @@ class LDMConfig:
     sample_prompts: list[str] = field(default_factory=list)  # default prompts of sample grids, in turn
     unet: CondUNetConfig = field(default_factory=CondUNetConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    init_from: str | None = None                 # an LDM run to fine-tune (LoRA or full)
 
 
-class LDM(NetsFamily):
+class LDM(Family, Denoising):
     """Latent diffusion family: `nets = {"unet", "text" (when trained from scratch)}`, one group "model"."""
 
     name = "ldm"
     default_sampler = "ddim"
     default_steps = 50
+    stages = (Stage("first_stage", Autoencoder, train_recipe="first_stage_recipe",
+                    train_overrides="first_stage_overrides", inherit=("scale_factor",), local_dir=True),)
 
-    def __init__(self, cfg: LDMConfig, shape: tuple[int, int, int], num_classes: int = 0,
-                 first_stage: Any = None):
-        if first_stage is None:
-            if cfg.first_stage is None:
-                raise ConfigError("model.first_stage is not set: give a run folder or local-dir:PATH "
-                                  "(`genkit train` trains model.first_stage_recipe first when it is unset)")
-            first_stage = load_first_stage(cfg.first_stage)
+    def __init__(self, cfg: LDMConfig, shape: tuple[int, int, int], num_classes: int = 0, *,
+                 first_stage: Autoencoder):
         if cfg.scale_factor is None or not cfg.scale_factor > 0:
             raise ConfigError(f"model.scale_factor must be > 0 (set by `genkit train` from the data), "
                               f"got {cfg.scale_factor}")
@@ -97,7 +97,7 @@ class LDM(NetsFamily):
                 raise ConfigError(f"model.{key}: must be in [0, 1), got {getattr(cfg, key)}")
         self.cfg, self.sample_shape = cfg, tuple(shape)  # (C, H, W) of images
         self.first_stage = first_stage
-        self.latent_shape = latent_shape(first_stage, self.sample_shape)  # (c, h, w) of the diffusion state
+        self._latent_shape = latent_shape(first_stage, self.sample_shape)  # (c, h, w) of the diffusion state
         self.num_classes = num_classes if cfg.class_cond else 0
         if cfg.class_cond and num_classes < 2:
             raise ConfigError(f"model.class_cond: the dataset has {num_classes} classes; class conditioning "
@@ -113,6 +113,11 @@ class LDM(NetsFamily):
         if cfg.lora.rank:
             add_lora(self.nets, cfg.lora)
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """(c, h, w) of the diffusion state: the first stage's latents."""
+        return self._latent_shape
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """One optimizer group, "model": the UNet and a from-scratch text encoder (LoRA: adapters only)."""
         return {"model": [p for p in self.nets.parameters() if p.requires_grad]}
@@ -122,7 +127,7 @@ class LDM(NetsFamily):
         self.nets["unet"].enable_gradient_checkpointing()
 
     # -- frozen stages, on the device of the nets -------------------------------------------
-    def _stage(self) -> Any:
+    def _stage(self) -> Autoencoder:
         self.first_stage.nets.to(self.device)
         return self.first_stage
 
@@ -151,7 +156,7 @@ class LDM(NetsFamily):
         return self.nets["unet"](z, t, encoder_hidden_states=text.to(z.device),
                                  class_labels=None if label is None else label.to(z.device)).sample
 
-    def train_step(self, batch: dict[str, Any], step: int, opt: Any) -> dict[str, Tensor]:
+    def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """One DDPM step on scaled latents with caption dropout; returns the scalars to log."""
         if "caption" not in batch:
             raise DataError("model.family=ldm trains on captioned data: data.source=digits, or a folder "
@@ -182,8 +187,8 @@ class LDM(NetsFamily):
         """Token embeddings (B, L, width) of prompts, without gradients."""
         return prompt_embeddings(self.text_encoder(), list(prompts))
 
-    def conditions(self, n: int, prompts: Sequence[str] | str | None = None,
-                   labels: Tensor | list[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def conditions(self, n: int, labels: Tensor | Sequence[int] | None = None,
+                   prompts: Sequence[str] | str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """(cond, uncond) for n samples: prompts (one, or used in turn) vs the empty caption.
 
         Without prompts: `model.sample_prompts` in turn (the empty caption if none).
@@ -211,34 +216,15 @@ class LDM(NetsFamily):
         """(sigma of t = 0, sigma of t = T - 1): the span of the karras and uniform grids."""
         return float(self.schedule.sigma_table[0]), float(self.schedule.sigma_table[-1])
 
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """n images in [-1, 1] from a shared sampler on latents, decoded by the first stage."""
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images
-
-    # -- training setup: first stage, scale factor, fine-tuning ------------------------------
+    # -- training setup: the scale factor, fine-tuning ---------------------------------------
     @classmethod
-    def prepare_stages(cls, recipe: Any, run_dir: Path, resume: bool = False) -> Any:
-        """The recipe with model.first_stage and model.scale_factor resolved (trainer hook, before training).
+    def configure(cls, cfg: LDMConfig, stages: Mapping[str, Any], dataset: Any) -> LDMConfig:
+        """The config with `scale_factor` computed from the training data when unset (trainer hook)."""
+        if cfg.scale_factor is not None:
+            return cfg
+        return dataclasses.replace(cfg, scale_factor=data_scale_factor(stages["first_stage"], dataset))
 
-        No first stage given: the one of `model.init_from`, else `model.first_stage_recipe` trained on
-        this recipe's data into RUN/first_stage (resumed if interrupted). The scale factor is computed
-        from the training data unless given (or inherited with the first stage of `init_from`).
-        """
-        cfg = recipe.model
-        base = _run_model_config(cfg.init_from) if cfg.init_from else None
-        first, scale = cfg.first_stage, cfg.scale_factor
-        if first is None and base is not None:
-            first, scale = base.get("first_stage"), scale or base.get("scale_factor")
-        if first is None:
-            first = str(train_first_stage(recipe, Path(run_dir) / "first_stage").resolve())
-        elif not first.startswith("local-dir:"):
-            first = str(Path(first).expanduser().resolve())
-        if scale is None:
-            scale = data_scale_factor(load_first_stage(first), recipe.data)
-        return dataclasses.replace(recipe, model=dataclasses.replace(cfg, first_stage=first, scale_factor=scale))
-
-    def init_from_weights(self, weights: dict[str, Tensor], run: Path) -> None:
+    def init_from_weights(self, weights: Mapping[str, Tensor], run: Path) -> None:
         """Load a run's weights (`model.init_from`) under LoRA adapters: x.weight -> x.base_layer.weight."""
         own = self.nets.state_dict()
         mapped = {k: weights.get(k.replace(".base_layer.", "."), weights.get(k)) for k in own if ".lora_" not in k}
@@ -254,7 +240,7 @@ class LDM(NetsFamily):
 
 def add_lora(nets: nn.ModuleDict, cfg: LoRAConfig) -> None:
     """Freeze every network and add trainable peft LoRA adapters to the UNet's `cfg.targets` layers."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy (imports transformers): only when LoRA is used
 
     if cfg.rank < 0:
         raise ConfigError(f"model.lora.rank must be >= 0, got {cfg.rank}")
@@ -266,35 +252,8 @@ def add_lora(nets: nn.ModuleDict, cfg: LoRAConfig) -> None:
         raise ConfigError(f"model.lora.targets {cfg.targets}: {str(e).splitlines()[0]}") from None
 
 
-def _run_model_config(run: str) -> dict[str, Any]:
-    path = Path(run).expanduser() / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"model.init_from: '{path}' not found: give an ldm run folder")
-    model = yaml.safe_load(path.read_text()).get("model", {})
-    if model.get("family") != "ldm":
-        raise ConfigError(f"model.init_from: '{run}' is a {model.get('family')!r} run, not an ldm run")
-    return model
-
-
-def train_first_stage(recipe: Any, out: Path) -> Path:
-    """Train `model.first_stage_recipe` on this recipe's data into `out` (resumed if interrupted)."""
-    from genkit.api import train
-    from genkit.config import load_recipe
-
-    if (out / "model" / "genkit.json").is_file():
-        return out
-    cfg = recipe.model
-    stage = load_recipe(cfg.first_stage_recipe, cfg.first_stage_overrides)
-    data = dataclasses.replace(recipe.data, batch_size=stage.data.batch_size, hflip=stage.data.hflip)
-    stage = dataclasses.replace(stage, data=data, train=dataclasses.replace(stage.train, seed=recipe.train.seed))
-    return train(stage, out=out, resume=out.exists())
-
-
-def data_scale_factor(stage: Any, data_cfg: Any) -> float:
+def data_scale_factor(stage: Autoencoder, dataset: Any) -> float:
     """The scale factor of the training data: 1 / std of the latents of up to SCALE_IMAGES images."""
-    from genkit.data import build_dataset
-
-    dataset = build_dataset(data_cfg, "train")
     step = max(1, len(dataset) // SCALE_IMAGES)
     images = torch.stack([dataset[i]["image"] for i in range(0, len(dataset), step)][:SCALE_IMAGES])
     return latent_scale_factor(stage, images)

@@ -22,14 +22,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from genkit.config import FamilyConfig
 from genkit.errors import ConfigError
 from genkit.families.flow_family import FlowFamily
 from genkit.nn.flow_layers import AdditiveCoupling, DiagonalScaling, gaussian_log_prob, logistic_log_prob
-from genkit.samplers.adapters import randn
+from genkit.rng import rand, randn
 
 
 @dataclass
-class NICEConfig:
+class NICEConfig(FamilyConfig):
     family: str = "nice"
     coupling_layers: int = 4                          # the paper's 4
     hidden: int = 1000                                # units per hidden layer of each m_i
@@ -78,8 +79,7 @@ class NICEFlow(nn.Module):
         if self.prior == "gaussian":
             h0 = randn((n, dim), generator, device)
         else:
-            gen_device = generator.device if generator is not None else "cpu"
-            u = torch.rand((n, dim), generator=generator, device=gen_device).to(device).clamp(1e-6, 1 - 1e-6)
+            u = rand((n, dim), generator, device).clamp(1e-6, 1 - 1e-6)
             h0 = torch.log(u) - torch.log1p(-u)
         return self.decode(temperature * h0)
 

@@ -24,7 +24,7 @@ first-order discretisation of the same ODE. So the default sampler is `ddim`.
 Reflow and distillation (the paper's sections 2.3 and 3): `genkit reflow RUN` writes pairs
 (eps, x = ODE_RUN(eps)) and `data.source=pairs` trains on that coupling (`train_step` uses
 the batch's "noise"), starting from the run's weights with `model.init_from`
-(`genkit.reflow.init_from_run`, called by the trainer). k-step distillation sets
+(`genkit.runs.init_from_run`, called by the trainer). k-step distillation sets
 `time_sampling: grid` with `distill_steps: k`: t is drawn from the k start points
 {1, 1 - 1/k, ..., 1/k} of the uniform sampling grid, so at the optimum v_hat(x_t, t) = eps - x
 there and k `ddim` steps (with `shift: 1`) reproduce each pair exactly.
@@ -33,19 +33,22 @@ there and k `ddim` steps (with `shift: 1`) reproduce each pair exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import Tensor
 
+from genkit.config import FamilyConfig
 from genkit.errors import ConfigError, SamplerError
+from genkit.families.base import StepHandle
 from genkit.families.unet_family import UNetFamily
 from genkit.nn.unet import UNetConfig
-from genkit.samplers.adapters import randn, vp_coefficients
+from genkit.rng import randn
+from genkit.samplers.adapters import vp_coefficients
 
 
 @dataclass
-class RectifiedFlowConfig:
+class RectifiedFlowConfig(FamilyConfig):
     family: str = "rectified_flow"
     time_sampling: Literal["uniform", "logit_normal", "grid"] = "uniform"  # U[0,1], sigmoid(N(m, s^2)) (SD3),
                                                  # or the distill_steps grid start points (distillation)
@@ -54,7 +57,6 @@ class RectifiedFlowConfig:
     logit_std: float = 1.0                       # s of the logit-normal
     shift: float = 1.0                           # SD3 timestep shift of the sampling grid: sigma -> shift sigma
     clip_sample: bool = False                    # clamp x0_hat to [-1, 1] while sampling
-    init_from: str | None = None                 # run folder whose final (EMA) weights start training (reflow)
     class_cond: bool = False                     # condition on data labels (classifier-free guidance)
     cond_dropout: float = 0.1                    # P(label -> null label) in training
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -92,7 +94,7 @@ class RectifiedFlow(UNetFamily):
         """v_hat(x_t, t[, y]) = net(x_t, 1000 t) ~ E[eps - x | x_t] (diffusers' flow-matching output)."""
         return self.unet(x_t, 1000 * t, label)
 
-    def sample_t(self, n: int, opt: Any) -> Tensor:
+    def sample_t(self, n: int, opt: StepHandle) -> Tensor:
         """Training times: U[0, 1), SD3's logit-normal sigmoid(m + s N(0, 1)), or the k-step grid.
 
         "grid" (k-step distillation): t = 1 - i / k with i uniform in {0, ..., k-1}, the start
@@ -111,7 +113,7 @@ class RectifiedFlow(UNetFamily):
         x_t = (1 - tb) * x + tb * eps
         return torch.mean((self.velocity(x_t, t, label).float() - (eps - x).float()) ** 2)
 
-    def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+    def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """One step; a batch with "noise" (reflow pairs {"image": x, "noise": eps}) trains on that coupling."""
         x = batch["image"]
         t = self.sample_t(x.shape[0], opt)

@@ -1,6 +1,5 @@
-"""What every single-UNet iterative family shares: its one network, device, parameter group,
-class conditioning with classifier-free guidance, gradient checkpointing and generation through
-the shared samplers. The math stays in each family's own module.
+"""What every single-UNet denoising family shares: its one network, class conditioning with
+classifier-free guidance and gradient checkpointing. The math stays in each family's own module.
 
 Class conditioning (`model.class_cond: true`) follows Ho & Salimans 2022, "Classifier-Free
 Diffusion Guidance": the UNet embeds num_classes + 1 labels, the last one being the null label
@@ -11,18 +10,17 @@ D(z; sigma, null). Sampling combines them with `genkit.samplers.guidance`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from genkit.errors import ConfigError, SamplerError
-from genkit.families.base import NetsFamily
+from genkit.families.base import Denoising, Family, StepHandle
 from genkit.nn.unet import UNetConfig, build_unet
-from genkit.samplers import sample
 
 
-def sample_labels(n: int, labels: Tensor | list[int] | None, num_classes: int) -> Tensor:
+def sample_labels(n: int, labels: Tensor | Sequence[int] | None, num_classes: int) -> Tensor:
     """n class labels: one label or n checked ones, or by default 0, 1, ..., C-1, 0, ... in turn."""
     if labels is None:
         return torch.arange(n) % num_classes
@@ -37,19 +35,15 @@ def sample_labels(n: int, labels: Tensor | list[int] | None, num_classes: int) -
     return labels
 
 
-def null_dropout(label: Tensor, p: float, null_label: int, opt: Any) -> Tensor:
+def null_dropout(label: Tensor, p: float, null_label: int, opt: StepHandle) -> Tensor:
     """Labels with each replaced by `null_label` with probability p (global-batch draw); -1 -> null too."""
     label = label.long()
     drop = opt.rand(label.shape[0]) < p
     return torch.where(drop | (label < 0), torch.full_like(label, null_label), label)
 
 
-class UNetFamily(NetsFamily):
+class UNetFamily(Family, Denoising):
     """Base of DDPM and rectified flow: `nets = {"unet": UNet2DModel}`, one group "model"."""
-
-    name: str
-    default_sampler: str
-    default_steps: int
 
     def __init__(self, cfg: Any, shape: tuple[int, int, int], unet: UNetConfig, num_classes: int = 0):
         self.cfg = cfg
@@ -86,7 +80,7 @@ class UNetFamily(NetsFamily):
             label = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
         return self.nets["unet"](x, t, class_labels=label.to(x.device)).sample
 
-    def train_labels(self, batch: dict[str, Tensor], opt: Any) -> Tensor | None:
+    def train_labels(self, batch: Mapping[str, Tensor], opt: StepHandle) -> Tensor | None:
         """The batch's labels with each replaced by the null label with probability cond_dropout.
 
         Unlabelled items (label -1) get the null label. None for an unconditional family.
@@ -95,13 +89,15 @@ class UNetFamily(NetsFamily):
             return None
         return null_dropout(batch["label"], self.cfg.cond_dropout, self.null_label, opt)
 
-    def conditions(self, n: int, labels: Tensor | list[int] | None = None
-                   ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    def conditions(self, n: int, labels: Tensor | Sequence[int] | None = None,
+                   prompts: Sequence[str] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """(cond, uncond) denoiser keywords for n samples; uncond None for an unconditional family.
 
         Without `labels`, a class-conditional family cycles through its classes (0, 1, ..., C-1,
-        0, ...), so a grid or an FD sample is class-balanced.
+        0, ...), so a grid or an FD sample is class-balanced. Prompts are refused (no text).
         """
+        if prompts is not None:
+            raise SamplerError(f"family '{self.name}' takes no text prompts (model.family: ldm does)")
         if not self.num_classes:
             if labels is not None:
                 raise SamplerError(f"family '{self.name}' is unconditional (model.class_cond: false); "
@@ -109,8 +105,3 @@ class UNetFamily(NetsFamily):
             return {}, None
         labels = sample_labels(n, labels, self.num_classes)
         return {"label": labels}, {"label": torch.full((n,), self.null_label, dtype=torch.long)}
-
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """n images in [-1, 1] from a shared sampler (default: the family's sampler and steps)."""
-        return sample(self, n, sampler=sampler, steps=steps, generator=generator, **options).images

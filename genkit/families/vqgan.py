@@ -11,24 +11,28 @@ through the trainer's handle: "ae" (encoder, decoder and, without EMA, the codeb
 (the PatchGAN). The quantizer (`genkit.nn.vq`) offers EMA codes, cosine codes and dead-code
 restart; codebook usage and perplexity are logged every step.
 
-Capabilities for the prior and evaluation: `encode(x) -> indices (B, h, w)`,
-`decode(indices) -> x in [-1, 1]`, `reconstruct(x) -> x_rec` (the trainer's grids show
-reconstructions of the first training images for families that have it). `generate` is not meaningful for a tokenizer:
-its only sampler is refused with a pointer to the `ar_prior` family.
+Declared a `Tokenizer` (`genkit.families.base`) for the prior and evaluation: `encode(x) -> indices
+(B, h, w)`, `decode(indices) -> x in [-1, 1]`, `reconstruct(x) -> x_rec` (the trainer's grids show
+reconstructions of the first training images for autoencoders). A tokenizer samples nothing by
+itself: every sampler is refused with a pointer to the `ar_prior` family.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
-from genkit.errors import ConfigError, SamplerError
-from genkit.families.base import NetsFamily
+from genkit.config import FamilyConfig
+from genkit.errors import ConfigError
+from genkit.families.base import Family, StepHandle, Tokenizer
+from genkit.nn.perceptual import LPIPS, MIN_SIZE
 from genkit.nn.vq import VectorQuantizer
 from genkit.nn.vqgan_nets import Decoder, Encoder, PatchDiscriminator
 
@@ -46,7 +50,7 @@ class QuantizerConfig:
 
 
 @dataclass
-class VQGANConfig:
+class VQGANConfig(FamilyConfig):
     family: str = "vqgan"
     f: int = 4                                                            # down-sampling factor
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])   # per level: log2(f) + 1 entries
@@ -114,16 +118,12 @@ def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_va
     return (g_rec.norm() / (g_gan.norm() + delta)).clamp(0, max_value).detach()
 
 
-def _unwrap(net: nn.Module) -> nn.Module:
-    return getattr(net, "module", net)  # DDP / accelerate wrappers keep the module here
-
-
-class VQGAN(NetsFamily):
+class VQGAN(Family, Tokenizer):
     """VQGAN tokenizer family: nets {"autoencoder", "disc"}, groups {"ae", "disc"}."""
 
     name = "vqgan"
-    default_sampler = "autoregressive"  # refused below: a tokenizer generates through an ar_prior run
-    default_steps = None
+    default_sampler = None  # a tokenizer generates through an ar_prior run
+    sampling_hint = ": a vqgan run is a tokenizer; train an ar_prior recipe with model.tokenizer=<this run>"
 
     def __init__(self, cfg: VQGANConfig, shape: tuple[int, int, int], num_classes: int = 0):
         check_config(cfg, shape[1])
@@ -132,8 +132,6 @@ class VQGAN(NetsFamily):
                                    "disc": PatchDiscriminator(shape[0], cfg.disc_channels, cfg.disc_layers)})
         self.perceptual = None
         if cfg.perceptual != "none":
-            from genkit.nn.perceptual import MIN_SIZE
-
             if shape[1] < MIN_SIZE[cfg.perceptual_net]:
                 raise ConfigError(f"model.perceptual={cfg.perceptual} with {cfg.perceptual_net} needs "
                                   f"data.image_size >= {MIN_SIZE[cfg.perceptual_net]}, got {shape[1]}")
@@ -162,7 +160,7 @@ class VQGAN(NetsFamily):
         p = self.perceptual.to(x.device)(x.float(), x_rec.float()).mean()
         return l1 + self.cfg.perceptual_weight * p, {"l1": l1.detach(), "lpips": p.detach()}
 
-    def train_step(self, batch: dict[str, Tensor], step: int, opt: Any) -> dict[str, Tensor]:
+    def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """Autoencoder step (L_VQ + lambda L_GAN), then discriminator step, then the codebook update."""
         x = batch["image"]
         ae, disc = self.nets["autoencoder"], self.nets["disc"]
@@ -171,9 +169,9 @@ class VQGAN(NetsFamily):
         gan_on = step >= self.cfg.disc_start
         loss = rec + vq["loss"]
         if gan_on:
-            g_loss = -_unwrap(disc)(x_rec).float().mean()  # unwrapped: under DDP the "ae" backward must not
-                                                            # leave the disc's gradient reducer waiting
-            last = _unwrap(ae).decoder.conv_out.weight
+            # through the unwrapped disc: under DDP the "ae" backward must not leave its gradient reducer waiting
+            g_loss = -extract_model_from_parallel(disc)(x_rec).float().mean()
+            last = extract_model_from_parallel(ae).decoder.conv_out.weight
             lam = adaptive_weight(rec, g_loss, last, self.cfg.adaptive_max)
             loss = loss + self.cfg.disc_weight * lam * g_loss
             logs.update(g_loss=g_loss.detach(), adaptive_weight=lam)
@@ -182,7 +180,7 @@ class VQGAN(NetsFamily):
             d_loss = hinge_d_loss(disc(x.detach()).float(), disc(x_rec.detach()).float())
             opt.step("disc", d_loss)
             logs["d_loss"] = d_loss.detach()
-        restarted = _unwrap(ae).quantizer.update(z_e, k, opt.randint)
+        restarted = extract_model_from_parallel(ae).quantizer.update(z_e, k, opt.randint)
         return {"loss": loss.detach(), **logs, "commitment": vq["commitment"], "codebook": vq["codebook"],
                 "perplexity": vq["perplexity"], "usage": vq["usage"],
                 "restarted": torch.tensor(float(restarted))}
@@ -191,40 +189,20 @@ class VQGAN(NetsFamily):
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] (B, C, H, W) -> code indices (B, H/f, W/f)."""
-        ae = _unwrap(self.nets["autoencoder"])
+        ae = extract_model_from_parallel(self.nets["autoencoder"])
         _, k, _ = ae.quantizer(ae.encoder(x.to(self.device)))
         return k
 
     @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:
         """Code indices (B, h, w) -> images (B, C, H, W), clamped to [-1, 1]."""
-        ae = _unwrap(self.nets["autoencoder"])
+        ae = extract_model_from_parallel(self.nets["autoencoder"])
         return ae.decoder(ae.quantizer.lookup(indices.to(self.device))).clamp(-1, 1)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """x_rec = G(q(E(x))) in [-1, 1]; the trainer's sample grids show these for tokenizers."""
-        return self.decode(self.encode(x))
-
-    def autoregressive(self, n: int, *, generator: torch.Generator | None = None, batch_size: int | None = None,
-                       **options: Any) -> tuple[Tensor, int]:
-        """A tokenizer has no prior over its codes: train an `ar_prior` run with model.tokenizer=<this run>."""
-        raise SamplerError("a vqgan run is a tokenizer and cannot sample by itself: train an ar_prior recipe "
-                           "with model.tokenizer=<this run> and sample that run")
-
-    def generate(self, n: int, *, generator: torch.Generator | None = None, sampler: str | None = None,
-                 steps: int | None = None, **options: Any) -> Tensor:
-        """Refused: a tokenizer has no prior (the trainer's grids show `reconstruct` instead)."""
-        return self.autoregressive(n, generator=generator)[0]
 
 
 def build_perceptual(cfg: VQGANConfig) -> nn.Module:
     """The LPIPS loss of `model.perceptual` (ImageNet backbone resolved offline, or random if named)."""
-    from genkit.nn.perceptual import LPIPS
-
     random = cfg.perceptual == "lpips_random"
     if random:
-        import warnings
-
         warnings.warn("model.perceptual=lpips_random: LPIPS with a RANDOMLY INITIALISED backbone", stacklevel=2)
     return LPIPS(cfg.perceptual_net, cfg.perceptual_weights, random_backbone=random)

@@ -3,7 +3,7 @@
 The `lpips` package ships its learned linear layers (`weights/v0.1/{vgg,alex}.pth`), but builds
 its backbone with torchvision's ImageNet weights, which it would download. Here the backbone is
 built randomly (`pnet_rand=True`) and its ImageNet weights are loaded from a local file found by
-`genkit.eval.weights` (explicit path, $GENKIT_WEIGHTS_DIR, torch hub cache, genkit cache) and
+`genkit.weights` (explicit path, $GENKIT_WEIGHTS_DIR, torch hub cache, genkit cache) and
 checked against the SHA-256 prefix in torchvision's file name. A missing file is an error that
 names it. `random_backbone=True` keeps the random backbone; it is logged as such, never silent.
 LPIPS needs inputs of at least 16 px with VGG (its fifth stage down-samples by 16), 32 px with AlexNet.
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from genkit.errors import ConfigError, GenkitError
-from genkit.eval.weights import load_state_dict, locate_weights
+from genkit.weights import load_state_dict, locate_weights
 
 BACKBONES = {  # torchvision's ImageNet weights: file name (SHA-256 prefix in it) and where to fetch it
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),

@@ -11,9 +11,13 @@ turns its output into x0_hat. alpha and s broadcast against z (shape (B, 1, 1, 1
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
+
+# D(z, sigma, **cond) -> x0_hat: the denoiser every sampler takes (sigma of shape (B,))
+Denoiser = Callable[..., Tensor]
 
 
 def vp_coefficients(sigma: Tensor | float) -> tuple[Tensor | float, Tensor | float]:
@@ -58,10 +62,3 @@ def training_target(prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, s: 
 
 
 TO_X0 = {"epsilon": from_eps, "x0": from_x0, "v": from_v}
-
-
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
-          dtype: torch.dtype = torch.float32) -> Tensor:
-    """N(0, I) drawn on the generator's device (CPU by default), then moved: same noise on any device."""
-    gen_device = generator.device if generator is not None else "cpu"
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)

@@ -17,8 +17,8 @@ import math
 import torch
 from torch import Tensor
 
-from genkit.interfaces import Denoiser
-from genkit.samplers.adapters import eps_from_x0, randn, vp_coefficients
+from genkit.rng import randn
+from genkit.samplers.adapters import Denoiser, eps_from_x0, vp_coefficients
 
 
 def sample_ddim(

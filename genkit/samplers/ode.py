@@ -34,8 +34,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from genkit.interfaces import Denoiser
-from genkit.samplers.adapters import eps_from_x0, vp_coefficients
+from genkit.samplers.adapters import Denoiser, eps_from_x0, vp_coefficients
 from genkit.samplers.schedules import arctan_time, sigma_at
 
 

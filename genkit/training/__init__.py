@@ -1,5 +1,6 @@
-"""The one trainer shared by every family."""
+"""The one trainer shared by every family, and the multi-stage orchestration around it."""
 
-from genkit.training.trainer import Trainer, build_family, make_accelerator
+from genkit.training.stages import train
+from genkit.training.trainer import Trainer, make_accelerator
 
-__all__ = ["Trainer", "build_family", "make_accelerator"]
+__all__ = ["Trainer", "make_accelerator", "train"]

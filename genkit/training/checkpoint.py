@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from genkit import __version__
 from genkit.errors import RunError
 from genkit.io import load_tensors, load_torch, save_tensors, save_torch, sha256_file, write_json
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first (temporary folders are ignored)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint folder under `root`, or None."""
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
+from genkit.runs import CKPT_EMA, CKPT_NETS, CKPT_STATE, list_checkpoints
+from genkit.version import __version__
 
 
 def rng_state() -> dict[str, Any]:
@@ -122,9 +106,9 @@ def _attempt(write: Any) -> OSError | None:
 def _write_main(tmp: Path, nets: torch.nn.Module, ema: Any, optimizers: dict[str, Any],
                 schedulers: dict[str, Any], accelerator: Any) -> None:
     """The main process's files: networks, EMA, optimizers, schedulers, GradScaler."""
-    save_tensors(tmp / "nets.safetensors", nets.state_dict())
+    save_tensors(tmp / CKPT_NETS, nets.state_dict())
     if ema is not None:
-        save_tensors(tmp / "ema.safetensors", ema.state_dict())
+        save_tensors(tmp / CKPT_EMA, ema.state_dict())
     for group, opt in optimizers.items():
         save_torch(tmp / f"optim-{group}.pt", opt.state_dict())
         save_torch(tmp / f"sched-{group}.pt", schedulers[group].state_dict())
@@ -135,13 +119,13 @@ def _write_main(tmp: Path, nets: torch.nn.Module, ema: Any, optimizers: dict[str
 def _seal(tmp: Path, meta: dict[str, Any]) -> None:
     """state.json with the SHA-256 of every other file, written last."""
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    write_json(tmp / "state.json", dict(meta, files=files))
+    write_json(tmp / CKPT_STATE, dict(meta, files=files))
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """state.json of a checkpoint whose files all match their recorded SHA-256; RunError otherwise."""
     try:
-        state = json.loads((path / "state.json").read_text())
+        state = json.loads((path / CKPT_STATE).read_text())
     except (OSError, ValueError) as error:
         raise RunError(f"checkpoint '{path}': unreadable state.json ({error})") from error
     for name, digest in state.get("files", {}).items():
@@ -160,9 +144,9 @@ def load_checkpoint(path: Path, accelerator: Any, nets: torch.nn.Module, ema: An
     if state["world_size"] != accelerator.num_processes:
         raise RunError(f"checkpoint '{path}' was written by {state['world_size']} processes, "
                        f"this run has {accelerator.num_processes}: resume with the same number")
-    nets.load_state_dict(load_tensors(path / "nets.safetensors"))
+    nets.load_state_dict(load_tensors(path / CKPT_NETS))
     if ema is not None:
-        ema.load_state_dict(load_tensors(path / "ema.safetensors"), state["ema_updates"])
+        ema.load_state_dict(load_tensors(path / CKPT_EMA), state["ema_updates"])
     for group, opt in optimizers.items():
         opt.load_state_dict(load_torch(path / f"optim-{group}.pt"))
         schedulers[group].load_state_dict(load_torch(path / f"sched-{group}.pt"))

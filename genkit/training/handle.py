@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from genkit.config import OptimConfig, TrainConfig
 from genkit.errors import ConfigError, GenkitError
+from genkit.families.base import StepHandle
+from genkit.rng import seeded
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -23,7 +24,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay)
 
 
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Linear warmup over `train.warmup` steps, then constant, cosine or linear decay to 0."""
 
     def factor(k: int) -> float:
@@ -45,12 +46,7 @@ def check_groups(groups: dict[str, Any], optim: dict[str, OptimConfig], family: 
                               f"its groups: {', '.join(groups)}")
 
 
-def mix_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-class OptimHandle:
+class OptimHandle(StepHandle):
     """`opt` of `Family.train_step`: per-group backward/step and global-batch random draws."""
 
     def __init__(self, accelerator: Any, optimizers: dict[str, Any], schedulers: dict[str, Any],
@@ -98,7 +94,7 @@ class OptimHandle:
 
     def _generator(self) -> torch.Generator:
         self._calls += 1
-        return torch.Generator().manual_seed(mix_seed(self.seed, self._step, self._micro, self._calls))
+        return seeded(self.seed, self._step, self._micro, self._calls)
 
     def _local(self, full: Tensor) -> Tensor:
         n = full.shape[0] // self.world

@@ -8,6 +8,7 @@ checkpoints and exact resume. Multi-GPU / multi-node is `accelerate launch` (or 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -20,19 +21,20 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch import nn
 from torch.utils.data import DataLoader
 
-from genkit import __version__
 from genkit.config import OptimConfig, Recipe, dump_recipe
 from genkit.data import build_dataset
 from genkit.errors import ConfigError, DataError, GenkitError, Interrupted, RunError
-from genkit.families import FAMILIES
-from genkit.reflow import init_from_run
-from genkit.samplers import sampler_options
+from genkit.eval.in_training import TrainingEvaluator
+from genkit.families.base import Autoencoder
+from genkit.families.sampling import sample, sampler_options
 from genkit.io import atomic_dir, save_grid, save_tensors, write_json, write_text
-from genkit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
+from genkit.runs import build_family, family_class, init_from_run, list_checkpoints, load_stages
+from genkit.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from genkit.training.ema import EMA
 from genkit.training.handle import OptimHandle, build_optimizer, check_groups, lr_lambda
 from genkit.training.logger import TrainLogger, truncate_metrics
 from genkit.training.signals import StopSignals
+from genkit.version import __version__
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
@@ -54,25 +56,21 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     )
 
 
-def build_family(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> Any:
-    """Instantiate `model.family` with the sizes only the dataset knows."""
-    cls, _ = FAMILIES[recipe.model.family]
-    return cls(recipe.model, shape=tuple(shape), num_classes=num_classes)
-
-
 class Trainer:
-    """Trains `recipe` into `run_dir`; `fit()` returns the run folder."""
+    """Trains `recipe` into `run_dir`; `fit()` returns the run folder.
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path, resume: bool = False):
-        self.recipe, self.run_dir, self.resume = recipe, Path(run_dir), resume
+    `stages` are the family's loaded frozen stages (`genkit.training.stages` resolves and trains
+    them); None loads those the recipe names.
+    """
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, resume: bool = False,
+                 stages: dict[str, Any] | None = None):
+        self.recipe, self.run_dir, self.resume, self.stages = recipe, Path(run_dir), resume, stages
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.evaluator = None
+        self.evaluator: TrainingEvaluator | None = None
 
     def fit(self) -> Path:
         """Train for `train.steps` steps (from the latest checkpoint when resuming)."""
-        family_cls = FAMILIES[self.recipe.model.family][0]
-        if hasattr(family_cls, "prepare_stages"):  # earlier stages (LDM: first stage, latent scale)
-            self.recipe = family_cls.prepare_stages(self.recipe, self.run_dir, self.resume)
         cfg = self.recipe.train
         self.acc = make_accelerator(self.recipe, self.run_dir)
         if self.acc.distributed_type.name == "FSDP":
@@ -116,23 +114,23 @@ class Trainer:
         set_seed(recipe.train.seed)
         self.dataset = build_dataset(recipe.data, "train")
         self.shape = (self.dataset.channels, self.dataset.image_size, self.dataset.image_size)
-        self.family = build_family(recipe, self.shape, self.dataset.num_classes)
-        if hasattr(self.family, "initialize"):  # data-dependent init (ActNorm) before prepare; a resumed
-            self.family.nets.to(acc.device)     # run's checkpoint, loaded later, overwrites it
-            self.family.initialize(self._init_batch())
-        if getattr(recipe.model, "init_from", None):
+        stages = self.stages if self.stages is not None else load_stages(recipe)
+        recipe = self.recipe = dataclasses.replace(
+            recipe, model=family_class(recipe).configure(recipe.model, stages, self.dataset))
+        self.family = build_family(recipe, self.shape, self.dataset.num_classes, stages)
+        self.family.nets.to(acc.device)          # data-dependent init (ActNorm) before prepare; a resumed
+        self.family.initialize(self._init_batch())  # run's checkpoint, loaded later, overwrites it
+        if recipe.model.init_from is not None:
             init_from_run(self.family, recipe.model.init_from)
         if recipe.train.gradient_checkpointing:
-            if not hasattr(self.family, "enable_gradient_checkpointing"):
-                raise ConfigError(f"train.gradient_checkpointing: family '{recipe.model.family}' does not support it")
             self.family.enable_gradient_checkpointing()
         self.raw = nn.ModuleDict(dict(self.family.nets))  # unwrapped view for EMA and checkpoints
         for name in list(self.family.nets):
             self.family.nets[name] = acc.prepare(self.family.nets[name])
         self._setup_optimizers()
         self.dl = acc.prepare(self._dataloader())
-        # the nets the EMA averages: all, or those the family names in `ema_nets` (a GAN's generator)
-        self.ema_nets = nn.ModuleDict({k: self.raw[k] for k in getattr(self.family, "ema_nets", self.raw)})
+        # the nets the EMA averages: all, or those the family names (a GAN's generator)
+        self.ema_nets = nn.ModuleDict({k: self.raw[k] for k in self.family.ema_nets()})
         decay = recipe.train.ema_decay
         self.ema = EMA(self.ema_nets, decay, recipe.train.ema_warmup) if decay else None
 
@@ -283,13 +281,13 @@ class Trainer:
         path = None
         if self.acc.is_main_process:
             with self._eval_weights():
-                if hasattr(self.family, "reconstruct"):  # tokenizers: the first n training images, reconstructed
+                if isinstance(self.family, Autoencoder):  # the first n training images, reconstructed
                     x = torch.stack([self.dataset[i]["image"] for i in range(min(s.n, len(self.dataset)))])
                     images = torch.cat([x, self.family.reconstruct(x).cpu()])
                 else:
                     generator = torch.Generator().manual_seed(s.seed)
-                    images = self.family.generate(s.n, generator=generator, sampler=s.sampler, steps=s.steps,
-                                                  **sampler_options(self.family, s))
+                    images = sample(self.family, s.n, generator=generator, sampler=s.sampler, steps=s.steps,
+                                    **sampler_options(self.family, s)).images
             path = save_grid(images, self.run_dir / "samples" / f"step-{step}.png")
         self.acc.wait_for_everyone()
         return path
@@ -316,8 +314,6 @@ class Trainer:
         Every process generates its share of `eval.n` and the statistics are all-reduced; the
         main process logs, and writes best/.
         """
-        from genkit.eval.in_training import TrainingEvaluator
-
         if self.evaluator is None:
             self.evaluator = TrainingEvaluator(self.recipe, self.run_dir, self.dataset, self.acc.device)
         with self._eval_weights():

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from genkit.cli import main
-from genkit.config import load_recipe
 from genkit.data import build_dataset
 from genkit.errors import DataError, GenkitError
 from genkit.eval.specs import iter_images
+from genkit.runs import load_recipe
 
 
 def png(path, image):
@@ -124,8 +124,9 @@ def test_bad_cli_input_is_one_line(argv, needle, capsys, tiny_ddpm_run):
 
 @pytest.fixture(scope="module")
 def tiny_ddpm_run(tmp_path_factory):
-    import genkit
     from tiny_runs import overrides
+
+    import genkit
 
     name, args = overrides("ddpm", 1, 1)
     return genkit.train(load_recipe(name, args), out=tmp_path_factory.mktemp("r") / "run")

@@ -9,10 +9,10 @@ import torch
 from tiny_runs import assert_same_model, overrides
 
 import genkit
-from genkit.config import load_recipe
 from genkit.errors import RunError
 from genkit.io import atomic_dir, save_npz, write_text
-from genkit.training.checkpoint import list_checkpoints, verify_checkpoint
+from genkit.runs import list_checkpoints, load_recipe
+from genkit.training.checkpoint import verify_checkpoint
 
 
 def recipe(steps: int):

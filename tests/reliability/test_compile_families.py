@@ -8,10 +8,9 @@ import torch
 from tiny_runs import FAMILY_RUNS, STAGES, overrides, tiny_stage
 
 import genkit
-from genkit.config import load_recipe
 from genkit.errors import SamplerError
-from genkit.samplers import sample
-
+from genkit.families.sampling import sample
+from genkit.runs import load_recipe
 
 NOT_FORWARD = {"nice", "glow", "autoencoder_kl"}  # sample through the inverse / decode: compile is refused
 

@@ -12,13 +12,21 @@ import random
 import signal
 
 import pytest
-from tiny_runs import (FAMILY_RUNS, STAGES, assert_same_model, kill, overrides, start, tiny_stage, train_command,
-                       wait_for_step)
+from tiny_runs import (
+    FAMILY_RUNS,
+    STAGES,
+    assert_same_model,
+    kill,
+    overrides,
+    start,
+    tiny_stage,
+    train_command,
+    wait_for_step,
+)
 
 import genkit
-from genkit.config import load_recipe
 from genkit.families import FAMILIES
-from genkit.training.checkpoint import list_checkpoints
+from genkit.runs import list_checkpoints, load_recipe
 
 STEPS = 30  # far beyond the kill point, so even the fastest tiny run is still training when killed
 

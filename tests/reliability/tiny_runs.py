@@ -59,7 +59,7 @@ def overrides(family: str, steps: int, checkpoint_every: int = 2, *extra: str,
 def tiny_stage(family: str, out: Path) -> Path:
     """A tiny run of `family` (a tokenizer or first stage that another family loads frozen)."""
     import genkit
-    from genkit.config import load_recipe
+    from genkit.runs import load_recipe
 
     if not (out / "model").exists():
         recipe, args = overrides(family, 4)

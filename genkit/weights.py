@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from genkit.errors import GenkitError
-from genkit.io import sha256_file  # noqa: F401  (re-exported: weights are checked by it)
+from genkit.io import sha256_file
 
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")  # torch hub's convention, 8+ hex digits
 ENV = "GENKIT_WEIGHTS_DIR"

@@ -1,0 +1,196 @@
+"""`sample(family, n, ...)`: generate with any family through the shared samplers.
+
+The samplers themselves (`genkit.samplers`) are free functions over a denoiser and a sigma grid;
+this module drives a family through them: it picks the sampler the family declares a capability
+for, draws the initial noise, binds the family's conditions and classifier-free guidance, runs
+batches under the requested precision (and torch.compile), decodes latents, and reports the NFE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from genkit.errors import SamplerError
+from genkit.families.base import Denoising, Family
+from genkit.rng import randn
+from genkit.samplers import KARRAS_SIGMA_MAX, SAMPLERS, CountingDenoiser, SamplerSpec, autocast
+from genkit.samplers.compiled import compile_mode, compiled_nets
+from genkit.samplers.guidance import guided, slice_condition
+from genkit.samplers.schedules import grid
+
+
+@dataclass
+class SampleOutput:
+    images: Tensor  # (n, C, H, W) in [-1, 1]
+    nfe: int        # network evaluations per image batch (the sampler's cost)
+    sampler: str
+    steps: int | None
+    seconds: float  # wall time of the whole call
+
+
+def samplers_for(family: Family) -> list[str]:
+    """Names of the samplers whose capability the family declares."""
+    caps = family.capabilities()
+    return [name for name, spec in SAMPLERS.items() if spec.needs in caps]
+
+
+def resolve_sampler(family: Family, name: str | None) -> tuple[str, SamplerSpec]:
+    """The family's default sampler, or `name` if it exists and fits the family."""
+    if name is not None and name not in SAMPLERS:
+        raise SamplerError(f"unknown sampler '{name}'; known: {', '.join(SAMPLERS)}")
+    fitting = samplers_for(family)
+    name = name or family.default_sampler
+    if name is None or name not in fitting:
+        asked = f"sampler '{name}' does not fit" if name else "no sampler fits"
+        fits = f"use one of: {', '.join(fitting)}" if fitting else f"it samples nothing by itself{family.sampling_hint}"
+        raise SamplerError(f"{asked} family '{family.name}'; {fits}")
+    return name, SAMPLERS[name]
+
+
+def sampler_function(family: Family, spec: SamplerSpec) -> Callable[..., Any]:
+    """The function that takes the sampler's options: the shared sampler, or the family's own method."""
+    if spec.fn is not None:
+        return spec.fn
+    if spec.needs == "direct":
+        return family.direct
+    return family.autoregressive
+
+
+RECIPE_OPTIONS = ("eta", "temperature", "truncation", "top_k", "top_p")  # sampler options of a recipe's `sample`
+
+
+def sampler_options(family: Family, sample_cfg: Any) -> dict[str, Any]:
+    """The options of a recipe's `sample` section that its sampler takes (DDIM's eta, temperature ...)."""
+    _, spec = resolve_sampler(family, sample_cfg.sampler)
+    params = inspect.signature(sampler_function(family, spec)).parameters
+    options = {k: getattr(sample_cfg, k) for k in RECIPE_OPTIONS
+               if k in params and getattr(sample_cfg, k) is not None}
+    if sample_cfg.guidance != 1:
+        options["guidance"] = sample_cfg.guidance  # classifier-free guidance scale (`sample`'s own argument)
+    return options
+
+
+def _check_options(name: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    params = inspect.signature(fn).parameters
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        allowed = [p for p, v in params.items()
+                   if v.kind is v.KEYWORD_ONLY and p not in ("generator", "batch_size")]
+        raise SamplerError(f"sampler '{name}' has no option '{unknown[0]}'; its options: "
+                           f"{', '.join(allowed) or 'none'}")
+
+
+def sigma_grid(family: Denoising, steps: int, schedule: str | None = None) -> Tensor:
+    """The family's own grid, or a named one over its sigma range (karras: capped at EDM's 80)."""
+    if schedule is None:
+        return family.sigmas(steps)
+    sigma_min, sigma_max = family.sigma_range()
+    if schedule == "karras":
+        sigma_max = min(sigma_max, KARRAS_SIGMA_MAX)
+    return grid(schedule, steps, sigma_min, sigma_max)
+
+
+def full_range(family: Denoising) -> Tensor:
+    """[sigma_max, sigma_min, 0]: the end points an adaptive solver integrates between."""
+    sigma_min, sigma_max = family.sigma_range()
+    return torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
+
+
+@torch.inference_mode()
+def sample(
+    family: Family, n: int, *, sampler: str | None = None, steps: int | None = None,
+    generator: torch.Generator | None = None, batch_size: int | None = None, schedule: str | None = None,
+    noise: Tensor | None = None, labels: Tensor | Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None, guidance: float | None = None,
+    precision: str = "no", compile: bool | str = False, **options: Any,
+) -> SampleOutput:
+    """Generate n images with a registered sampler, in batches, networks in eval mode.
+
+    `schedule` picks the sigma grid of denoising families: None is the family's own
+    (DDPM: its discrete timesteps), "karras" (EDM rho=7) or "uniform" (arctan time) span
+    the family's sigma range. `noise` (n, *latent_shape), if given, is the initial state at the
+    grid's first sigma instead of fresh N(0, I) (reflow pairs, fixed-noise comparisons).
+    `labels` / `prompts` go to the family's `conditions(n, ...)`; a conditional family without them
+    samples its own default (class-balanced labels, its sample prompts).
+    `guidance` is the classifier-free guidance scale w (`genkit.samplers.guidance`; 1: none).
+    `precision` "bf16" / "fp16" runs the networks under autocast (faster on CPUs with bf16
+    instructions and on GPUs); the sampler's own arithmetic stays float32.
+    `compile=True` (or a torch.compile mode, e.g. "max-autotune") runs the networks as
+    `torch.compile`d copies with frozen weights (`genkit.samplers.compiled`): a one-off
+    compile (tens of seconds), then faster steps.
+    """
+    if noise is not None and len(noise) != n:
+        raise SamplerError(f"noise holds {len(noise)} states for n={n}")
+    if n < 1:
+        raise SamplerError(f"n must be >= 1, got {n}")
+    if steps is not None and steps < 1:
+        raise SamplerError(f"steps must be >= 1, got {steps}")
+    name, spec = resolve_sampler(family, sampler)
+    _check_options(name, sampler_function(family, spec), options)
+    steps = None if spec.adaptive or spec.needs != "denoise" else steps or family.default_steps
+    batch_size = batch_size or n
+    if compile is not False and not family.compile_sampling:
+        raise SamplerError(f"compile: family '{family.name}' samples through methods other than its networks' "
+                           "forward, which torch.compile does not reach; sample without compile")
+    mode = compile_mode(compile)
+    nets = compiled_nets(family.nets, mode) if mode else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    was_training = family.nets.training
+    family.nets.eval()
+    try:
+        with autocast(family.device, precision), nets:
+            if spec.needs == "denoise":
+                sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
+                conds = family.conditions(n, labels=labels, prompts=prompts)
+                images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options, noise,
+                                                conds, guidance)
+            else:
+                images, nfe = _sample_own(family, name, spec, n, generator, batch_size, options, noise,
+                                          labels, prompts, guidance)
+    finally:
+        family.nets.train(was_training)
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return SampleOutput(images.clamp(-1, 1), nfe, name, steps, time.perf_counter() - t0)
+
+
+def _sample_own(family: Family, name: str, spec: SamplerSpec, n: int, generator: torch.Generator | None,
+                batch_size: int, options: dict[str, Any], noise: Tensor | None, labels: Any, prompts: Any,
+                guidance: float | None) -> tuple[Tensor, int]:
+    """A family's own one-pass or token-by-token method: (images, NFE)."""
+    if noise is not None:
+        raise SamplerError(f"sampler '{name}' does not start from given noise; use a denoising sampler")
+    extra = {k: v for k, v in (("labels", labels), ("prompts", prompts), ("guidance", guidance)) if v is not None}
+    fn = sampler_function(family, spec)
+    _check_options(name, fn, extra)
+    out = fn(n, generator=generator, batch_size=batch_size, **options, **extra)
+    return out if isinstance(out, tuple) else (out, 1)  # autoregressive: (images, NFE); direct: one pass
+
+
+def _sample_denoising(family: Family, n: int, fn: Callable[..., Tensor], sigmas: Tensor,
+                      generator: torch.Generator | None, batch_size: int, options: dict[str, Any],
+                      noise: Tensor | None, conds: tuple[dict, dict | None], guidance: float | None
+                      ) -> tuple[Tensor, int]:
+    device = family.device
+    cond, uncond = conds
+    chunks, nfe = [], 0
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        if noise is None:
+            z = randn((b, *family.latent_shape), generator, device)
+        else:
+            z = noise[start:start + b].to(device)
+        D = CountingDenoiser(guided(family.denoise, slice_condition(cond, start, start + b),
+                                    None if uncond is None else slice_condition(uncond, start, start + b),
+                                    guidance))
+        x = fn(D, z, sigmas, generator=generator, **options)
+        chunks.append(family.decode_latents(x).float())
+        nfe = D.nfe
+    return torch.cat(chunks), nfe

@@ -4,7 +4,7 @@ Run: `python -m benchmarks sample` (or `python -m benchmarks.bench_sample --roun
 
 One DDPM family from the `ddpm_digits` recipe (UNet2DModel, 1.11M parameters, seeded random
 weights: throughput does not depend on them) is sampled with 50 DDIM steps, eta 0, by
-`genkit.samplers.sample` and by `DDIMPipeline` built on the very same UNet module with the
+`genkit.families.sampling.sample` and by `DDIMPipeline` built on the very same UNet module with the
 scheduler `genkit export` writes (`genkit.interop.ddpm_scheduler`; `use_clipped_model_output`
 as the export documents), `output_type="pt"`. One thread, interleaved rounds, images/s median
 (min-max). The max |difference| of the two outputs from the same generator is reported to
@@ -44,7 +44,8 @@ def pipeline(family: Any) -> Any:
 
     from genkit.interop import ddpm_scheduler
 
-    pipe = DDIMPipeline(unet=family.nets["unet"], scheduler=DDIMScheduler.from_config(ddpm_scheduler(family.cfg).config))
+    scheduler = DDIMScheduler.from_config(ddpm_scheduler(family.cfg, family.cfg.clip_sample).config)
+    pipe = DDIMPipeline(unet=family.nets["unet"], scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

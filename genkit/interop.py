@@ -50,7 +50,7 @@ from genkit.config import Recipe, dump_recipe, recipe_to_dict
 from genkit.errors import ConfigError, RunError
 from genkit.families.base import Family
 from genkit.families.ddpm import DDPM, DDPMConfig
-from genkit.families.ldm import LDM
+from genkit.families.ldm import LDM, LDMConfig
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from genkit.io import atomic_dir, load_tensors, save_tensors, write_json, write_text
 from genkit.nn.unet import UNetConfig
@@ -82,10 +82,9 @@ EXPORT_INFO = "genkit_export.json"
 # ------------------------------------------------------------------------------- export
 
 
-def ddpm_scheduler(cfg: Any, clip_sample: bool) -> DDPMScheduler:
+def ddpm_scheduler(cfg: DDPMConfig | LDMConfig, clip_sample: bool) -> DDPMScheduler:
     """The DDPMScheduler of a genkit DDPM (or latent-diffusion) noise process; DDIMPipeline's
-    DDIMScheduler reads the same config. `cfg` has the DDPM schedule keys (schedule, timesteps,
-    beta_start, beta_end, prediction, spacing)."""
+    DDIMScheduler reads the same config."""
     sched = DDPMScheduler(
         num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
         beta_schedule=BETA_SCHEDULES[cfg.schedule], prediction_type=PREDICTIONS[cfg.prediction],

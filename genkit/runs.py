@@ -32,7 +32,7 @@ import yaml
 from genkit.config import Recipe, parse_recipe, read_recipe
 from genkit.errors import ConfigError, RunError
 from genkit.families import FAMILIES
-from genkit.families.base import Family, Stage
+from genkit.families.base import Autoencoder, Family, Stage, Tokenizer
 from genkit.families.first_stage import DiffusersAutoencoder
 from genkit.io import load_tensors
 
@@ -142,7 +142,7 @@ def load_local_autoencoder(path: Path) -> DiffusersAutoencoder:
     return DiffusersAutoencoder(vae)
 
 
-def load_stage(spec: str | None, stage: Stage) -> Any:
+def load_stage(spec: str | None, stage: Stage) -> Autoencoder | Tokenizer:
     """The frozen stage `model.<stage.key>` names (a run folder, or local-dir:PATH), eval mode, on CPU."""
     key = f"model.{stage.key}"
     if spec is None:

@@ -6,7 +6,6 @@ import os
 import pickle
 import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

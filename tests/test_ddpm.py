@@ -44,16 +44,16 @@ def test_closed_form_matches_moment_recursion_of_forward_steps(schedule):
     coef, var = torch.tensor(coef, dtype=torch.float64), torch.tensor(var, dtype=torch.float64)
     torch.testing.assert_close(ns.alpha_bar.sqrt(), coef, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(1 - ns.alpha_bar, var, rtol=1e-10, atol=1e-14)
-    # q_sample applies exactly these coefficients at every t
+    # the training draw applies exactly these coefficients at every t
     t = torch.arange(ns.T)
     ones, zeros = torch.ones(ns.T, 1, dtype=torch.float64), torch.zeros(ns.T, 1, dtype=torch.float64)
-    torch.testing.assert_close(ns.q_sample(ones, t, zeros)[:, 0], coef, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(ns.q_sample(zeros, t, ones)[:, 0], var.sqrt(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(ns.noised(ones, t, zeros, "epsilon")[0][:, 0], coef, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ns.noised(zeros, t, ones, "epsilon")[0][:, 0], var.sqrt(), rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_q_sample_matches_iterated_forward_process_monte_carlo(schedule):
-    """Many draws of q_sample and of the iterated chain agree in mean and variance (5 standard errors)."""
+def test_the_training_draw_matches_the_iterated_forward_process_monte_carlo(schedule):
+    """Many training draws x_t (closed-form q(x_t | x0)) and the iterated chain agree in mean and variance (5 standard errors)."""
     ns = NoiseSchedule(make_betas(schedule, 1000))
     n = 30_000  # under torch's parallel grain (32768): keeps the loop fast on 2 busy cores
     g = torch.Generator().manual_seed(0)
@@ -65,7 +65,7 @@ def test_q_sample_matches_iterated_forward_process_monte_carlo(schedule):
         if t not in checks:
             continue
         eps = torch.randn(n, generator=g, dtype=torch.float64)
-        xq = ns.q_sample(x0, torch.full((n,), t), eps)
+        xq = ns.noised(x0, torch.full((n,), t), eps, "epsilon")[0]
         v = 1 - float(ns.alpha_bar[t])
         se_mean = math.sqrt(2 * v / n)          # difference of two independent sample means
         se_var = v * math.sqrt(2 * 2 / (n - 1))  # difference of two sample variances

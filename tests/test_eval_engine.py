@@ -141,7 +141,7 @@ def test_kid_and_prdc_need_images_not_statistics(tmp_path, pixels):
     engine.write_stats(write_npz(tmp_path / "r.npz", random_images(20, 0)), tmp_path / "ref.npz",
                        engine.EvalSettings())
     with pytest.raises(GenkitError, match="holds only statistics"):
-        engine.compute_kid(str(tmp_path / "ref.npz"), str(tmp_path / "r.npz"), engine.EvalSettings())
+        engine.compute_metric("kid", str(tmp_path / "ref.npz"), str(tmp_path / "r.npz"), engine.EvalSettings())
 
 
 def test_kid_prdc_and_is_plumbing(tmp_path, pixels):
@@ -152,10 +152,10 @@ def test_kid_prdc_and_is_plumbing(tmp_path, pixels):
     s = engine.EvalSettings(seed=4, batch_size=9)
     want = kid(pixels(torch.from_numpy(real)), pixels(torch.from_numpy(fake)),
                generator=torch.Generator().manual_seed(4))
-    got = engine.compute_kid(path, other, s)
+    got = engine.compute_metric("kid", path, other, s)
     assert (got["kid"], got["kid_std"]) == pytest.approx(want, rel=1e-9)
     assert got["n_real"] == 40 and got["n_fake"] == 30
-    out = engine.compute_prdc(path, path, s)
+    out = engine.compute_metric("prdc", path, path, s)
     assert out["precision"] == out["recall"] == out["coverage"] == 1.0
     with pytest.raises(GenkitError, match="no classifier head"):
         engine.compute_is(path, s)

@@ -155,28 +155,20 @@ def test_fd_invariant_to_batches_and_processes():
     candidates = [stats_of(x, batch) for batch in (1, 7)]
     for bounds in splits.values():
         parts = [stats_of(x[lo:hi], batch=13) for lo, hi in zip(bounds, bounds[1:])]
-        merged = GaussianStats(16)
-        for p in parts:
-            merged.merge(p)
         reduce_fn = simulated_all_reduce(parts)
-        candidates += [merged] + [p.all_reduce(reduce_fn) for p in parts]
+        candidates += [p.all_reduce(reduce_fn) for p in parts]
     for stats in candidates:
         assert stats.count == 301
         assert frechet_distance_from_stats(stats, reference) == pytest.approx(baseline, rel=1e-9)
 
 
-def test_gaussian_stats_round_trip_and_errors():
+def test_gaussian_stats_errors():
     x, _ = feature_pair(50, 4)
     stats = stats_of(x)
-    restored = GaussianStats.from_dict(stats.to_dict())
-    for a, b in zip(stats.to_dict().values(), restored.to_dict().values()):
-        assert torch.equal(a, b)
     with pytest.raises(GenkitError, match="at least 2"):
         stats_of(x[:1]).mean_cov()
     with pytest.raises(GenkitError, match=r"\(B, 4\)"):
         stats.update(torch.zeros(3, 5))
-    with pytest.raises(GenkitError, match="lacks"):
-        GaussianStats.from_dict({"n": stats.n})
 
 
 def test_fd_warns_when_fewer_samples_than_dimensions():

@@ -17,7 +17,7 @@ from genkit.errors import GenkitError
 from genkit.eval.engine import EvalSettings, compute_bpd
 from genkit.eval.likelihood import family_bits_per_dim
 from genkit.eval.specs import iter_images
-from genkit.families import flow_family, glow
+from genkit.families import flow_family
 from genkit.families.glow import Glow, GlowConfig
 from genkit.families.nice import NICE, NICEConfig
 from genkit.io import load_tensors

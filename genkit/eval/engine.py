@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -27,8 +27,6 @@ from genkit.io import to_uint8
 from genkit.rng import seeded
 from genkit.runs import load
 from genkit.version import __version__
-
-METRICS = ("fid", "kid", "is", "prdc")
 
 
 @dataclass
@@ -130,15 +128,6 @@ def _raw_pair(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor
     return all_features(real, extractor, s), all_features(fake, extractor, s)
 
 
-def compute_kid(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
-    """Kernel Inception Distance (unbiased polynomial-kernel MMD^2 over subsets)."""
-    extractor = extractor or build_extractor(s)
-    fr, ff = _raw_pair(real, fake, s, extractor)
-    mean, std = kid(fr, ff, generator=torch.Generator().manual_seed(s.seed))
-    return _record("kid", s, extractor, real, fake, kid=mean, kid_std=std, value=mean,
-                   n_real=len(fr), n_fake=len(ff))
-
-
 def compute_is(fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
     """Inception Score of a SPEC's images (classifier logits; `digits` uses its own classes)."""
     extractor = extractor or build_extractor(s)
@@ -150,13 +139,34 @@ def compute_is(fake: str, s: EvalSettings, extractor: FeatureExtractor | None = 
                    value=mean, n_fake=len(logits))
 
 
-def compute_prdc(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None,
-                 k: int = 5) -> dict[str, Any]:
-    """Precision, recall, density and coverage (Naeem et al. 2020) in feature space."""
+def kid_values(real: Tensor, fake: Tensor, s: EvalSettings) -> dict[str, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018): unbiased polynomial-kernel MMD^2 over subsets."""
+    mean, std = kid(real, fake, generator=torch.Generator().manual_seed(s.seed))
+    return {"kid": mean, "kid_std": std, "value": mean}
+
+
+def prdc_values(real: Tensor, fake: Tensor, s: EvalSettings) -> dict[str, float]:
+    """Precision, recall, density and coverage (Naeem et al. 2020), k = 5 nearest neighbours."""
+    return {**prdc(real, fake, k=5), "k": 5}
+
+
+# Metrics of two feature sets, `genkit eval NAME --real SPEC --fake SPEC`: name -> fn(real (N, d), fake (M, d)
+# float64 features, settings) -> the values of the result. FID (`compute_fid`) works on Gaussian statistics, so
+# statistics files serve too, and IS (`compute_is`) on one set's logits; W1 (`genkit.eval.w1`) fits a critic.
+FEATURE_METRICS: dict[str, Callable[[Tensor, Tensor, EvalSettings], dict[str, float]]] = {
+    "kid": kid_values,
+    "prdc": prdc_values,
+}
+
+
+def compute_metric(name: str, real: str, fake: str, s: EvalSettings,
+                   extractor: FeatureExtractor | None = None) -> dict[str, Any]:
+    """A metric of FEATURE_METRICS between the features of two SPECs, with the protocol recorded."""
+    if name not in FEATURE_METRICS:
+        raise GenkitError(f"unknown metric '{name}'; feature metrics: {', '.join(FEATURE_METRICS)}")
     extractor = extractor or build_extractor(s)
     fr, ff = _raw_pair(real, fake, s, extractor)
-    return _record("prdc", s, extractor, real, fake, **prdc(fr, ff, k=k), k=k,
-                   n_real=len(fr), n_fake=len(ff))
+    return _record(name, s, extractor, real, fake, **FEATURE_METRICS[name](fr, ff, s), n_real=len(fr), n_fake=len(ff))
 
 
 def write_stats(spec: str, out: str | Path, s: EvalSettings) -> dict[str, Any]:

@@ -66,15 +66,6 @@ class GaussianStats:
         self.gram += x.T @ x
         return self
 
-    def merge(self, other: "GaussianStats") -> "GaussianStats":
-        """Add another accumulator's sums into this one (e.g. stats of another shard)."""
-        if other.dim != self.dim:
-            raise GenkitError(f"cannot merge GaussianStats of d={other.dim} into d={self.dim}")
-        self.n += other.n.to(self.n.device)
-        self.sum += other.sum.to(self.sum.device)
-        self.gram += other.gram.to(self.gram.device)
-        return self
-
     def all_reduce(self, reduce_fn: Callable[[Tensor], Tensor]) -> "GaussianStats":
         """Replace n, sum and gram by their sums over processes; `reduce_fn(t)` returns the summed t.
 
@@ -100,26 +91,6 @@ class GaussianStats:
         mu = self.sum / n                                              # (d,)
         sigma = (self.gram - n * torch.outer(mu, mu)) / (n - 1)       # (d, d)
         return mu, (sigma + sigma.T) / 2
-
-    def to_dict(self) -> dict[str, Tensor]:
-        """The sums as CPU tensors, for torch.save / safetensors."""
-        return {"n": self.n.cpu(), "sum": self.sum.cpu(), "gram": self.gram.cpu()}
-
-    @classmethod
-    def from_dict(cls, state: dict[str, Tensor], device: torch.device | str = "cpu") -> "GaussianStats":
-        """Rebuild an accumulator from `to_dict`'s output."""
-        missing = {"n", "sum", "gram"} - set(state)
-        if missing:
-            raise GenkitError(f"GaussianStats state lacks {sorted(missing)}")
-        d = state["sum"].shape[0]
-        if state["sum"].dim() != 1 or tuple(state["gram"].shape) != (d, d) or state["n"].numel() != 1:
-            raise GenkitError(f"GaussianStats state has inconsistent shapes: sum {tuple(state['sum'].shape)}, "
-                              f"gram {tuple(state['gram'].shape)}, n {tuple(state['n'].shape)}")
-        stats = cls(d, device)
-        stats.n += state["n"].reshape(()).to(stats.n)
-        stats.sum += state["sum"].to(stats.sum)
-        stats.gram += state["gram"].to(stats.gram)
-        return stats
 
 
 def _as_f64(x: ArrayLike, name: str, device: torch.device) -> Tensor:

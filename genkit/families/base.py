@@ -30,8 +30,9 @@ abstract methods (so a family that declares one and lacks a method fails at cons
     Direct          direct(n, *, generator, batch_size, **options)            `direct`
     Autoregressive  autoregressive(n, *, generator, batch_size, ...)          `autoregressive`
     Likelihood      log_prob(x), n_bits                                       exact bits/dim
-    Autoencoder     encode(x), decode(z), reconstruct(x)                      a first stage
-    Tokenizer       Autoencoder + num_codes, token_shape                      an AR prior's tokens
+    Autoencoder     encode(x) -> latents, decode(z), reconstruct(x)           a first stage (LDM)
+    Tokenizer       encode(x) -> codes, decode(codes), num_codes, token_shape an AR prior's tokens
+(Autoencoder and Tokenizer are both a `Codec`: encode, decode, reconstruct.)
 `Family.capabilities()` lists them by name; samplers name the capability they need.
 """
 
@@ -45,6 +46,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from genkit.config import FamilyConfig
+from genkit.data import ImageDataset
 from genkit.errors import ConfigError, SamplerError
 
 
@@ -105,7 +108,7 @@ class Family(ABC):
     compile_sampling: ClassVar[bool] = True   # False: sampling bypasses the networks' forward
     sampling_hint: ClassVar[str] = ""         # said when a sampler is refused for lack of any
 
-    cfg: Any
+    cfg: FamilyConfig
     nets: nn.ModuleDict
     sample_shape: tuple[int, int, int]        # (C, H, W) of generated images
     num_classes: int = 0                      # classes the family is conditioned on (0: none)
@@ -174,7 +177,7 @@ class Family(ABC):
         raise ConfigError(f"train.gradient_checkpointing: family '{self.name}' does not support it")
 
     @classmethod
-    def configure(cls, cfg: Any, stages: Mapping[str, Any], dataset: Any) -> Any:
+    def configure(cls, cfg: FamilyConfig, stages: Mapping[str, Any], dataset: ImageDataset) -> FamilyConfig:
         """The config with values that depend on the data and the loaded stages filled in (default: cfg)."""
         return cfg
 
@@ -231,28 +234,33 @@ class Likelihood(ABC):
         """log p(x) in nats per sample for x (B, C, H, W) in [-1, 1]."""
 
 
-class Autoencoder(ABC):
-    """Maps images to latents and back: a first stage (latent diffusion), a tokenizer's base."""
+class Codec(ABC):
+    """Maps images to a representation and back; the trainer's grids show reconstructions of these."""
 
-    capability: ClassVar[str] = "autoencoder"
     name: ClassVar[str]
     nets: nn.ModuleDict
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
-        """Images in [-1, 1] (B, C, H, W) -> latents, deterministic."""
+        """Images in [-1, 1] (B, C, H, W) -> their representation, deterministic."""
 
     @abstractmethod
     def decode(self, z: Tensor) -> Tensor:
-        """Latents -> images, roughly in [-1, 1]."""
+        """A representation -> images, roughly in [-1, 1]."""
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        """decode(encode(x)) clamped to [-1, 1] (the trainer's grids show these for autoencoders)."""
+        """decode(encode(x)) clamped to [-1, 1]."""
         return self.decode(self.encode(x)).clamp(-1, 1)
 
 
-class Tokenizer(Autoencoder):
-    """An autoencoder with a discrete latent: `encode` gives code indices (B, h, w)."""
+class Autoencoder(Codec):
+    """A codec with continuous latents (B, c, h, w): a first stage of latent diffusion."""
+
+    capability: ClassVar[str] = "autoencoder"
+
+
+class Tokenizer(Codec):
+    """A codec with discrete codes: `encode` gives indices (B, h, w), an autoregressive prior's tokens."""
 
     capability: ClassVar[str] = "tokenizer"
 
@@ -265,7 +273,3 @@ class Tokenizer(Autoencoder):
     @abstractmethod
     def token_shape(self) -> tuple[int, int]:
         """(h, w) of the index map of one image."""
-
-
-CAPABILITIES: dict[str, type] = {c.capability: c for c in (Denoising, Direct, Autoregressive, Likelihood,
-                                                           Autoencoder, Tokenizer)}

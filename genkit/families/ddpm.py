@@ -67,14 +67,11 @@ class NoiseSchedule:
         self.sigma_table = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()  # increasing in t
         self.log_sigmas = self.sigma_table.log()
 
-    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (closed form of q(x_t | x0))."""
-        ab = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
     def noised(self, x0: Tensor, t: Tensor, eps: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
-        """(x_t, regression target) of a training draw: the network sees x_t at t, learns the target."""
-        ab = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1)).float()
+        """(x_t, regression target) of a training draw: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps,
+        the closed form of q(x_t | x0); the network sees x_t at t and learns the target."""
+        dtype = torch.promote_types(x0.dtype, torch.float32)  # float64 data (tests) stays float64
+        ab = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1)).to(dtype)
         alpha, s = ab.sqrt(), (1 - ab).sqrt()
         return alpha * x0 + s * eps, training_target(prediction, x0, eps, alpha, s)
 

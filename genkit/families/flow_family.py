@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
+from genkit.config import FamilyConfig
 from genkit.errors import SamplerError
 from genkit.families.base import Direct, Family, Likelihood, StepHandle
 from genkit.io import to_uint8
@@ -34,7 +35,7 @@ class FlowFamily(Family, Direct, Likelihood):
     default_sampler = "direct"
     compile_sampling = False  # samples through the flow's inverse, which compiling the networks' forward does not reach
 
-    def __init__(self, cfg: Any, shape: tuple[int, int, int], flow: nn.Module, n_bits: int = 8):
+    def __init__(self, cfg: FamilyConfig, shape: tuple[int, int, int], flow: nn.Module, n_bits: int = 8):
         self.cfg, self.n_bits = cfg, n_bits
         self.sample_shape = tuple(shape)  # (C, H, W)
         self.dims = math.prod(shape)

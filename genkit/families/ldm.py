@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from genkit.config import FamilyConfig
+from genkit.data import ImageDataset
 from genkit.errors import ConfigError, DataError, SamplerError
 from genkit.families.base import Autoencoder, Denoising, Family, Stage, StepHandle
 from genkit.families.ddpm import NoiseSchedule, make_betas, output_to_x0
@@ -218,7 +219,7 @@ class LDM(Family, Denoising):
 
     # -- training setup: the scale factor, fine-tuning ---------------------------------------
     @classmethod
-    def configure(cls, cfg: LDMConfig, stages: Mapping[str, Any], dataset: Any) -> LDMConfig:
+    def configure(cls, cfg: LDMConfig, stages: Mapping[str, Any], dataset: ImageDataset) -> LDMConfig:
         """The config with `scale_factor` computed from the training data when unset (trainer hook)."""
         if cfg.scale_factor is not None:
             return cfg
@@ -252,7 +253,7 @@ def add_lora(nets: nn.ModuleDict, cfg: LoRAConfig) -> None:
         raise ConfigError(f"model.lora.targets {cfg.targets}: {str(e).splitlines()[0]}") from None
 
 
-def data_scale_factor(stage: Autoencoder, dataset: Any) -> float:
+def data_scale_factor(stage: Autoencoder, dataset: ImageDataset) -> float:
     """The scale factor of the training data: 1 / std of the latents of up to SCALE_IMAGES images."""
     step = max(1, len(dataset) // SCALE_IMAGES)
     images = torch.stack([dataset[i]["image"] for i in range(0, len(dataset), step)][:SCALE_IMAGES])

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from genkit.config import SampleConfig
 from genkit.errors import SamplerError
 from genkit.families.base import Denoising, Family
 from genkit.rng import randn
@@ -66,7 +67,7 @@ def sampler_function(family: Family, spec: SamplerSpec) -> Callable[..., Any]:
 RECIPE_OPTIONS = ("eta", "temperature", "truncation", "top_k", "top_p")  # sampler options of a recipe's `sample`
 
 
-def sampler_options(family: Family, sample_cfg: Any) -> dict[str, Any]:
+def sampler_options(family: Family, sample_cfg: SampleConfig) -> dict[str, Any]:
     """The options of a recipe's `sample` section that its sampler takes (DDIM's eta, temperature ...)."""
     _, spec = resolve_sampler(family, sample_cfg.sampler)
     params = inspect.signature(sampler_function(family, spec)).parameters
@@ -171,7 +172,7 @@ def _sample_own(family: Family, name: str, spec: SamplerSpec, n: int, generator:
     fn = sampler_function(family, spec)
     _check_options(name, fn, extra)
     out = fn(n, generator=generator, batch_size=batch_size, **options, **extra)
-    return out if isinstance(out, tuple) else (out, 1)  # autoregressive: (images, NFE); direct: one pass
+    return out if spec.needs == "autoregressive" else (out, 1)  # (images, forward passes); direct: one pass
 
 
 def _sample_denoising(family: Family, n: int, fn: Callable[..., Tensor], sigmas: Tensor,

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from genkit.config import FamilyConfig
 from genkit.errors import ConfigError, SamplerError
 from genkit.families.base import Denoising, Family, StepHandle
 from genkit.nn.unet import UNetConfig, build_unet
@@ -45,7 +46,7 @@ def null_dropout(label: Tensor, p: float, null_label: int, opt: StepHandle) -> T
 class UNetFamily(Family, Denoising):
     """Base of DDPM and rectified flow: `nets = {"unet": UNet2DModel}`, one group "model"."""
 
-    def __init__(self, cfg: Any, shape: tuple[int, int, int], unet: UNetConfig, num_classes: int = 0):
+    def __init__(self, cfg: FamilyConfig, shape: tuple[int, int, int], unet: UNetConfig, num_classes: int = 0):
         self.cfg = cfg
         self.sample_shape = tuple(shape)  # (C, H, W)
         self.num_classes = 0

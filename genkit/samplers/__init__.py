@@ -43,7 +43,7 @@ from genkit.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun, samp
 
 class SamplerSpec(NamedTuple):
     fn: Callable[..., Tensor] | None  # None: the family's own method of that capability (direct, autoregressive)
-    needs: str              # the family capability this sampler needs (genkit.families.base.CAPABILITIES)
+    needs: str              # the family capability it needs: a `capability` of genkit.families.base
     adaptive: bool = False  # chooses its own steps: integrates over the family's whole sigma range
 
 

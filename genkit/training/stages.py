@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from genkit.config import Recipe
+from genkit.config import FamilyConfig, Recipe
 from genkit.errors import ConfigError
 from genkit.families.base import Stage
 from genkit.runs import INFO, LOCAL_DIR, MODEL, check_run_dir, family_class, load_recipe, load_stage, run_recipe
@@ -55,7 +55,7 @@ def resolve_stages(recipe: Recipe, run_dir: Path) -> tuple[Recipe, dict[str, Any
     return dataclasses.replace(recipe, model=dataclasses.replace(cfg, **changes)), loaded
 
 
-def _init_from_model(cfg: Any) -> Any:
+def _init_from_model(cfg: FamilyConfig) -> FamilyConfig:
     """The model config of `model.init_from`'s run, which must be of the same family."""
     base = run_recipe(cfg.init_from).model
     if base.family != cfg.family:

@@ -25,7 +25,7 @@ from genkit.config import OptimConfig, Recipe, dump_recipe
 from genkit.data import build_dataset
 from genkit.errors import ConfigError, DataError, GenkitError, Interrupted, RunError
 from genkit.eval.in_training import TrainingEvaluator
-from genkit.families.base import Autoencoder
+from genkit.families.base import Codec
 from genkit.families.sampling import sample, sampler_options
 from genkit.io import atomic_dir, save_grid, save_tensors, write_json, write_text
 from genkit.runs import build_family, family_class, init_from_run, list_checkpoints, load_stages
@@ -281,7 +281,7 @@ class Trainer:
         path = None
         if self.acc.is_main_process:
             with self._eval_weights():
-                if isinstance(self.family, Autoencoder):  # the first n training images, reconstructed
+                if isinstance(self.family, Codec):  # the first n training images, reconstructed
                     x = torch.stack([self.dataset[i]["image"] for i in range(min(s.n, len(self.dataset)))])
                     images = torch.cat([x, self.family.reconstruct(x).cpu()])
                 else:

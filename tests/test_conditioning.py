@@ -113,9 +113,12 @@ def test_label_dropout_uses_the_global_batch_stream_and_maps_unlabelled_to_null(
 
 @pytest.mark.slow
 def test_class_conditional_rectified_flow_draws_the_requested_digit(tmp_path):
-    """Trained on the digits default, the shipped classifier reads back the requested class."""
-    overrides = ["model.class_cond=true", "train.steps=1500", "train.sample_every=0", "train.log_every=100",
-                 "train.checkpoint_every=5000", "sample.n=20"]
+    """Trained on the 16 px digits, the shipped classifier reads back the requested class. A small UNet
+    trained 150 steps (about 40 s) reaches 0.99 with guidance 2; chance is 0.1."""
+    overrides = ["model.class_cond=true", "train.steps=150", "train.sample_every=0", "train.log_every=50",
+                 "train.checkpoint_every=5000", "sample.n=20", "model.unet.channels=[16,32]",
+                 "model.unet.attention=[false,true]", "model.unet.layers_per_block=1", "optim.model.lr=2e-3",
+                 "train.warmup=50", "train.ema_decay=0.99"]
     run = genkit.train(load_recipe("rf_digits", overrides), out=tmp_path / "run")
     family = genkit.load(run, device="cpu")
     result = conditional_accuracy(family, 200, steps=20, guidance=2.0)

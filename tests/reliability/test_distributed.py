@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from tiny_runs import TINY_UNET, assert_same_model
 
 from genkit.io import load_tensors
@@ -21,14 +22,21 @@ COMMON = [*TINY_UNET, "data.image_size=8", "train.sample_every=0", "sample.steps
           "train.keep_last=10", "eval.n=40", "eval.batch_size=10"]
 
 
-def train(out: Path, procs: int, batch: int, steps: int, *extra: str, resume: bool = False) -> Path:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs > 1 \
-        else [sys.executable]
-    cmd = [*launcher, "-m", "genkit.cli", "train", "ddpm_digits", "--out", str(out), *COMMON,
-           f"data.batch_size={batch}", f"train.steps={steps}", *extra, *(["--resume"] if resume else [])]
+def launch(procs: int, *args: str) -> None:
+    """`genkit ARGS` under torchrun with `procs` processes, or in this process when there is one."""
+    if procs == 1:  # the reference run: in-process saves a Python start (torch, accelerate) per run
+        r = run_cli(*args, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "-m", "genkit.cli", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def train(out: Path, procs: int, batch: int, steps: int, *extra: str, resume: bool = False) -> Path:
+    launch(procs, "train", "ddpm_digits", "--out", str(out), *COMMON, f"data.batch_size={batch}",
+           f"train.steps={steps}", *extra, *(["--resume"] if resume else []))
     return out
 
 
@@ -41,6 +49,7 @@ def files(run: Path) -> set[str]:
     return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_evaluate_like_one_at_twice_the_batch(tmp_path):
     two = train(tmp_path / "two", 2, 8, 4, "train.eval_every=2")
     one = train(tmp_path / "one", 1, 16, 4, "train.eval_every=2")
@@ -94,14 +103,8 @@ def test_every_family_under_two_process_ddp_matches_one_process_at_twice_the_bat
     from tiny_runs import overrides
 
     recipe, args = overrides(family, 3, 2, *SAME_AS_ONE.get(family, []), stage=stage_runs(family))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     for procs, batch in ((2, 8), (1, 16)):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if procs == 2 \
-            else [sys.executable]
-        cmd = [*launcher, "-m", "genkit.cli", "train", recipe, *args, f"data.batch_size={batch}",
-               "--out", str(tmp_path / f"p{procs}")]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert r.returncode == 0, r.stderr[-3000:]
+        launch(procs, "train", recipe, *args, f"data.batch_size={batch}", "--out", str(tmp_path / f"p{procs}"))
     assert (tmp_path / "p2" / "checkpoints" / "step-3" / "rng-1.pt").exists()
     one, two = tmp_path / "p1", tmp_path / "p2"
     step = (flat(one, 3) - flat(one, 2)).norm()

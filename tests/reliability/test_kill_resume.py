@@ -52,9 +52,9 @@ def test_every_family_has_a_reliability_run():
     assert sorted(FAMILY_RUNS) == sorted(FAMILIES), "add a tiny run for each family to tiny_runs.FAMILY_RUNS"
 
 
-# DDPM runs in the default suite; the other families in the slow step of .ci/run
-@pytest.mark.parametrize("family", [f if f == "ddpm" else pytest.param(f, marks=pytest.mark.slow)
-                                    for f in sorted(FAMILY_RUNS)])
+# every family in the slow step of .ci/run; the default suite kills a run with SIGTERM below
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILY_RUNS))
 def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(family, tmp_path, stages):
     tok = stages(family) if family in STAGES else None
     rng = random.Random(family)  # a different, reproducible kill point per family

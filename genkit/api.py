@@ -30,22 +30,26 @@ def load_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     return runs.load_recipe(recipe, overrides)
 
 
-def train(recipe: str | Path | Recipe, overrides: Sequence[str] = (), out: str | Path | None = None,
-          resume: bool = False) -> Path:
+def train(recipe: str | Path | Recipe | None = None, overrides: Sequence[str] = (), out: str | Path | None = None,
+          resume: bool | str | Path = False) -> Path:
     """Train a recipe (path, shipped name or Recipe) into a run folder and return its path.
 
     Args:
-        recipe: a YAML path, the name of a shipped recipe (``"ddpm_digits"``) or a Recipe.
-        overrides: dotted ``key=value`` strings, e.g. ``["train.steps=500"]``.
+        recipe: a YAML path, the name of a shipped recipe (``"ddpm_digits"``) or a Recipe; optional
+            when resuming (the run's own config.yaml is the recipe).
+        overrides: dotted ``key=value`` strings, e.g. ``["train.steps=500"]``; ``STAGE.key=value``
+            sets an earlier stage's recipe (``first_stage.train.steps=100`` for latent diffusion).
         out: the run folder; default ``runs/<recipe name>``.
-        resume: continue from the latest checkpoint of an existing run folder.
+        resume: True, or the run folder: continue it from its latest checkpoint. A recipe or overrides
+            given too may change only `genkit.runs.RESUME_SAFE` keys (train.steps extends a finished
+            run); any other difference is refused, listing each key's old and new value.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = runs.load_recipe(recipe, overrides)
-    elif overrides:
-        raise RunError("overrides apply to recipe files; edit the Recipe object instead")
-    run_dir = Path(out) if out is not None else Path("runs") / recipe.name
-    return train_run(recipe, run_dir, resume=resume)
+    if resume not in (True, False):
+        if out is not None and Path(out) != Path(resume):
+            raise RunError(f"--out '{out}' and --resume '{resume}' name different run folders")
+        out = resume
+    recipe, run_dir, changed = runs.run_start(recipe, overrides, None if out is None else Path(out), bool(resume))
+    return train_run(recipe, run_dir, resume=bool(resume), changed=changed)
 
 
 def load(run: str | Path, device: str | torch.device | None = None) -> Family:
@@ -88,7 +92,7 @@ def sample(family: Family, n: int, *, sampler: str | None = None, steps: int | N
         sampler: a name from `genkit.samplers.SAMPLERS`; default the family's.
         steps: sampler steps; default the family's.
         seed: seeds the initial noise and any injected noise (same images on any device).
-        batch_size: images per network batch (default all n at once).
+        batch_size: images per network batch (default 256: memory bounded for any n).
         schedule: sigma grid: None (the family's own), "karras" or "uniform".
         labels: class labels of a class-conditional run (one for all, or n); default
             class-balanced (0, 1, ..., C-1, 0, ...).

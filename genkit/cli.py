@@ -47,13 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe into a run folder",
                        description="Train a recipe (a YAML path or a shipped recipe name). Writes "
                                    "runs/<name>/ with config.yaml, checkpoints/, model/, samples/ "
-                                   "and metrics.jsonl; ends with a sample grid.")
-    t.add_argument("recipe", help="recipe YAML path, or a shipped name such as ddpm_digits (see `genkit recipes`)")
+                                   "and metrics.jsonl; ends with a sample grid. `genkit train --resume RUN "
+                                   "[KEY=VALUE ...]` continues a run from its own config.yaml.")
+    t.add_argument("recipe", nargs="?", help="recipe YAML path, or a shipped name such as ddpm_digits (see "
+                                             "`genkit recipes`); optional with --resume RUN")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. train.steps=500 data.batch_size=32")
+                   help="dotted overrides, e.g. train.steps=500 data.batch_size=32; STAGE.KEY=VALUE sets an "
+                        "earlier stage's recipe (first_stage.train.steps=100 for ldm)")
     t.add_argument("--out", type=Path, help="run folder (default: runs/<recipe name>)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue the run folder from its latest checkpoint (train.steps=N extends a finished run)")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue RUN (or --out) from its latest checkpoint with its own config.yaml; a recipe "
+                        "or overrides may change only the steps and the logging, sampling, evaluation and "
+                        "checkpoint settings (train.steps=N extends a finished run)")
 
     s = sub.add_parser("sample", help="generate images from a trained run",
                        description="Generate images from a run folder with a shared sampler.")
@@ -62,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_positive, help="sampler steps (default: the family's)")
     s.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--batch-size", type=_positive, help="images per network batch (default: all)")
+    s.add_argument("--batch-size", type=_positive, help="images per network batch (default 256; lower it when "
+                                                           "memory runs out)")
     s.add_argument("--eta", type=_finite, help="DDIM noise scale: 0 deterministic, 1 = DDPM posterior")
     s.add_argument("--temperature", type=_finite,
                    help="direct sampler of flows: scale of the prior's std (Glow: 0.7); autoregressive: logits / T")
@@ -96,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--pairs", type=_positive, required=True, help="number of pairs")
     r.add_argument("--out", type=Path, required=True, help="pairs folder to write (or resume)")
     r.add_argument("--sampler", default="rk45", help="deterministic sampler (default rk45; ddim = Euler)")
-    r.add_argument("--steps", type=_positive, help="sampler steps (ignored by rk45)")
+    r.add_argument("--steps", type=_positive, help="sampler steps (not for rk45, which chooses its own)")
     r.add_argument("--rtol", type=_finite, help="rk45 relative tolerance (default 1e-5)")
     r.add_argument("--atol", type=_finite, help="rk45 absolute tolerance (default 1e-5)")
     r.add_argument("--batch-size", type=_positive, default=256, help="pairs per network batch (default 256)")
@@ -195,8 +201,9 @@ def _eval_parser(sub: Any) -> None:
         if name == "w1":
             _w1_arguments(m)
         if name not in ("bpd", "straightness"):
-            m.add_argument("--features", default=None if name == "recon" else "inception",
-                           help="feature extractor: inception (default; recon: digits for digits runs), clip, "
+            m.add_argument("--features", default=None if name in ("recon", "curve") else "inception",
+                           help="feature extractor: inception (default; recon, curve: digits for runs trained on "
+                                "the digits), clip, "
                                 "dinov2, digits" + (", or pixels (flattened images in [-1, 1])" if name == "w1" else ""))
             m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
             m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
@@ -248,17 +255,31 @@ def _train(args: argparse.Namespace) -> None:
         print(f"run folder: {run}")
 
 
+def _train_positionals(args: argparse.Namespace, extra: list[str]) -> None:
+    """Sort `train`'s optional positionals: `--resume` may take the run folder, the recipe is optional, and
+    an override may land in either slot (`genkit train --resume RUN train.steps=30`)."""
+    overrides = [*args.overrides, *extra]
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        overrides, args.resume = [args.resume, *overrides], True  # `--resume key=value`: the flag, then an override
+    if args.recipe is not None and "=" in args.recipe and not Path(args.recipe).exists():
+        overrides, args.recipe = [args.recipe, *overrides], None
+    args.overrides = overrides
+
+
 def _sample(args: argparse.Namespace) -> None:
     from genkit.api import load, sample_with_info
     from genkit.io import save_grid, save_npz
 
+    for flag, path in (("--out", args.out), ("--save-npz", args.save_npz)):  # before minutes of sampling
+        if path is not None and path.is_dir():
+            raise GenkitError(f"{flag} '{path}' is a folder: give a file path")
     family = load(args.run, device=args.device)
     options = {k: v for k in ("eta", "temperature", "truncation", "top_k", "top_p", "rtol", "atol")
                if (v := vars(args)[k]) is not None}
     out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
                            guidance=args.guidance, prompts=_prompts(args), precision=args.precision,
-                           compile=_compile(args), **options)
+                           compile=_compile(args), progress=True, **options)
     print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")
     print(f"grid: {save_grid(out.images, args.out)}")
     if args.save_npz:
@@ -305,7 +326,7 @@ def _eval(args: argparse.Namespace) -> None:
         return _straightness(args)
     s = engine.EvalSettings(features=args.features, protocol=args.protocol, weights=args.weights,
                             n=args.n, batch_size=args.batch_size or (16 if args.metric == "bpd" else 100),
-                            device=args.device, seed=args.seed,
+                            device=args.device, seed=args.seed, progress=True,
                             sample=SampleSettings(sampler=args.sampler, steps=args.steps,
                                                   options={"compile": mode} if (mode := _compile(args))
                                                   else None))
@@ -442,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [a for a in extra if a.startswith("-") or "=" not in a]
         if bad:
             parser.parse_args(argv)  # argparse's own message and exit 2
-        args.overrides = [*args.overrides, *extra]
+        _train_positionals(args, extra)
     elif extra:
         parser.parse_args(argv)
     try:

@@ -37,6 +37,7 @@ class DataConfig:
     num_workers: int = 0
     on_error: Literal["raise", "skip"] = "raise"  # folder sources: an unreadable image is an error,
                                                   # or checked up front, skipped and counted
+    follow_symlinks: bool = False  # folder sources: read symlinks leading outside data.root (else an error)
 
 
 @dataclass
@@ -422,17 +423,41 @@ def _resolve(source: str | Path) -> Path:
 
 
 def read_recipe(source: str | Path, overrides: Sequence[str], families: Mapping[str, type]) -> Recipe:
-    """Read a recipe file (or shipped recipe by name), apply `key=value` overrides, validate."""
+    """Read a recipe file (or shipped recipe by name), apply `key=value` overrides, validate.
+
+    An error is prefixed with the override it comes from when one set the offending key, else the file.
+    """
     path = _resolve(source)
     try:
-        raw = parse_yaml(path.read_text(encoding="utf-8"))
-        if isinstance(raw, dict):
-            raw = apply_overrides({"name": path.stem, **raw}, overrides)
-        return _recipe(raw, families)
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    raw = parse_yaml(text, str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: recipe must be a mapping, got {_describe(raw)}")
+    raw = {"name": path.stem, **raw}
+    try:
+        return _recipe(apply_overrides(raw, overrides), families)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        if str(e).startswith("override "):  # a malformed override: its own message names it
+            raise
+        raise ConfigError(f"{_culprit(e, overrides) or path}: {e}") from None
+
+
+_ERROR_KEY = re.compile(r"^(?:unknown key |missing required key |section |override )?'?([A-Za-z_][\w.\[\]]*)'?")
+
+
+def _culprit(error: ConfigError, overrides: Sequence[str]) -> str | None:
+    """'override K=V' when the error is about the key K (or below it) that an override set, else None."""
+    match = _ERROR_KEY.match(str(error))
+    key = match.group(1).split("[")[0] if match else ""
+    for override in reversed(overrides):  # the last one to set a key wins, as when they were applied
+        set_key = override.partition("=")[0].strip()
+        if key and (key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".")):
+            return f"override {override!r}"
+        if set_key == "model.family" and key.startswith("model."):  # the other family's keys do not fit it
+            return f"override {override!r}"
+    return None
 
 
 def _plain(value: Any) -> Any:

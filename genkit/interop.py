@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from safetensors import SafetensorError
 
 from genkit.config import Recipe, dump_recipe, recipe_to_dict
 from genkit.errors import ConfigError, RunError
@@ -53,7 +54,7 @@ from genkit.families.ddpm import DDPM, DDPMConfig
 from genkit.families.ldm import LDM, LDMConfig
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from genkit.io import atomic_dir, load_tensors, save_tensors, write_json, write_text
-from genkit.nn.unet import UNetConfig
+from genkit.nn.unet import UNetConfig, build_unet
 from genkit.runs import (
     CHECKPOINTS,
     CKPT_NETS,
@@ -177,6 +178,8 @@ REPRODUCE = {
 
 
 def _check_new_folder(out: Path, what: str) -> None:
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise RunError(f"{what} '{out}' is the working directory (or holds it): name a new folder for --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunError(f"{what} '{out}' already exists: choose another --out or remove it")
 
@@ -345,6 +348,10 @@ def diffusers_recipe(folder: str | Path) -> tuple[Recipe, tuple[int, int, int]]:
     shape = _unet_shape(unet_config, folder / "unet" / "config.json")
     cls, build = IMPORTERS[name]
     unet = UNetConfig(diffusers={k: v for k, v in unet_config.items() if not k.startswith("_")})
+    try:  # build it once: a config diffusers cannot build is refused here, naming its file
+        build_unet(unet, shape[0], shape[1])
+    except ConfigError as e:
+        raise ConfigError(f"{folder / 'unet' / 'config.json'}: {e}") from None
     model = build(scheduler, cls, str(where), unet)
     raw = {"name": folder.resolve().name, "description": f"imported from the diffusers folder {folder.resolve()}",
            "model": recipe_to_dict(Recipe(name="", model=model))["model"],
@@ -360,7 +367,10 @@ def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
         pickled = sorted(p.name for p in unet_dir.glob("*.bin"))
         hint = f" (found {pickled[0]}: genkit never loads pickled weights)" if pickled else ""
         raise RunError(f"'{unet_dir / UNET_WEIGHTS}' not found{hint}")
-    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)  # converts old attention names
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)  # converts old attention names
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise RunError(f"cannot read the UNet in '{unet_dir}': {str(e).strip().splitlines()[0]}") from None
     return {f"unet.{k}": v for k, v in unet.state_dict().items()}
 
 

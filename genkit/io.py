@@ -2,6 +2,7 @@
 
 Every file genkit writes goes to a temporary name in the same folder, is flushed to disk,
 and is renamed over the target: a crash leaves the previous good file, never half a file.
+Files get mode 0666 and folders 0777 minus the umask, as `open` and `mkdir` would give them.
 (The run folder's layout lives in `genkit.runs`.)
 """
 
@@ -21,6 +22,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from genkit.errors import GenkitError
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -43,7 +46,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask, read without changing it where /proc allows (os.umask alone must set it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)  # briefly; other threads creating files meanwhile get private modes, never open ones
     os.umask(mask)
     return mask
 
@@ -51,13 +59,19 @@ def _umask() -> int:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp_path), fsync, then rename tmp over `path` (same folder, atomic on POSIX)."""
     path = Path(path)
+    if path.is_dir():
+        raise GenkitError(f"'{path}' is a folder: give a file path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise GenkitError(f"cannot write '{path}': '{path.parent}' is a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         write(tmp)
+        # After the write: mkstemp makes 0600 files, and writers that replace the file they are given
+        # (safetensors' save_file) make their own 0600 one. Give the usual 0666 minus the umask.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -110,26 +124,35 @@ def load_torch(path: str | Path) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a folder under a temporary name and rename it into place only if the block succeeds."""
+    """Build a folder under a unique temporary name and rename it into place only if the block succeeds.
+
+    The temporary and set-aside names are unique (mkdtemp in the same folder): two writers never share
+    one, and no name can be planted in advance. Both are removed whatever happens; an older folder of
+    the same name is replaced only once the new one is complete, and is put back if the swap fails.
+    """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give the usual permissions
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous folder, if any, stays as it was
-        raise
-    _fsync_dir(tmp)
-    if path.exists():  # replace an older folder of the same name: move it aside first
-        old = path.parent / f".{path.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        _fsync_dir(tmp)
+        if path.exists():  # replace an older folder of the same name: move it aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / path.name, path)  # the swap failed: the previous folder goes back in place
+                raise
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:

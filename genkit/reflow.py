@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from genkit.data.pairs import MANIFEST, num_shards, read_manifest, shard_name, shard_rows
 from genkit.errors import GenkitError, RunError
@@ -26,6 +25,7 @@ from genkit.families.base import Family
 from genkit.families.rectified_flow import RectifiedFlow
 from genkit.families.sampling import resolve_sampler, sample
 from genkit.io import save_tensors, write_json
+from genkit.progress import Progress
 from genkit.rng import randn, seeded
 from genkit.runs import load
 from genkit.version import __version__
@@ -95,11 +95,15 @@ def generate_pairs(run: str | Path, out: str | Path, n: int, *, sampler: str | N
             raise GenkitError(f"{key} must be >= 1, got {value}")
     run, out = Path(run), Path(out)
     family = load(run, device=device)
+    if not isinstance(family, RectifiedFlow):
+        raise GenkitError(f"'{run}' is a {family.name} run: reflow pairs couple a rectified flow's noise with its "
+                          "ODE's images to train a straighter rectified flow; train rf_digits (or another "
+                          "rectified_flow recipe) first")
     manifest = _manifest(run, family, n, sampler, steps, seed, shard_size, options)
     _check_resume(out, manifest)
     todo = [k for k in range(num_shards(n, shard_size)) if not (out / shard_name(k)).exists()]
     done = n - sum(shard_rows(k, n, shard_size) for k in todo)
-    with tqdm(total=n, initial=done, unit="pair", desc="reflow pairs") as bar:
+    with Progress(n, "reflow pairs", "pair", initial=done) as bar:
         for k in todo:
             noise = _shard_noise(seed, k, shard_rows(k, n, shard_size), family.sample_shape)  # (B, C, H, W)
             images = torch.cat([transport(family, chunk, manifest["sampler"], manifest["steps"], **options).cpu()

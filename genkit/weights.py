@@ -14,6 +14,7 @@ hashed and refused on a mismatch, before any `torch.load` can unpickle it.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,12 @@ def find_weights(filename: str, explicit: str | Path | None = None) -> Path | No
     return None
 
 
-def _missing(filename: str, prefix: str | None, url: str | None) -> GenkitError:
+def _missing(filename: str, prefix: str | None, url: str | None, option: str) -> GenkitError:
     places = ", ".join(f"{label} ({folder if folder else 'unset'})" for label, folder in search_dirs())
     sha = f" (SHA-256 {prefix}...)" if prefix else ""
     fetch = f"fetch it from {url} and put" if url else "put"
     return GenkitError(f"weights file '{filename}'{sha} not found in: {places}; genkit downloads nothing: "
-                       f"{fetch} it in ${ENV} or pass --weights PATH")
+                       f"{fetch} it in ${ENV} or pass {option}")
 
 
 def check_sha256(path: Path, prefix: str) -> str:
@@ -80,7 +81,7 @@ def check_sha256(path: Path, prefix: str) -> str:
 
 
 def resolve_weights(filename: str, explicit: str | Path | None = None, sha256_prefix: str | None = None,
-                    url: str | None = None) -> Path:
+                    url: str | None = None, option: str = "--weights PATH") -> Path:
     """Find `filename` (explicit path, $GENKIT_WEIGHTS_DIR, torch hub cache, genkit cache) and check its hash.
 
     Args:
@@ -89,23 +90,28 @@ def resolve_weights(filename: str, explicit: str | Path | None = None, sha256_pr
         sha256_prefix: expected start of the SHA-256; None: the hex digits in `filename`, if any;
             "": no check (a file the user named, whose hash is only recorded).
         url: where the file can be downloaded by hand, quoted in the error when it is missing.
+        option: how the caller's user names the file explicitly, quoted in that error.
     """
-    return locate_weights(filename, explicit, sha256_prefix, url)[0]
+    return locate_weights(filename, explicit, sha256_prefix, url, option)[0]
 
 
 def locate_weights(filename: str, explicit: str | Path | None = None, sha256_prefix: str | None = None,
-                   url: str | None = None) -> tuple[Path, str]:
+                   url: str | None = None, option: str = "--weights PATH") -> tuple[Path, str]:
     """`resolve_weights`, also returning the file's full SHA-256 (hashed once)."""
     prefix = hash_prefix(filename) if sha256_prefix is None else sha256_prefix
     path = find_weights(filename, explicit)
     if path is None:
-        raise _missing(filename, prefix, url)
+        raise _missing(filename, prefix, url, option)
     return path, check_sha256(path, prefix or "")
 
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:
     """torch.load a state dict on CPU with weights_only=True (never arbitrary unpickling)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's message runs over many lines: keep its first
+        raise GenkitError(f"weights file '{path}' refused by weights_only loading: it holds more than tensors "
+                          f"({str(error).splitlines()[0]})") from None
     if not isinstance(state, dict):
         raise GenkitError(f"weights file '{path}' does not hold a state dict (got {type(state).__name__})")
     return state

@@ -118,7 +118,7 @@ def test_autoregressive_sampler_registered_and_its_options():
     with pytest.raises(SamplerError, match="no option 'eta'"):
         sample(prior, 1, eta=0.5)
     for bad, match in [({"top_p": 0.0}, "top_p"), ({"top_k": 17}, r"top_k: must be in \[1, 16\]"),
-                       ({"temperature": 0.0}, "temperature"), ({"label": 10}, "label")]:
+                       ({"temperature": 0.0}, "temperature"), ({"labels": [10]}, "class label 10 out of range")]:
         with pytest.raises(SamplerError, match=match):
             sample(prior, 1, **bad)
     with pytest.raises(SamplerError, match="does not fit"):

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "genkit"
 # module (or package) -> layer; the longest matching prefix decides
 LAYERS = {
     "genkit.version": 0, "genkit.errors": 0, "genkit.rng": 0, "genkit.io": 0,
-    "genkit.weights": 0, "genkit.config": 0,
+    "genkit.weights": 0, "genkit.config": 0, "genkit.progress": 0,
     "genkit.nn": 1, "genkit.data": 1, "genkit.samplers": 1,
     "genkit.families": 2,
     "genkit.runs": 3,

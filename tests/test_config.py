@@ -78,8 +78,10 @@ def error(tmp_path: Path, text: str = FULL, overrides: tuple[str, ...] = ()) -> 
         read_recipe(path, overrides, FAMILIES)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"{path}: ")
-    return message.removeprefix(f"{path}: ")
+    # an error about a key an override set names the override; any other names the file
+    culprit = next((f"override {o!r}: " for o in overrides if message.startswith(f"override {o!r}: ")), None)
+    assert message.startswith(culprit or f"{path}: "), message
+    return message.removeprefix(culprit or f"{path}: ")
 
 
 def with_section(section: str, body: str) -> str:

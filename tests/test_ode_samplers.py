@@ -106,11 +106,13 @@ def test_rk45_uses_only_the_ends_of_the_grid_and_denoises_onto_zero():
 
 def test_rk45_tolerances_are_options_of_sample():
     family = tiny_ddpm(100)
-    nfe = [sample(family, 2, sampler="rk45", steps=4, rtol=tol, atol=tol,
+    nfe = [sample(family, 2, sampler="rk45", rtol=tol, atol=tol,
                   generator=torch.Generator().manual_seed(0)).nfe for tol in (1e-2, 1e-3)]
     assert 1 < nfe[0] < nfe[1], nfe
     with pytest.raises(SamplerError, match="no option 'rtoll'; its options: rtol, atol"):
         sample(family, 1, sampler="rk45", rtoll=1e-3)
+    with pytest.raises(SamplerError, match="'rk45' chooses its own steps"):  # not silently ignored
+        sample(family, 1, sampler="rk45", steps=4)
 
 
 def test_euler_is_not_ddim_but_meets_it_in_the_many_step_limit():
@@ -251,8 +253,8 @@ NFE = {"ancestral": lambda k: k, "ddim": lambda k: k, "euler": lambda k: k, "heu
 @pytest.mark.parametrize("name", DENOISING)
 def test_every_denoising_sampler_runs_on_a_tiny_ddpm(name):
     steps = 4
-    out = sample(tiny_ddpm(100), 3, sampler=name, steps=steps, generator=torch.Generator().manual_seed(0),
-                 batch_size=2)
+    out = sample(tiny_ddpm(100), 3, sampler=name, steps=None if SAMPLERS[name].adaptive else steps,
+                 generator=torch.Generator().manual_seed(0), batch_size=2)
     assert out.images.shape == (3, 1, 8, 8) and out.images.abs().max() <= 1 and out.images.std() > 0
     assert torch.isfinite(out.images).all()
     assert out.nfe == NFE[name](steps) if name in NFE else out.nfe >= 1, out.nfe

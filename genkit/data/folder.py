@@ -15,15 +15,21 @@ warning naming the first.
 
 A folder has no held-out split: asking for split "test" is refused.
 
+Nothing outside `data.root` is read unless asked for: a symlinked file or folder that leads out of
+it is an error naming it, unless `data.follow_symlinks: true` (symlinks that stay inside are fine;
+a symlinked folder inside is not walked, its files being found through their own path).
+
 A folder with a `metadata.jsonl` (the Hugging Face image-folder convention) is a captioned
 dataset: one JSON object per line with `file_name` (relative to the folder) and `text`, and
 optionally an integer `label` (class conditioning). The metadata lists the dataset: exactly its
-files, in its order; items gain a `caption` string (collated into a list).
+files, in its order; items gain a `caption` string (collated into a list). A `file_name` must be a
+relative path that stays inside the folder: absolute and `../` paths are refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import warnings
 import zlib
@@ -46,9 +52,49 @@ MODES = {1: "L", 3: "RGB"}
 METADATA = "metadata.jsonl"
 
 
-def find_images(root: Path) -> list[Path]:
-    """All files under `root` (recursive) with an image extension, sorted by path."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+def check_link(path: Path, real_root: Path, follow_symlinks: bool, what: str) -> None:
+    """Refuse `path` when symlinks lead it outside `real_root` (the resolved data root), unless followed."""
+    if follow_symlinks:
+        return
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError, ValueError) as error:  # a symlink loop (RuntimeError before 3.13), a NUL
+        raise DataError(f"{what}: cannot resolve its path ({error})") from None
+    if not target.is_relative_to(real_root):
+        raise DataError(f"{what} leads through a symlink to '{target}', outside data.root '{real_root}': "
+                        f"set data.follow_symlinks=true to read it")
+
+
+def _walk_into(folder: Path, real_root: Path, walked: set[Path], follow_symlinks: bool) -> bool:
+    """Whether the walk enters `folder`: real folders yes; symlinked ones only outside the root, if followed."""
+    if not folder.is_symlink():
+        return True
+    target = folder.resolve()
+    if target.is_relative_to(real_root) or target in walked:
+        return False  # found through its own path already: walking it again would repeat files, or loop
+    check_link(folder, real_root, follow_symlinks, f"folder '{folder}'")
+    walked.add(target)
+    return True
+
+
+def find_images(root: Path, follow_symlinks: bool = False) -> list[Path]:
+    """All files under `root` (recursive) with an image extension, sorted by path.
+
+    A symlink (file or folder) leading outside `root` is a DataError unless `follow_symlinks`.
+    """
+    real_root = root.resolve()
+    walked, found = {real_root}, []
+    for folder, dirs, names in os.walk(root, followlinks=True):  # _walk_into decides which links to enter
+        folder = Path(folder)
+        walked.add(folder.resolve())
+        dirs[:] = [d for d in sorted(dirs) if _walk_into(folder / d, real_root, walked, follow_symlinks)]
+        for name in names:
+            path = folder / name
+            if path.suffix.lower() in EXTENSIONS and path.is_file():
+                if path.is_symlink():  # the walk itself stays inside the root unless links are followed
+                    check_link(path, real_root, follow_symlinks, f"image '{path}'")
+                found.append(path)
+    return sorted(found)
 
 
 def resize_crop(image: Image.Image, size: int) -> Image.Image:
@@ -135,8 +181,9 @@ def build_folder(cfg: DataConfig, split: str = "train") -> FolderDataset:
         raise DataError(f"data.channels: folder images can be read with 1 or 3 channels, got {channels!r}")
     root = check_root(cfg.root)
     if (root / METADATA).is_file():  # captioned folder (Hugging Face image-folder convention)
-        return CaptionedFolderDataset(root, channels=channels, image_size=cfg.image_size)
-    files = find_images(root)
+        return CaptionedFolderDataset(root, channels=channels, image_size=cfg.image_size,
+                                      follow_symlinks=cfg.follow_symlinks)
+    files = find_images(root, cfg.follow_symlinks)
     if not files:
         raise DataError(f"data.root: no images found under '{root}' "
                         f"(read recursively: {', '.join(e[1:] for e in EXTENSIONS)}, any case)")
@@ -163,9 +210,23 @@ def readable(files: list[Path], root: Path, size: int) -> list[Path]:
     return good
 
 
-def read_metadata(root: Path) -> tuple[list[Path], list[str], list[int] | None]:
+def metadata_file(root: Path, real_root: Path, value: str, where: str, follow_symlinks: bool) -> Path:
+    """The image a metadata `file_name` names: a relative path inside `root`, else a DataError naming it."""
+    parts = Path(os.path.normpath(value)).parts
+    if Path(value).is_absolute() or parts[:1] == ("..",):
+        raise DataError(f"{where}: file_name {value!r} is outside the data root '{root}' "
+                        f"(file names are relative paths inside it)")
+    file = root / value
+    check_link(file, real_root, follow_symlinks, f"{where}: file_name {value!r}")
+    if not file.is_file():
+        raise DataError(f"{where}: image '{file}' not found")
+    return file
+
+
+def read_metadata(root: Path, follow_symlinks: bool = False) -> tuple[list[Path], list[str], list[int] | None]:
     """(files, captions, labels or None) from root/metadata.jsonl; DataError names the line."""
-    path = root / METADATA
+    path, real_root = root / METADATA, root.resolve()
+    check_link(path, real_root, follow_symlinks, f"'{path}'")
     files, texts, labels = [], [], []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -177,9 +238,7 @@ def read_metadata(root: Path) -> tuple[list[Path], list[str], list[int] | None]:
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) \
                 or not isinstance(row.get("text"), str):
             raise DataError(f"{path}:{n}: needs string keys 'file_name' and 'text'")
-        file = root / row["file_name"]
-        if not file.is_file():
-            raise DataError(f"{path}:{n}: image '{file}' not found")
+        file = metadata_file(root, real_root, row["file_name"], f"{path}:{n}", follow_symlinks)
         label = row.get("label")
         if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
             raise DataError(f"{path}:{n}: 'label' must be an integer >= 0, got {label!r}")
@@ -197,8 +256,8 @@ def read_metadata(root: Path) -> tuple[list[Path], list[str], list[int] | None]:
 class CaptionedFolderDataset(FolderDataset):
     """The images and captions (and labels) listed in a folder's metadata.jsonl, decoded per item."""
 
-    def __init__(self, root: Path, *, channels: int, image_size: int) -> None:
-        files, self.captions, labels = read_metadata(root)
+    def __init__(self, root: Path, *, channels: int, image_size: int, follow_symlinks: bool = False) -> None:
+        files, self.captions, labels = read_metadata(root, follow_symlinks)
         super().__init__(root, files, channels=channels, image_size=image_size)
         self.labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
         self.num_classes = 0 if labels is None else max(labels) + 1

@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from genkit.eval.engine import EvalSettings, build_extractor, generated_stats, reference_stats
+from genkit.eval.engine import EvalSettings, build_extractor, default_features, generated_stats, reference_stats
 from genkit.eval.frechet import frechet_distance
 from genkit.eval.stats import check_same_protocol
 from genkit.families.sampling import resolve_sampler
@@ -30,13 +30,14 @@ def fd_curve(run: str | Path, samplers: list[str], steps: list[int], s: EvalSett
         raise ValueError("EvalSettings.n (samples per point) is required for a curve")
     run = Path(run)
     family = load(run, device=s.device)
+    s.features = s.features or default_features(run)
     extractor = build_extractor(s)
     ref = reference_stats(real or f"recipe:{run / 'config.yaml'}", extractor, s)
     check_same_protocol(ref.protocol, extractor.protocol_dict(), "the reference")
     rows = []
     for sampler in samplers:
         for k in [None] if resolve_sampler(family, sampler)[1].adaptive else steps:
-            acc, nfe, seconds = generated_stats(family, extractor, s.n, s.batch_size, s.seed,
+            acc, nfe, seconds = generated_stats(family, extractor, s.n, s.batch_size, s.seed, progress=s.progress,
                                                 sampler=sampler, steps=k, schedule=schedule)
             mu, sigma = acc.mean_cov()
             rows.append({"sampler": sampler, "steps": k, "schedule": schedule or "family", "nfe": nfe,

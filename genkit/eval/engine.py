@@ -19,13 +19,14 @@ from genkit.eval.features import FeatureExtractor, build_features
 from genkit.eval.frechet import GaussianStats, frechet_distance
 from genkit.eval.likelihood import family_bits_per_dim
 from genkit.eval.metrics import inception_score, kid, prdc
-from genkit.eval.specs import SampleSettings, describe, iter_images
+from genkit.eval.specs import SampleSettings, check_exists, describe, iter_images
 from genkit.eval.stats import RefStats, check_same_protocol, is_stats_file, load_stats, save_stats
 from genkit.families.base import Family, Likelihood
 from genkit.families.sampling import sample
 from genkit.io import to_uint8
+from genkit.progress import Progress
 from genkit.rng import seeded
-from genkit.runs import load
+from genkit.runs import load, resolve_device, run_recipe
 from genkit.version import __version__
 
 
@@ -41,21 +42,31 @@ class EvalSettings:
     device: str | None = None
     seed: int = 0
     sample: SampleSettings = field(default_factory=SampleSettings)
+    progress: bool = False          # report images done, images/s and ETA (genkit.progress) while featurising
+
+
+def default_features(run: str | Path) -> str:
+    """The features a run is evaluated with by default: `digits` (shipped weights) for runs trained on the
+    digits, `inception` (local Inception weights) otherwise."""
+    return "digits" if run_recipe(run).data.source == "digits" else "inception"
 
 
 def build_extractor(s: EvalSettings) -> FeatureExtractor:
     """The feature extractor the settings name, on their device (CUDA when available)."""
-    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return build_features(s.features, protocol=s.protocol, weights=s.weights, device=device)
+    return build_features(s.features, protocol=s.protocol, weights=s.weights, device=resolve_device(s.device))
 
 
 @torch.inference_mode()
 def _features(spec: str, extractor: FeatureExtractor, s: EvalSettings, logits: bool = False) -> Iterator[Tensor]:
     device = next(extractor.parameters()).device
     sample = SampleSettings(**{**asdict(s.sample), "seed": s.seed, "device": s.sample.device or str(device)})
-    for batch in iter_images(spec, s.n, s.batch_size, sample):
-        batch = batch.to(device)
-        yield (extractor.logits(batch) if logits else extractor(batch)).double().cpu()
+    every = None if s.n else 10 * s.batch_size  # without a count: a line every 10 batches
+    with Progress(s.n, f"features {spec}", "image", every=every, disable=not s.progress) as bar:
+        for batch in iter_images(spec, s.n, s.batch_size, sample):
+            x = batch.to(device)
+            feats = (extractor.logits(x) if logits else extractor(x)).double().cpu()
+            bar.update(len(batch))
+            yield feats
 
 
 def all_features(spec: str, extractor: FeatureExtractor, s: EvalSettings, logits: bool = False) -> Tensor:
@@ -84,22 +95,25 @@ def reference_stats(spec: str, extractor: FeatureExtractor, s: EvalSettings) -> 
 
 @torch.inference_mode()
 def generated_stats(family: Family, extractor: FeatureExtractor, n: int, batch_size: int, seed: int = 0, *,
-                    rank: int = 0, world: int = 1, **sampling: Any) -> tuple[GaussianStats, int, float]:
+                    rank: int = 0, world: int = 1, progress: bool = False,
+                    **sampling: Any) -> tuple[GaussianStats, int, float]:
     """Feature statistics of n generated images (quantized to uint8), with the sampler's NFE and time.
 
     Batch k is generated from its own generator, seeded by (seed, k), so the n images are the
     same however they are split: process `rank` of `world` takes batches rank, rank + world, ...
     and the per-process statistics sum (`GaussianStats.all_reduce`) to the single-process ones.
     `sampling` goes to `genkit.families.sampling.sample` (sampler, steps, schedule, sampler options).
+    `progress` reports this process's images (generated and featurised), images/s and the ETA.
     """
     acc, nfe, seconds = GaussianStats(extractor.dim), 0, 0.0
     device = next(extractor.parameters()).device
-    for k, start in enumerate(range(0, n, batch_size)):
-        if k % world != rank:
-            continue
-        out = sample(family, min(batch_size, n - start), generator=seeded(seed, k), **sampling)
-        nfe, seconds = out.nfe, seconds + out.seconds
-        acc.update(extractor(to_uint8(out.images).to(device)).double().cpu())
+    batches = [(k, min(batch_size, n - start)) for k, start in enumerate(range(0, n, batch_size)) if k % world == rank]
+    with Progress(sum(b for _, b in batches), "generate + features", "image", disable=not progress) as bar:
+        for k, b in batches:
+            out = sample(family, b, generator=seeded(seed, k), **sampling)
+            nfe, seconds = out.nfe, seconds + out.seconds
+            acc.update(extractor(to_uint8(out.images).to(device)).double().cpu())
+            bar.update(b)
     return acc, nfe, seconds
 
 
@@ -113,6 +127,8 @@ def _record(metric: str, s: EvalSettings, extractor: FeatureExtractor, real: str
 
 def compute_fid(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
     """Frechet distance between the feature Gaussians of two SPECs (FID with inception)."""
+    for spec in (real, fake):
+        check_exists(spec)
     extractor = extractor or build_extractor(s)
     a, b = reference_stats(real, extractor, s), reference_stats(fake, extractor, s)
     check_same_protocol(a.protocol, b.protocol, f"'{real}' and '{fake}'")
@@ -130,6 +146,7 @@ def _raw_pair(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor
 
 def compute_is(fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
     """Inception Score of a SPEC's images (classifier logits; `digits` uses its own classes)."""
+    check_exists(fake)
     extractor = extractor or build_extractor(s)
     if not extractor.has_logits:
         extractor.logits(torch.zeros(0))  # its one-line error: no classifier head
@@ -164,6 +181,8 @@ def compute_metric(name: str, real: str, fake: str, s: EvalSettings,
     """A metric of FEATURE_METRICS between the features of two SPECs, with the protocol recorded."""
     if name not in FEATURE_METRICS:
         raise GenkitError(f"unknown metric '{name}'; feature metrics: {', '.join(FEATURE_METRICS)}")
+    for spec in (real, fake):
+        check_exists(spec)
     extractor = extractor or build_extractor(s)
     fr, ff = _raw_pair(real, fake, s, extractor)
     return _record(name, s, extractor, real, fake, **FEATURE_METRICS[name](fr, ff, s), n_real=len(fr), n_fake=len(ff))
@@ -171,6 +190,7 @@ def compute_metric(name: str, real: str, fake: str, s: EvalSettings,
 
 def write_stats(spec: str, out: str | Path, s: EvalSettings) -> dict[str, Any]:
     """Compute a SPEC's reference statistics and save them (with their protocol) to `out`."""
+    check_exists(spec)
     extractor = build_extractor(s)
     stats = reference_stats(spec, extractor, s)
     path = save_stats(out, stats)

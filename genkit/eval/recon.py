@@ -19,14 +19,14 @@ import torch
 from torch import Tensor
 
 from genkit.errors import GenkitError
-from genkit.eval.engine import EvalSettings, build_extractor
+from genkit.eval.engine import EvalSettings, build_extractor, default_features
 from genkit.eval.frechet import GaussianStats, frechet_distance
 from genkit.eval.specs import iter_images
 from genkit.families.base import Tokenizer
 from genkit.io import from_uint8, to_uint8
 from genkit.nn.perceptual import LPIPS
 from genkit.nn.vq import code_stats
-from genkit.runs import load, run_recipe
+from genkit.runs import load
 from genkit.version import __version__
 
 
@@ -44,10 +44,6 @@ def _optional(build: Any) -> tuple[Any, str | None]:
         return None, str(e)
 
 
-def _default_features(run: Path) -> str:
-    return "digits" if run_recipe(run).data.source == "digits" else "inception"
-
-
 @torch.inference_mode()
 def compute_recon(run: str | Path, data: str | None, s: EvalSettings,
                   lpips_weights: str | None = None) -> dict[str, Any]:
@@ -60,11 +56,11 @@ def compute_recon(run: str | Path, data: str | None, s: EvalSettings,
     if not isinstance(family, Tokenizer):
         raise GenkitError(f"'{run}' is a {family.name} run: eval recon needs a tokenizer run (vqgan)")
     data = data or f"recipe:{run / 'config.yaml'}:test"
-    s.features = s.features or _default_features(run)
+    s.features = s.features or default_features(run)
     extractor = build_extractor(s)
     device = next(extractor.parameters()).device
     lpips, lpips_reason = (None, "images smaller than 16 px") if family.sample_shape[1] < 16 else \
-        _optional(lambda: LPIPS("vgg", lpips_weights).to(family.device))
+        _optional(lambda: LPIPS("vgg", lpips_weights, option="--lpips-weights PATH").to(family.device))
     real, fake = GaussianStats(extractor.dim), GaussianStats(extractor.dim)
     psnr, dist, codes = [], [], []
     for batch in iter_images(data, s.n, s.batch_size):

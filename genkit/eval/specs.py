@@ -23,6 +23,7 @@ from torch import Tensor
 from genkit.data import build_dataset
 from genkit.data.folder import EXTENSIONS, find_images, open_image
 from genkit.errors import GenkitError
+from genkit.eval.stats import split_prefix
 from genkit.families.sampling import sample
 from genkit.io import to_uint8
 from genkit.runs import load, load_recipe
@@ -49,6 +50,18 @@ def describe(spec: str) -> str:
     if (p / "config.yaml").exists():
         return "run"
     return "folder"
+
+
+def check_exists(spec: str) -> None:
+    """Refuse a SPEC naming a path that does not exist, before any network is built (a typo fails at once)."""
+    if spec.startswith("recipe:"):
+        return
+    _, path = split_prefix(spec)
+    if not Path(path).exists():
+        raise GenkitError(f"'{path}' not found (a SPEC is " + SPEC_KINDS + ")")
+
+
+SPEC_KINDS = "a folder of images, an .npz of images or statistics, a run folder, or recipe:NAME[:SPLIT]"
 
 
 def iter_images(spec: str, n: int | None, batch_size: int,
@@ -100,6 +113,9 @@ def _npz_batches(path: Path, batch_size: int) -> Iterator[Tensor]:
         yield torch.from_numpy(images[start:start + batch_size])
 
 
+HALF_LEVEL = 1 / 255  # half a uint8 level in [-1, 1] units
+
+
 def _as_uint8(images: np.ndarray, path: Path) -> np.ndarray:
     """Check an npz image array: (N, C, H, W) uint8, or floats in [-1, 1] quantized by rounding."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
@@ -110,6 +126,12 @@ def _as_uint8(images: np.ndarray, path: Path) -> np.ndarray:
         raise GenkitError(f"'{path}': images must be uint8 or float, got {images.dtype}")
     if not np.isfinite(images).all():
         raise GenkitError(f"'{path}': images hold NaN or inf values")
+    low, high = float(images.min()), float(images.max())
+    if low < -1 - HALF_LEVEL or high > 1 + HALF_LEVEL:  # within half a level of [-1, 1]: rounding, kept
+        raise GenkitError(f"'{path}': float images must lie in [-1, 1], got [{low:.4g}, {high:.4g}]")
+    if low >= 0:  # a [0, 1] array would be read as the upper half of [-1, 1]: every image far too bright
+        raise GenkitError(f"'{path}': float images are read in [-1, 1], but these lie in [{low:.4g}, {high:.4g}] "
+                          "(the [0, 1] convention?): save them as uint8, or as 2 x - 1")
     return to_uint8(torch.from_numpy(images)).numpy()
 
 
@@ -117,7 +139,7 @@ def _folder_batches(root: Path, batch_size: int) -> Iterator[Tensor]:
     """Images at their own size (the feature extractor resizes); RGB unless the first is grey."""
     if not root.is_dir():
         raise GenkitError(f"'{root}' is neither an image folder, an .npz, a run folder, nor recipe:NAME")
-    files = find_images(root)
+    files = find_images(root, follow_symlinks=True)  # the folder you name is what you evaluate, links and all
     if not files:
         raise GenkitError(f"no images under '{root}' (read: {', '.join(EXTENSIONS)})")
     mode = "L" if open_image(files[0]).mode in ("L", "1", "LA") else "RGB"

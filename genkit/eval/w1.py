@@ -28,6 +28,7 @@ from genkit.eval.features import FeatureExtractor
 from genkit.eval.specs import SampleSettings, iter_images
 from genkit.eval.stats import is_stats_file
 from genkit.nn.lipschitz import clip_weights, critic_grad_norm, gradient_penalty, interpolate
+from genkit.runs import resolve_device
 from genkit.version import __version__
 
 PIXELS = "pixels"  # --features pixels: flattened images in [-1, 1]
@@ -138,7 +139,7 @@ def compute_w1(real: str, fake: str, s: EvalSettings, critic: CriticSettings | N
     a, b = _vectors(real, s, extractor), _vectors(fake, s, extractor)
     if a.shape[1] != b.shape[1]:
         raise GenkitError(f"'{real}' and '{fake}' differ in size ({a.shape[1]} vs {b.shape[1]} pixels)")
-    device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(s.device)
     out = wasserstein1(a.to(device), b.to(device), critic)
     protocol = extractor.protocol_dict() if extractor is not None else {"features": PIXELS, "dim": a.shape[1]}
     return {"metric": "w1", **out, "value": out["w1"], "n_real": len(a), "n_fake": len(b),

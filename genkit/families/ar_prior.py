@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from genkit.config import FamilyConfig
 from genkit.errors import ConfigError, SamplerError
 from genkit.families.base import Autoregressive, Family, Stage, StepHandle, Tokenizer
+from genkit.families.unet_family import sample_labels
 from genkit.nn.gpt import GPT, GPTConfig
 
 
@@ -150,25 +151,24 @@ class ArPrior(Family, Autoregressive):
 
     def autoregressive(self, n: int, *, generator: torch.Generator | None = None, batch_size: int | None = None,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                       kv_cache: bool = True, label: int | None = None) -> tuple[Tensor, int]:
+                       kv_cache: bool = True, labels: Tensor | Sequence[int] | None = None) -> tuple[Tensor, int]:
         """n images: tokens drawn one by one (KV cache), decoded by the tokenizer; (images, forward passes per batch).
 
-        Conditional priors cycle through the classes (image i has class i mod C) unless `label` is given.
+        A conditional prior draws class `labels` (one for all or n: `genkit sample --class`), by default
+        the classes in turn (image i has class i mod C).
         """
         check_sampling(temperature, top_k, top_p, self.K)
-        if label is not None and not 0 <= label < max(self.num_classes, 1):
-            raise SamplerError(f"label: must be in [0, {self.num_classes}) for this prior, got {label}")
+        if labels is not None and not self.num_classes:
+            raise SamplerError("family 'ar_prior' is unconditional (model.conditional: false); it takes no class labels")
+        all_labels = sample_labels(n, labels, self.num_classes) if self.num_classes else None
         batch_size = batch_size or n
         tok, h_w = self._tokenizer(self.device), self.tokenizer.token_shape
         images = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             u = torch.rand(b, self.T, generator=generator)  # CPU draws: same tokens on any device
-            labels = None
-            if self.num_classes:
-                labels = (torch.arange(start, start + b) % self.num_classes if label is None
-                          else torch.full((b,), label))
-            s, _ = self.sample_tokens(labels, u, temperature=temperature, top_k=top_k, top_p=top_p,
+            batch_labels = None if all_labels is None else all_labels[start:start + b]
+            s, _ = self.sample_tokens(batch_labels, u, temperature=temperature, top_k=top_k, top_p=top_p,
                                       kv_cache=kv_cache)
             images.append(tok.decode(s.view(b, *h_w)).float())
         return torch.cat(images), self.T

@@ -7,8 +7,10 @@ reconstructs x from z ~ q. The loss (the paper's appendix G, without its adversa
 
 with a small kl_weight (1e-6 in the paper) so latents stay informative; the LDM rescales them to
 unit variance (`genkit.families.first_stage.latent_scale_factor`). The network is diffusers'
-`AutoencoderKL`. LPIPS (`perceptual: lpips`) needs torchvision's VGG16 weights in the torch hub
-cache (nothing is downloaded); the default `perceptual: none` needs nothing.
+`AutoencoderKL`. LPIPS (`perceptual: lpips`, `genkit.nn.perceptual.LPIPS`) needs torchvision's
+VGG16 weights `vgg16-397923af.pth` in $GENKIT_WEIGHTS_DIR, the torch hub cache or genkit's cache
+(nothing is downloaded; the file is hash-checked before it is loaded, weights only); the default
+`perceptual: none` needs nothing.
 
 As a family it samples by decoding prior draws z ~ N(0, I) (`direct`); its use is as a frozen
 first stage: `encode(x)` (the posterior mean) and `decode(z)`.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
@@ -27,10 +28,9 @@ from torch import Tensor, nn
 from genkit.config import FamilyConfig
 from genkit.errors import ConfigError
 from genkit.families.base import Autoencoder, Direct, Family, StepHandle
+from genkit.nn.perceptual import LPIPS, MIN_SIZE
 from genkit.nn.unet import check_resolution
 from genkit.rng import randn
-
-VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16, the LPIPS backbone
 
 
 @dataclass
@@ -44,6 +44,7 @@ class AutoencoderKLConfig(FamilyConfig):
     kl_weight: float = 1e-6
     perceptual: Literal["none", "lpips"] = "none"
     perceptual_weight: float = 1.0
+    perceptual_weights: str | None = None  # the VGG16 backbone file (else $GENKIT_WEIGHTS_DIR, the caches)
 
 
 def build_autoencoder(cfg: AutoencoderKLConfig, channels: int, image_size: int) -> nn.Module:
@@ -60,17 +61,6 @@ def build_autoencoder(cfg: AutoencoderKLConfig, channels: int, image_size: int) 
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         layers_per_block=cfg.layers_per_block, latent_channels=cfg.latent_channels,
         norm_num_groups=cfg.norm_groups, sample_size=image_size, mid_block_add_attention=cfg.mid_attention)
-
-
-def build_lpips() -> nn.Module:
-    """LPIPS(VGG) from local weights only: its linear heads ship with `lpips`, VGG16 from the hub cache."""
-    import lpips
-
-    vgg = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
-    if not vgg.is_file():
-        raise ConfigError(f"model.perceptual=lpips needs torchvision's VGG16 weights '{VGG16_FILE}' in "
-                          f"'{vgg.parent}' (offline: copy it there), or use model.perceptual=none")
-    return lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
 
 
 def _training_forward(vae: nn.Module, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,9 +93,10 @@ class AutoencoderKL(Family, Direct, Autoencoder):
         self.prior_shape = (cfg.latent_channels, shape[1] // factor, shape[2] // factor)  # (c, h, w) of z
         self.lpips = None
         if cfg.perceptual == "lpips":
-            if shape[1] < 16:
-                raise ConfigError(f"model.perceptual=lpips needs images of at least 16 px, got {shape[1]}")
-            self.lpips = build_lpips()
+            if shape[1] < MIN_SIZE["vgg"]:
+                raise ConfigError(f"model.perceptual=lpips needs images of at least {MIN_SIZE['vgg']} px, "
+                                  f"got {shape[1]}")
+            self.lpips = LPIPS("vgg", cfg.perceptual_weights, option="model.perceptual_weights=PATH")  # hash-checked
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward (train.gradient_checkpointing): less memory, more compute."""
@@ -120,10 +111,7 @@ class AutoencoderKL(Family, Direct, Autoencoder):
         total = rec + self.cfg.kl_weight * kl
         out = {"rec_l1": rec, "kl": kl}
         if self.lpips is not None:
-            self.lpips.to(x.device)
-            grey = x.shape[1] == 1  # LPIPS takes RGB
-            p = self.lpips(x_rec.expand(-1, 3, -1, -1) if grey else x_rec,
-                           x.expand(-1, 3, -1, -1) if grey else x).mean()
+            p = self.lpips.to(x.device)(x_rec, x).mean()  # grey images are repeated to RGB inside
             total = total + self.cfg.perceptual_weight * p
             out["lpips"] = p
         out["loss"] = total

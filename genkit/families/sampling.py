@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from torch import Tensor
 from genkit.config import SampleConfig
 from genkit.errors import SamplerError
 from genkit.families.base import Denoising, Family
+from genkit.progress import Progress
 from genkit.rng import randn
 from genkit.samplers import KARRAS_SIGMA_MAX, SAMPLERS, CountingDenoiser, SamplerSpec, autocast
 from genkit.samplers.compiled import compile_mode, compiled_nets
@@ -110,7 +111,7 @@ def sample(
     generator: torch.Generator | None = None, batch_size: int | None = None, schedule: str | None = None,
     noise: Tensor | None = None, labels: Tensor | Sequence[int] | None = None,
     prompts: Sequence[str] | None = None, guidance: float | None = None,
-    precision: str = "no", compile: bool | str = False, **options: Any,
+    precision: str = "no", compile: bool | str = False, progress: bool = False, **options: Any,
 ) -> SampleOutput:
     """Generate n images with a registered sampler, in batches, networks in eval mode.
 
@@ -126,6 +127,9 @@ def sample(
     `compile=True` (or a torch.compile mode, e.g. "max-autotune") runs the networks as
     `torch.compile`d copies with frozen weights (`genkit.samplers.compiled`): a one-off
     compile (tens of seconds), then faster steps.
+    `progress=True` reports the image batches done, images/s and the ETA (`genkit.progress`: a
+    bar on a terminal, plain lines elsewhere) when there is more than one batch of a shared
+    sampler; a family's own `direct`/`autoregressive` method batches inside itself, unreported.
     """
     if noise is not None and len(noise) != n:
         raise SamplerError(f"noise holds {len(noise)} states for n={n}")
@@ -135,8 +139,9 @@ def sample(
         raise SamplerError(f"steps must be >= 1, got {steps}")
     name, spec = resolve_sampler(family, sampler)
     _check_options(name, sampler_function(family, spec), options)
+    _check_grid_options(name, spec, steps, schedule)
     steps = None if spec.adaptive or spec.needs != "denoise" else steps or family.default_steps
-    batch_size = batch_size or n
+    batch_size = batch_size or min(n, DEFAULT_BATCH)
     if compile is not False and not family.compile_sampling:
         raise SamplerError(f"compile: family '{family.name}' samples through methods other than its networks' "
                            "forward, which torch.compile does not reach; sample without compile")
@@ -146,12 +151,12 @@ def sample(
     was_training = family.nets.training
     family.nets.eval()
     try:
-        with autocast(family.device, precision), nets:
+        with autocast(family.device, precision), nets, _out_of_memory_hint(batch_size):
             if spec.needs == "denoise":
                 sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
                 conds = family.conditions(n, labels=labels, prompts=prompts)
                 images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options, noise,
-                                                conds, guidance)
+                                                conds, guidance, progress and n > batch_size)
             else:
                 images, nfe = _sample_own(family, name, spec, n, generator, batch_size, options, noise,
                                           labels, prompts, guidance)
@@ -160,6 +165,34 @@ def sample(
     if images.is_cuda:
         torch.cuda.synchronize()
     return SampleOutput(images.clamp(-1, 1), nfe, name, steps, time.perf_counter() - t0)
+
+
+DEFAULT_BATCH = 256  # images per network batch when none is given: memory bounded for any n
+
+
+def _check_grid_options(name: str, spec: SamplerSpec, steps: int | None, schedule: str | None) -> None:
+    """Refuse a step count or sigma grid the sampler would ignore (rather than ignoring it silently)."""
+    if spec.needs != "denoise":
+        what = [w for w, v in (("steps", steps), ("schedule", schedule)) if v is not None]
+        if what:
+            raise SamplerError(f"sampler '{name}' takes no --{what[0]}: it is not a denoising sampler "
+                               "(one network pass per batch, or one per token)")
+    elif spec.adaptive and (steps is not None or schedule is not None):
+        raise SamplerError(f"sampler '{name}' chooses its own steps over the family's whole sigma range: drop "
+                           "--steps/--schedule and set its tolerances (--rtol, --atol)")
+
+
+@contextlib.contextmanager
+def _out_of_memory_hint(batch_size: int) -> Iterator[None]:
+    """Out of memory while sampling: a one-line error that says how many images a batch held."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise SamplerError(f"out of memory with {batch_size} images per batch: lower --batch-size") from e
+    except RuntimeError as e:  # CPU allocators raise RuntimeError("... can't allocate memory ...")
+        if "allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        raise SamplerError(f"out of memory with {batch_size} images per batch: lower --batch-size") from e
 
 
 def _sample_own(family: Family, name: str, spec: SamplerSpec, n: int, generator: torch.Generator | None,
@@ -177,21 +210,23 @@ def _sample_own(family: Family, name: str, spec: SamplerSpec, n: int, generator:
 
 def _sample_denoising(family: Family, n: int, fn: Callable[..., Tensor], sigmas: Tensor,
                       generator: torch.Generator | None, batch_size: int, options: dict[str, Any],
-                      noise: Tensor | None, conds: tuple[dict, dict | None], guidance: float | None
-                      ) -> tuple[Tensor, int]:
+                      noise: Tensor | None, conds: tuple[dict, dict | None], guidance: float | None,
+                      progress: bool = False) -> tuple[Tensor, int]:
     device = family.device
     cond, uncond = conds
     chunks, nfe = [], 0
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        if noise is None:
-            z = randn((b, *family.latent_shape), generator, device)
-        else:
-            z = noise[start:start + b].to(device)
-        D = CountingDenoiser(guided(family.denoise, slice_condition(cond, start, start + b),
-                                    None if uncond is None else slice_condition(uncond, start, start + b),
-                                    guidance))
-        x = fn(D, z, sigmas, generator=generator, **options)
-        chunks.append(family.decode_latents(x).float())
-        nfe = D.nfe
+    with Progress(n, "sample", "image", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            if noise is None:
+                z = randn((b, *family.latent_shape), generator, device)
+            else:
+                z = noise[start:start + b].to(device)
+            D = CountingDenoiser(guided(family.denoise, slice_condition(cond, start, start + b),
+                                        None if uncond is None else slice_condition(uncond, start, start + b),
+                                        guidance))
+            x = fn(D, z, sigmas, generator=generator, **options)
+            chunks.append(family.decode_latents(x).float())
+            nfe = D.nfe
+            bar.update(b)
     return torch.cat(chunks), nfe

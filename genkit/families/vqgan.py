@@ -205,4 +205,5 @@ def build_perceptual(cfg: VQGANConfig) -> nn.Module:
     random = cfg.perceptual == "lpips_random"
     if random:
         warnings.warn("model.perceptual=lpips_random: LPIPS with a RANDOMLY INITIALISED backbone", stacklevel=2)
-    return LPIPS(cfg.perceptual_net, cfg.perceptual_weights, random_backbone=random)
+    return LPIPS(cfg.perceptual_net, cfg.perceptual_weights, random_backbone=random,
+                 option="model.perceptual_weights=PATH")

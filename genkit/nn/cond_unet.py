@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from diffusers import UNet2DConditionModel
 
 from genkit.errors import ConfigError
-from genkit.nn.unet import check_resolution
+from genkit.nn.unet import check_levels, check_resolution
 
 
 @dataclass
@@ -29,6 +29,10 @@ class CondUNetConfig:
 def build_cond_unet(cfg: CondUNetConfig, channels: int, size: int, cross_dim: int,
                     num_class_embeds: int | None = None) -> UNet2DConditionModel:
     """A UNet2DConditionModel over (channels, size, size) inputs cross-attending to cross_dim tokens."""
+    check_levels(cfg.channels, cfg.norm_groups, cfg.layers_per_block)
+    if cfg.head_dim < 1 or cfg.transformer_layers < 1:
+        raise ConfigError(f"model.unet.head_dim and model.unet.transformer_layers must be >= 1, got "
+                          f"{cfg.head_dim}, {cfg.transformer_layers}")
     levels = len(cfg.channels)
     if len(cfg.cross_attention) != levels:
         raise ConfigError(f"model.unet.cross_attention has {len(cfg.cross_attention)} entries, "

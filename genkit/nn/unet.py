@@ -33,17 +33,27 @@ def check_resolution(image_size: int, levels: int, key: str = "model.unet.channe
                           f"it must be divisible by {factor}")
 
 
+def check_levels(channels: list[int], norm_groups: int, layers_per_block: int, key: str = "model.unet") -> None:
+    """One-line errors for what no type expresses: at least one level, positive widths, groups that divide them."""
+    if not channels:
+        raise ConfigError(f"{key}.channels: give at least one level's width, e.g. [32, 64], got []")
+    if min(channels) < 1 or norm_groups < 1 or layers_per_block < 1:
+        raise ConfigError(f"{key}: channels, norm_groups and layers_per_block must be >= 1, got {channels}, "
+                          f"{norm_groups}, {layers_per_block}")
+    bad = [c for c in channels if c % norm_groups]
+    if bad:
+        raise ConfigError(f"{key}.channels {bad} not divisible by {key}.norm_groups={norm_groups}")
+
+
 def build_unet(cfg: UNetConfig, channels: int, image_size: int, num_class_embeds: int | None = None) -> UNet2DModel:
     """A UNet2DModel with ResNet blocks per level and self-attention where `cfg.attention` says."""
     if cfg.diffusers is not None:
         return unet_from_config(cfg.diffusers, channels, image_size)
+    check_levels(cfg.channels, cfg.norm_groups, cfg.layers_per_block)
     levels = len(cfg.channels)
     if len(cfg.attention) != levels:
         raise ConfigError(f"model.unet.attention has {len(cfg.attention)} entries, "
                           f"model.unet.channels has {levels}: give one flag per level")
-    bad = [c for c in cfg.channels if c % cfg.norm_groups]
-    if bad:
-        raise ConfigError(f"model.unet.channels {bad} not divisible by model.unet.norm_groups={cfg.norm_groups}")
     check_resolution(image_size, levels)
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention))
@@ -69,4 +79,8 @@ def unet_from_config(config: dict[str, Any], channels: int, image_size: int) -> 
     if config.get("num_class_embeds") or config.get("class_embed_type"):
         raise ConfigError("model.unet.diffusers: class-conditional UNets (num_class_embeds / class_embed_type) "
                           "are not supported")
-    return UNet2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    try:
+        return UNet2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as e:
+        raise ConfigError(f"model.unet.diffusers: not a UNet2DModel config diffusers can build: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None

@@ -10,12 +10,15 @@ step-N/
   state.json            step, data position, EMA updates, world size, genkit version, and the
                         SHA-256 of every other file (checked at resume)
 The folder is assembled as .step-N.tmp and renamed, so "latest" is always a whole checkpoint.
-A checkpoint damaged later (truncated copy, bad disk) fails its checksums at resume, and the
-trainer falls back to the previous one with a warning.
+A checkpoint damaged later (truncated copy, bad disk) fails its checksums: at resume (the trainer
+falls back to the previous one with a warning) or when pruning. Either way it is moved aside as
+step-N.damaged (with the reason in DAMAGED.txt), never counted among the `keep_last` kept ones and
+never deleted: pruning removes only verified checkpoints beyond the newest `keep_last` verified.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -87,12 +90,39 @@ def save_checkpoint(root: Path, step: int, accelerator: Any, nets: torch.nn.Modu
     elif accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep_last, known_good=final)
     accelerator.wait_for_everyone()
     if failure is not None:
         raise failure
     return final
+
+
+def prune(root: Path, keep_last: int, known_good: Path | None = None) -> None:
+    """Keep the newest `keep_last` checkpoints that verify; quarantine damaged ones, delete older good ones."""
+    kept = 0
+    for path in reversed(list_checkpoints(root)):
+        if path != known_good:
+            try:
+                verify_checkpoint(path)
+            except RunError as error:
+                quarantine(path, str(error))
+                continue
+        kept += 1
+        if kept > keep_last:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def quarantine(path: Path, reason: str) -> Path:
+    """Move a damaged checkpoint aside as step-N.damaged (reason in DAMAGED.txt); never counted or pruned."""
+    target = path.with_name(f"{path.name}.damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    path.rename(target)
+    with contextlib.suppress(OSError):
+        (target / "DAMAGED.txt").write_text(reason + "\n")
+    return target
 
 
 def _attempt(write: Any) -> OSError | None:
@@ -128,7 +158,10 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         state = json.loads((path / CKPT_STATE).read_text())
     except (OSError, ValueError) as error:
         raise RunError(f"checkpoint '{path}': unreadable state.json ({error})") from error
-    for name, digest in state.get("files", {}).items():
+    missing = [key for key in ("step", "files", "world_size") if not isinstance(state, dict) or key not in state]
+    if missing or CKPT_NETS not in state["files"]:
+        raise RunError(f"checkpoint '{path}': state.json is incomplete (no {missing[0] if missing else CKPT_NETS})")
+    for name, digest in state["files"].items():
         file = path / name
         if not file.is_file():
             raise RunError(f"checkpoint '{path}': file '{name}' is missing")

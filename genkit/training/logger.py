@@ -1,7 +1,10 @@
-"""Training logs: metrics.jsonl, tensorboard (through Accelerate's tracker) and a progress bar.
+"""Training logs: metrics.jsonl, tensorboard (through Accelerate's trackers) and progress.
 
 Scalars are accumulated on the device and read back only every `log_every` steps, so the
-training loop has no host-device synchronisation per step.
+training loop has no host-device synchronisation per step. Progress is a bar on a terminal and
+one plain line per logging step elsewhere (`genkit.progress`); TQDM_DISABLE silences it.
+TensorBoard also gets sample grids (`image`) and the flattened recipe as hyperparameters
+(`hparams`).
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from genkit.errors import GenkitError
-from genkit.io import write_text
+from genkit.io import make_grid, write_text
+from genkit.progress import Progress
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -28,23 +32,39 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(f"{line}\n" for line in keep))
 
 
+def flatten_hparams(tree: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """A nested recipe dict as TensorBoard hyperparameters: dotted keys; lists, None and the rest as JSON text."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str)  # [8, 16], null, {}
+    return flat
+
+
 class TrainLogger:
     """Accumulates step scalars; every `every` steps reduces them across processes and writes.
 
     Non-finite values never enter the averages: they are counted per term, with the first
     step they appeared at, all on the device. With `stop_on_nan` a logging step (or `check`)
-    that finds any raises an error naming the term and the step.
+    that finds any raises an error naming the term and the step. `label` names the stage
+    (e.g. "first_stage", "ldm") on the bar and at the start of each plain progress line.
     """
 
     def __init__(self, accelerator: Any, run_dir: Path, every: int, total: int, start: int,
-                 images_per_step: int, stop_on_nan: bool = True):
-        self.acc, self.every, self.images_per_step = accelerator, every, images_per_step
-        self.stop_on_nan = stop_on_nan
+                 images_per_step: int, stop_on_nan: bool = True, label: str = "train",
+                 kept: Callable[[], str] = lambda: "the last good checkpoint is kept"):
+        self.acc, self.every, self.total, self.images_per_step = accelerator, every, total, images_per_step
+        self.stop_on_nan, self.kept = stop_on_nan, kept  # kept(): what a stop leaves to resume from
         self.path = run_dir / "metrics.jsonl"
         self._reset()
         self.t0, self.step0 = time.perf_counter(), start
-        self.bar = tqdm(total=total, initial=start, disable=not accelerator.is_main_process,
-                        dynamic_ncols=True, desc="train", unit="step")
+        self.progress = Progress(total, label, "step", initial=start, every=every,
+                                 disable=not accelerator.is_main_process)
 
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -74,20 +94,21 @@ class TrainLogger:
         for k, at in zip(names, bad.reshape(-1, len(names)).min(0).values.tolist()):
             if math.isfinite(at):
                 raise GenkitError(f"loss term '{k}' is not finite (nan/inf) at step {int(at) + 1}: training "
-                                  "stopped; the last good checkpoint is kept (lower the lr, enable "
-                                  "train.clip_grad, or set train.on_nan=skip)")
+                                  f"stopped; {self.kept()} (lower the lr, enable train.clip_grad, or set "
+                                  "train.on_nan=skip)")
 
     def step(self, step: int, lr: float, extra: dict[str, float] | None = None) -> None:
-        """Advance the bar; on logging steps reduce, check finiteness, and write."""
-        self.bar.update(1)
-        if step % self.every == 0 or step == self.bar.total:
-            self.flush(step, lr, extra)
+        """On logging steps reduce, check finiteness and write; advance the progress (with the record)."""
+        record = None
+        if step % self.every == 0 or step == self.total:
+            record = self.flush(step, lr, extra)
+        self.progress.update(1, **(record or {}))
 
-    def flush(self, step: int, lr: float, extra: dict[str, float] | None = None) -> None:
-        """Reduce what was accumulated since the last record, check it, write it."""
+    def flush(self, step: int, lr: float, extra: dict[str, float] | None = None) -> dict[str, float] | None:
+        """Reduce what was accumulated since the last record, check it, write it; returns the record."""
         names = sorted(self.sums)
         if not names:
-            return
+            return None
         self.check()
         stats = torch.stack([torch.stack([self.sums[k], self.counts[k]]) for k in names])  # (K, 2)
         stats = self.acc.reduce(stats, reduction="sum").tolist()
@@ -98,8 +119,8 @@ class TrainLogger:
         record["lr"] = lr
         record.update(extra or {})
         self.write(step, record)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "lr"}, refresh=False)
         self._reset()
+        return record
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and the trackers (main process only)."""
@@ -109,11 +130,28 @@ class TrainLogger:
             f.write(json.dumps({"step": step, **record}) + "\n")
         self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
+    def image(self, step: int, tag: str, images: Tensor) -> None:
+        """Log images in [-1, 1], (N, C, H, W), as one grid to TensorBoard (main process only)."""
+        if not self.acc.is_main_process:
+            return
+        grid = make_grid(images.detach().float())[None]  # (1, H', W', C) uint8
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({tag: grid}, step=step, dataformats="NHWC")
+
+    def hparams(self, recipe: dict[str, Any]) -> None:
+        """Log the recipe, flattened to dotted keys, as the run's hyperparameters (main process only, once)."""
+        if not self.acc.is_main_process:
+            return
+        flat = flatten_hparams(recipe)
+        for tracker in self.acc.trackers:
+            tracker.store_init_configuration(flat)
+
     def message(self, text: str) -> None:
         """Print a line on the main process (above the progress bar)."""
         if self.acc.is_main_process:
-            self.bar.write(text)
+            self.progress.write(text)
 
     def close(self) -> None:
-        """Close the progress bar."""
-        self.bar.close()
+        """Close the progress bar (off a terminal: print the last position if no line showed it)."""
+        self.progress.close()

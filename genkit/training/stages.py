@@ -18,7 +18,19 @@ from typing import Any
 from genkit.config import FamilyConfig, Recipe
 from genkit.errors import ConfigError
 from genkit.families.base import Stage
-from genkit.runs import INFO, LOCAL_DIR, MODEL, check_run_dir, family_class, load_recipe, load_stage, run_recipe
+from genkit.runs import (
+    INFO,
+    LOCAL_DIR,
+    MODEL,
+    absolute_links,
+    check_run_dir,
+    cleanup_failed_start,
+    family_class,
+    holds_run,
+    load_recipe,
+    load_stage,
+    run_recipe,
+)
 from genkit.training.trainer import Trainer
 
 
@@ -27,12 +39,24 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> Path:
-    """Train a recipe into `run_dir` (its missing stages first); returns the run folder."""
+def train(recipe: Recipe, run_dir: Path, resume: bool = False, changed: dict[str, list[Any]] | None = None,
+          label: str = "train") -> Path:
+    """Train a recipe (paths to other runs absolute) into `run_dir`, its missing stages first.
+
+    A new start that fails before its first checkpoint removes what it wrote (`cleanup_failed_start`),
+    so the same command can run again; a resume never removes anything.
+    """
+    run_dir = Path(run_dir)
+    created = not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir()))
     if is_main_process():
         check_run_dir(run_dir, resume)
-    recipe, stages = resolve_stages(recipe, run_dir)
-    return Trainer(recipe, run_dir, resume=resume, stages=stages).fit()
+    try:
+        recipe, stages = resolve_stages(recipe, run_dir)
+        return Trainer(recipe, run_dir, resume=resume, stages=stages, changed=changed, label=label).fit()
+    except BaseException:
+        if not resume and is_main_process():
+            cleanup_failed_start(run_dir, created)
+        raise
 
 
 def resolve_stages(recipe: Recipe, run_dir: Path) -> tuple[Recipe, dict[str, Any]]:
@@ -64,12 +88,21 @@ def _init_from_model(cfg: FamilyConfig) -> FamilyConfig:
 
 
 def train_stage(recipe: Recipe, stage: Stage, out: Path) -> Path:
-    """Train `model.<stage.train_recipe>` on this recipe's data into `out` (resumed if interrupted)."""
+    """Train `model.<stage.train_recipe>` on this recipe's data into `out` (resumed if interrupted).
+
+    The stage keeps its own recipe's batch size, steps and optimizer; `STAGE.key=value` overrides
+    (`first_stage.train.steps=100`, collected in `model.<stage.train_overrides>`) change them.
+    """
     if (out / MODEL / INFO).is_file():
         return out
     cfg = recipe.model
     overrides = getattr(cfg, stage.train_overrides) if stage.train_overrides else []
-    sub = load_recipe(getattr(cfg, stage.train_recipe), overrides)
+    sub = absolute_links(load_recipe(getattr(cfg, stage.train_recipe), overrides), Path.cwd())
     data = dataclasses.replace(recipe.data, batch_size=sub.data.batch_size, hflip=sub.data.hflip)
     sub = dataclasses.replace(sub, data=data, train=dataclasses.replace(sub.train, seed=recipe.train.seed))
-    return train(sub, out, resume=out.exists())
+    resume = holds_run(out)
+    if is_main_process():
+        print(f"{stage.key}: {'resuming' if resume else 'training'} {sub.name} ({sub.model.family}, "
+              f"{sub.train.steps} steps at batch {sub.data.batch_size}) into {out} first; change it with "
+              f"{stage.key}.KEY=VALUE, e.g. {stage.key}.train.steps={sub.train.steps}", flush=True)
+    return train(sub, out, resume=resume, label=stage.key)

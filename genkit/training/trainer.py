@@ -21,17 +21,27 @@ from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 from torch import nn
 from torch.utils.data import DataLoader
 
-from genkit.config import OptimConfig, Recipe, dump_recipe
+from genkit.config import OptimConfig, Recipe, dump_recipe, recipe_to_dict
 from genkit.data import build_dataset
 from genkit.errors import ConfigError, DataError, GenkitError, Interrupted, RunError
 from genkit.eval.in_training import TrainingEvaluator
 from genkit.families.base import Codec
 from genkit.families.sampling import sample, sampler_options
 from genkit.io import atomic_dir, save_grid, save_tensors, write_json, write_text
-from genkit.runs import build_family, family_class, init_from_run, list_checkpoints, load_stages
-from genkit.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from genkit.runs import (
+    CONFIG,
+    build_family,
+    family_class,
+    init_from_run,
+    list_checkpoints,
+    load_stages,
+    record_resume,
+    relative_links,
+)
+from genkit.training.checkpoint import load_checkpoint, quarantine, save_checkpoint, verify_checkpoint
 from genkit.training.ema import EMA
 from genkit.training.handle import OptimHandle, build_optimizer, check_groups, lr_lambda
+from genkit.training.launch import launch_warnings
 from genkit.training.logger import TrainLogger, truncate_metrics
 from genkit.training.signals import StopSignals
 from genkit.version import __version__
@@ -45,6 +55,8 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         warnings.warn("train.precision=fp16 without CUDA: Accelerate runs fp32 on CPU; use bf16 there",
                       stacklevel=2)
+    for warning in launch_warnings(cfg.precision):  # docs/accelerate.md: the recipe's precision wins
+        warnings.warn(warning, stacklevel=2)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.precision,
@@ -60,12 +72,16 @@ class Trainer:
     """Trains `recipe` into `run_dir`; `fit()` returns the run folder.
 
     `stages` are the family's loaded frozen stages (`genkit.training.stages` resolves and trains
-    them); None loads those the recipe names.
+    them); None loads those the recipe names. Paths to other runs in `recipe` are absolute; the
+    run folder's config.yaml stores them relative to it. `changed` ({key: [old, new]}) is what a
+    resume changed in the run's recipe, recorded in resumes.jsonl; `label` names the progress bar.
     """
 
     def __init__(self, recipe: Recipe, run_dir: str | Path, resume: bool = False,
-                 stages: dict[str, Any] | None = None):
+                 stages: dict[str, Any] | None = None, changed: dict[str, list[Any]] | None = None,
+                 label: str = "train"):
         self.recipe, self.run_dir, self.resume, self.stages = recipe, Path(run_dir), resume, stages
+        self.changed, self.label = changed or {}, label
         self.ckpt_root = self.run_dir / "checkpoints"
         self.evaluator: TrainingEvaluator | None = None
 
@@ -79,10 +95,15 @@ class Trainer:
         self._setup()
         start = self._restore() if self.resume else 0
         self._write_config()
+        if self.resume and self.acc.is_main_process:
+            record_resume(self.run_dir, start, self.changed)
         self.acc.init_trackers("tensorboard")
         log = TrainLogger(self.acc, self.run_dir, cfg.log_every, cfg.steps, start,
-                          self.dl.total_batch_size * cfg.grad_accum, stop_on_nan=cfg.on_nan == "stop")
+                          self.dl.total_batch_size * cfg.grad_accum, stop_on_nan=cfg.on_nan == "stop",
+                          label=self.label, kept=self.kept)
         self.log = log
+        if start == 0:
+            log.hparams(recipe_to_dict(relative_links(self.recipe, self.run_dir)))
         batches = self._batches(start * cfg.grad_accum)
         with StopSignals() as stop:
             for step in range(start, cfg.steps):
@@ -198,9 +219,17 @@ class Trainer:
         return next(iter(self.schedulers.values())).get_last_lr()[0]
 
     # -- run folder --------------------------------------------------------------------
+    def _stored_recipe(self) -> str:
+        """The recipe as the run folder stores it: YAML, paths to other runs relative to the folder."""
+        return dump_recipe(relative_links(self.recipe, self.run_dir))
+
     def _write_config(self) -> None:
         if self.acc.is_main_process:
-            write_text(self.run_dir / "config.yaml", dump_recipe(self.recipe))
+            write_text(self.run_dir / CONFIG, self._stored_recipe())
+
+    def _message(self, text: str) -> None:
+        if self.acc.is_main_process:
+            print(text, flush=True)
 
     def _state(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "num_classes": self.dataset.num_classes,
@@ -234,7 +263,7 @@ class Trainer:
         self._checkpoint(step)
         self.log.close()
         raise Interrupted(f"{signal_name} at step {step}: checkpoint '{self.ckpt_root / f'step-{step}'}' "
-                          f"written; continue with `genkit train ... --out {self.run_dir} --resume`")
+                          f"written; continue with `genkit train --resume {self.run_dir}`")
 
     def _check_finite(self, step: int) -> None:
         """Never checkpoint non-finite weights (a NaN between two logging steps): stop, keep the last good one."""
@@ -242,26 +271,50 @@ class Trainer:
         finite = torch.stack([torch.isfinite(p).all() for p in params.values()])
         if not bool(finite.all()):
             name = list(params)[int((~finite).nonzero()[0])]
-            raise GenkitError(f"parameter '{name}' is not finite at step {step}: training stopped; the last "
-                              f"good checkpoint is kept (lower the lr or enable train.clip_grad)")
+            raise GenkitError(f"parameter '{name}' is not finite at step {step}: training stopped; "
+                              f"{self.kept()} (lower the lr or enable train.clip_grad)")
+
+    def kept(self) -> str:
+        """What a stopped run leaves to resume from, for the message that stops it."""
+        latest = list_checkpoints(self.ckpt_root)
+        if latest:
+            return f"the last good checkpoint, {latest[-1].name}, is kept (`genkit train --resume {self.run_dir}`)"
+        return "no checkpoint was written, so nothing is kept: fix the cause and run the same command again"
 
     def _restore(self) -> int:
-        """Load the newest checkpoint that verifies; a damaged one is skipped with a warning."""
+        """Load the newest checkpoint that verifies; damaged newer ones are quarantined with a warning.
+
+        A run folder whose start never reached a checkpoint (killed outright) resumes from step 0.
+        """
         ckpts = list_checkpoints(self.ckpt_root)
         if not ckpts:
-            raise RunError(f"cannot resume: no checkpoint under '{self.ckpt_root}'")
+            self._message(f"no checkpoint under '{self.ckpt_root}' yet: training from step 0")
+            return 0
+        damaged: list[tuple[Path, RunError]] = []
         for path in reversed(ckpts):
             try:
                 verify_checkpoint(path)
                 break
             except RunError as error:
-                if path == ckpts[0]:
-                    raise RunError(f"cannot resume: every checkpoint is damaged; the oldest: {error}") from error
-                warnings.warn(f"{error}; resuming from the previous checkpoint instead", stacklevel=2)
+                damaged.append((path, error))
+                warnings.warn(f"{error}; moved aside as {path.name}.damaged, resuming from an earlier one",
+                              stacklevel=2)
+        else:
+            self._quarantine(damaged)
+            raise RunError(f"cannot resume: every checkpoint is damaged (moved aside as step-N.damaged); "
+                           f"the newest: {damaged[0][1]}; train into a new --out")
         state = load_checkpoint(path, self.acc, self.raw, self.ema, self.optimizers, self.schedulers)
+        self._quarantine(damaged)  # after every process has read the one it resumes from
         if self.acc.is_main_process:
             truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
         return state["step"]
+
+    def _quarantine(self, damaged: list[tuple[Path, RunError]]) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            for path, error in damaged:
+                quarantine(path, str(error))
+        self.acc.wait_for_everyone()
 
     @contextlib.contextmanager
     def _eval_weights(self):
@@ -289,6 +342,7 @@ class Trainer:
                     images = sample(self.family, s.n, generator=generator, sampler=s.sampler, steps=s.steps,
                                     **sampler_options(self.family, s)).images
             path = save_grid(images, self.run_dir / "samples" / f"step-{step}.png")
+            self.log.image(step, "samples", images)
         self.acc.wait_for_everyone()
         return path
 
@@ -304,7 +358,7 @@ class Trainer:
             weights.update(self.ema.state_dict())
         with atomic_dir(folder) as tmp:
             save_tensors(tmp / "weights.safetensors", weights,
-                         metadata={"genkit_config": dump_recipe(self.recipe), "genkit_version": __version__})
+                         metadata={"genkit_config": self._stored_recipe(), "genkit_version": __version__})
             write_json(tmp / "genkit.json", dict(self._state(), genkit_version=__version__,
                                                  ema=self.ema is not None, **info))
 

@@ -41,7 +41,8 @@ def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(tmp_p
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         genkit.train(recipe(6), out=run, resume=True)
-    assert any("step-4" in str(w.message) and "previous checkpoint" in str(w.message) for w in caught)
+    assert any("step-4" in str(w.message) and "moved aside" in str(w.message) for w in caught)
+    assert (run / "checkpoints" / "step-4.damaged").is_dir()  # quarantined, never counted or resumed from
     assert_same_model(run, genkit.train(recipe(6), out=tmp_path / "straight"))
 
 

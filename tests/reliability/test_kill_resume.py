@@ -52,7 +52,7 @@ def test_every_family_has_a_reliability_run():
     assert sorted(FAMILY_RUNS) == sorted(FAMILIES), "add a tiny run for each family to tiny_runs.FAMILY_RUNS"
 
 
-# every family in the slow step of .ci/run; the default suite kills a run with SIGTERM below
+# every family, and the SIGTERM stop below, run in the slow step of .ci/run
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_RUNS))
 def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(family, tmp_path, stages):
@@ -71,6 +71,7 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(family, tmp
     assert_same_model(run, uninterrupted(family, tmp_path / "straight", tok))
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_at_the_current_step_and_exits_130(tmp_path):
     run = tmp_path / "term"
     proc = start(train_command("ddpm", run, 100, "train.checkpoint_every=1000"))

@@ -205,3 +205,26 @@ def test_genkit_sample_cli_decodes_through_the_tokenizer_run(runs, tmp_path, cap
     images = np.load(tmp_path / "s.npz")["images"]
     assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8
     assert main(["sample", str(prior_run), "--n", "1", "--top-p", "1.5", "--out", str(out)]) == 2
+
+
+def test_class_labels_reach_a_conditional_prior_through_sample(monkeypatch):
+    """`sample(prior, n, labels=...)` (the CLI's --class) sets each image's class prefix, batch by batch;
+    without labels the classes come in turn; an unconditional prior refuses them."""
+    prior = tiny_prior(conditional=True)
+    seen = []
+    draw = prior.sample_tokens
+    def recorded(labels, u, **kw):
+        seen.append(labels.tolist())
+        return draw(labels, u, **kw)
+
+    monkeypatch.setattr(prior, "sample_tokens", recorded)
+    sample(prior, 5, generator=torch.Generator().manual_seed(0), batch_size=2, labels=[3])
+    assert seen == [[3, 3], [3, 3], [3]]
+    seen.clear()
+    sample(prior, 3, generator=torch.Generator().manual_seed(0), labels=[7, 1, 2])
+    assert seen == [[7, 1, 2]]
+    seen.clear()
+    sample(prior, 3, generator=torch.Generator().manual_seed(0))
+    assert seen == [[0, 1, 2]]
+    with pytest.raises(SamplerError, match="is unconditional"):
+        sample(tiny_prior(), 2, labels=[3])

@@ -329,3 +329,29 @@ def test_counting_denoiser_counts_calls():
     D = CountingDenoiser(lambda z, sigma: torch.zeros_like(z))
     sample_ddim(D, torch.zeros(2, 3), torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=torch.float64))
     assert D.nfe == 3
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ...")])
+def test_running_out_of_memory_is_one_line_naming_the_batch_size(error):
+    """The default batch is bounded (256), and running out of memory anyway says how many images a batch held."""
+    from genkit.families import sampling
+
+    class Hungry(Family, Direct):
+        name, default_sampler = "hungry", "direct"
+        nets = torch.nn.ModuleDict({"x": torch.nn.Linear(1, 1)})
+
+        def train_step(self, batch, step, opt):
+            return {}
+
+        def direct(self, n, *, generator=None, batch_size=None):
+            self.batch = batch_size
+            raise error
+
+    family = Hungry()
+    with pytest.raises(SamplerError, match="out of memory with 256 images per batch: lower --batch-size"):
+        sample(family, 5000)
+    assert family.batch == sampling.DEFAULT_BATCH == 256
+    family.direct = lambda n, **kw: (_ for _ in ()).throw(RuntimeError("unrelated"))
+    with pytest.raises(RuntimeError, match="unrelated"):  # other errors pass through untouched
+        sample(family, 3)

@@ -197,20 +197,30 @@ def resume_recipe(run_dir: Path, recipe: Recipe | None) -> tuple[Recipe, dict[st
     """The recipe a resume of `run_dir` trains: its config.yaml with the safe changes of `recipe` (a recipe
     given on the command line, links already absolute), and those changes as {key: [old, new]}.
 
-    Any other difference is refused, listing every differing key with its old and new value.
+    A key the given recipe leaves null keeps the run's value: null asks genkit to decide, and the run
+    decided (an LDM's first stage and scale factor). Any other difference outside RESUME_SAFE is refused,
+    listing every differing key with its old and new value.
     """
     saved = run_recipe(run_dir)
     if recipe is None:
         return saved, {}
     old, new = flat(saved), flat(recipe)
-    changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k) and new.get(k) is not None}
     refused = {k: v for k, v in changed.items() if not resume_safe(k)}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         safe = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_SAFE)
         raise RunError(f"cannot resume '{run_dir}' with a different recipe: {listed} (a resume may change only "
                        f"{safe}; train into a new --out to change the rest)")
-    return recipe, changed
+    merged = recipe_to_dict(saved)
+    for key, (_, value) in changed.items():
+        *sections, leaf = key.split(".")
+        node = merged
+        for part in sections:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return recipe_from_dict(merged, str(run_dir / CONFIG)), changed
 
 
 def run_start(recipe: str | Path | Recipe | None, overrides: Sequence[str], run_dir: Path | None,

@@ -158,3 +158,18 @@ def test_ldm_first_stage_takes_its_own_overrides_and_says_what_it_trains(tmp_pat
     assert not (tmp_path / "run2").exists()
     family = genkit.load(tmp_path / "run")
     assert torch.isfinite(family.decode_latents(torch.zeros(1, *family.latent_shape))).all()
+
+
+def test_resuming_with_the_recipe_keeps_what_the_run_decided(tmp_path):
+    """An LDM recipe leaves model.first_stage and model.scale_factor null; the run decided them, and a resume
+    with that same recipe keeps them rather than calling the difference a change."""
+    recipe, args = overrides("ldm", 2, 2, stage=Path("unused"))
+    args = [a for a in args if not a.startswith("model.first_stage=")]
+    stage = ["first_stage.train.steps=2", "first_stage.model.channels=[8,16]", "first_stage.model.latent_channels=2"]
+    assert run_cli("train", recipe, *args, *stage, "--out", "run", cwd=tmp_path).returncode == 0
+    before = config(tmp_path / "run")["model"]
+    r = run_cli("train", recipe, *args, *stage, "train.steps=3", "--out", "run", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    after = config(tmp_path / "run")["model"]
+    assert after["scale_factor"] == before["scale_factor"] is not None and after["first_stage"] == "first_stage"
+    assert resumes(tmp_path / "run")[0]["changed"] == {"train.steps": [2, 3]}

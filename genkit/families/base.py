@@ -26,7 +26,8 @@ Optional hooks, each with its default here:
 
 What a family can do is declared by the capability classes it derives from, each with its own
 abstract methods (so a family that declares one and lacks a method fails at construction):
-    Denoising       denoise(z, sigma, **cond), sigmas(steps), sigma_range()   `ddim`, `euler`, ...
+    Denoising       denoise(z, sigma, **cond), sigmas(steps), sigma_range(),  `ddim`, `euler`, ...
+                    clip_x0 (None)
     Direct          direct(n, *, generator, batch_size, **options)            `direct`
     Autoregressive  autoregressive(n, *, generator, batch_size, ...)          `autoregressive`
     Likelihood      log_prob(x), n_bits                                       exact bits/dim
@@ -199,6 +200,14 @@ class Denoising(ABC):
     @abstractmethod
     def sigma_range(self) -> tuple[float, float]:
         """(sigma_min > 0, sigma_max): the span of named grids and of adaptive solvers."""
+
+    @property
+    def clip_x0(self) -> float | None:
+        """The bound that `ddim` and `ancestral` clamp x0_hat to (diffusers' clip_sample); None: no clamping.
+
+        `denoise` itself never clamps: the ODE solvers and the likelihood follow the model's own field.
+        """
+        return None
 
 
 class Direct(ABC):

@@ -38,7 +38,7 @@ class DDPMConfig(FamilyConfig):
     beta_start: float = 1e-4                     # linear / scaled_linear schedule: beta_0
     beta_end: float = 0.02                       # linear / scaled_linear schedule: beta_{T-1}
     prediction: Literal["epsilon", "x0", "v"] = "epsilon"
-    clip_sample: bool = True                     # clamp x0_hat to [-1, 1] while sampling
+    clip_sample: bool = True                     # ddim/ancestral clamp x0_hat to [-1, 1] (not the ODE solvers)
     spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timesteps of a short grid
     class_cond: bool = False                     # condition on data labels (classifier-free guidance)
     cond_dropout: float = 0.1                    # P(label -> null label) in training (Ho & Salimans: 0.1-0.2)
@@ -151,8 +151,12 @@ class DDPM(UNetFamily):
     def denoise(self, z: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:
         """D(z; sigma[, y]) -> x0_hat through the UNet at the timestep of sigma."""
         out = self.unet(z, self.schedule.sigma_to_t(sigma), label).to(z.dtype)
-        x0 = output_to_x0(self.cfg.prediction, z, sigma, out)
-        return x0.clamp(-1, 1) if self.cfg.clip_sample else x0
+        return output_to_x0(self.cfg.prediction, z, sigma, out)
+
+    @property
+    def clip_x0(self) -> float | None:
+        """1 with `model.clip_sample`: ddim and ancestral clamp x0_hat to [-1, 1]; the ODE solvers do not."""
+        return 1.0 if self.cfg.clip_sample else None
 
     def sigmas(self, steps: int) -> Tensor:
         """The sigmas of `steps` timesteps spaced as `model.spacing`, decreasing, with a final 0."""

@@ -56,7 +56,7 @@ class RectifiedFlowConfig(FamilyConfig):
     logit_mean: float = 0.0                      # m of the logit-normal
     logit_std: float = 1.0                       # s of the logit-normal
     shift: float = 1.0                           # SD3 timestep shift of the sampling grid: sigma -> shift sigma
-    clip_sample: bool = False                    # clamp x0_hat to [-1, 1] while sampling
+    clip_sample: bool = False                    # ddim/ancestral clamp x0_hat to [-1, 1] (not the ODE solvers)
     class_cond: bool = False                     # condition on data labels (classifier-free guidance)
     cond_dropout: float = 0.1                    # P(label -> null label) in training
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -130,8 +130,12 @@ class RectifiedFlow(UNetFamily):
         t = s / (alpha + s)                              # (B,), 1 at sigma = inf
         x_t = z / _bcast(alpha + s, z)
         v = self.unet(x_t, 1000 * t, label).to(z.dtype)
-        x0 = x_t - _bcast(t, z) * v
-        return x0.clamp(-1, 1) if self.cfg.clip_sample else x0
+        return x_t - _bcast(t, z) * v
+
+    @property
+    def clip_x0(self) -> float | None:
+        """1 with `model.clip_sample`: ddim and ancestral clamp x0_hat to [-1, 1]; the ODE solvers do not."""
+        return 1.0 if self.cfg.clip_sample else None
 
     def sigmas(self, steps: int) -> Tensor:
         """Uniform in t from 1 to 0: sigma_i = shift (steps - i) / i, i = 0..steps (inf first, 0 last)."""

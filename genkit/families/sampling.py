@@ -24,6 +24,7 @@ from genkit.progress import Progress
 from genkit.rng import randn
 from genkit.samplers import KARRAS_SIGMA_MAX, SAMPLERS, CountingDenoiser, SamplerSpec, autocast
 from genkit.samplers.compiled import compile_mode, compiled_nets
+from genkit.samplers.adapters import clipped
 from genkit.samplers.guidance import guided, slice_condition
 from genkit.samplers.schedules import grid
 
@@ -155,7 +156,7 @@ def sample(
             if spec.needs == "denoise":
                 sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
                 conds = family.conditions(n, labels=labels, prompts=prompts)
-                images, nfe = _sample_denoising(family, n, spec.fn, sigmas, generator, batch_size, options, noise,
+                images, nfe = _sample_denoising(family, n, spec, sigmas, generator, batch_size, options, noise,
                                                 conds, guidance, progress and n > batch_size)
             else:
                 images, nfe = _sample_own(family, name, spec, n, generator, batch_size, options, noise,
@@ -208,10 +209,21 @@ def _sample_own(family: Family, name: str, spec: SamplerSpec, n: int, generator:
     return out if spec.needs == "autoregressive" else (out, 1)  # (images, forward passes); direct: one pass
 
 
-def _sample_denoising(family: Family, n: int, fn: Callable[..., Tensor], sigmas: Tensor,
+def sampler_denoiser(family: Family, spec: SamplerSpec, cond: dict[str, Any], uncond: dict[str, Any] | None,
+                     guidance: float | None) -> Callable[[Tensor, Tensor], Tensor]:
+    """The denoiser a shared sampler runs: the family's raw x0_hat, combined by classifier-free guidance,
+    then clamped to the family's `clip_x0` by the samplers that clip (ddim, ancestral), as GLIDE and
+    diffusers do. The ODE solvers get the unclipped field."""
+    D = guided(family.denoise, cond, uncond, guidance)
+    bound = family.clip_x0 if spec.clips else None
+    return D if bound is None else clipped(D, bound)
+
+
+def _sample_denoising(family: Family, n: int, spec: SamplerSpec, sigmas: Tensor,
                       generator: torch.Generator | None, batch_size: int, options: dict[str, Any],
                       noise: Tensor | None, conds: tuple[dict, dict | None], guidance: float | None,
                       progress: bool = False) -> tuple[Tensor, int]:
+    """The images of a shared sampler, batch by batch, through `sampler_denoiser`."""
     device = family.device
     cond, uncond = conds
     chunks, nfe = [], 0
@@ -222,10 +234,10 @@ def _sample_denoising(family: Family, n: int, fn: Callable[..., Tensor], sigmas:
                 z = randn((b, *family.latent_shape), generator, device)
             else:
                 z = noise[start:start + b].to(device)
-            D = CountingDenoiser(guided(family.denoise, slice_condition(cond, start, start + b),
-                                        None if uncond is None else slice_condition(uncond, start, start + b),
-                                        guidance))
-            x = fn(D, z, sigmas, generator=generator, **options)
+            D = CountingDenoiser(sampler_denoiser(family, spec, slice_condition(cond, start, start + b),
+                                                  None if uncond is None else slice_condition(uncond, start, start + b),
+                                                  guidance))
+            x = spec.fn(D, z, sigmas, generator=generator, **options)
             chunks.append(family.decode_latents(x).float())
             nfe = D.nfe
             bar.update(b)

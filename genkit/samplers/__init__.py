@@ -45,11 +45,15 @@ class SamplerSpec(NamedTuple):
     fn: Callable[..., Tensor] | None  # None: the family's own method of that capability (direct, autoregressive)
     needs: str              # the family capability it needs: a `capability` of genkit.families.base
     adaptive: bool = False  # chooses its own steps: integrates over the family's whole sigma range
+    clips: bool = False     # clamps x0_hat to the family's `clip_x0` (diffusers' clip_sample); ODE solvers do not
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "ancestral": SamplerSpec(sample_ancestral, "denoise"),
-    "ddim": SamplerSpec(sample_ddim, "denoise"),
+    # DDIM and ancestral clamp x0_hat when the family asks (`clip_x0`), as diffusers' DDIM/DDPM schedulers'
+    # clip_sample does; the ODE solvers below integrate the unclipped probability-flow field (clamping
+    # inside it would be another ODE than the model's, and its likelihood another number)
+    "ancestral": SamplerSpec(sample_ancestral, "denoise", clips=True),
+    "ddim": SamplerSpec(sample_ddim, "denoise", clips=True),
     "euler": SamplerSpec(sample_euler, "denoise"),
     "heun": SamplerSpec(sample_heun, "denoise"),
     "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "denoise"),

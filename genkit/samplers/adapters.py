@@ -47,6 +47,11 @@ def from_v(z: Tensor, v: Tensor, alpha: Tensor, s: Tensor) -> Tensor:
     return alpha * z - s * v
 
 
+def clipped(D: Denoiser, bound: float) -> Denoiser:
+    """D with x0_hat clamped to [-bound, bound] (diffusers' clip_sample), applied after any guidance."""
+    return lambda z, sigma, **cond: D(z, sigma, **cond).clamp(-bound, bound)
+
+
 def eps_from_x0(z: Tensor, x0: Tensor, alpha: float, s: float) -> Tensor:
     """The noise implied by x0_hat: (z - alpha x0) / s."""
     return (z - alpha * x0) / s

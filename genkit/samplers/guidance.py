@@ -6,6 +6,10 @@ w = 1 is the conditional prediction, w = 0 the unconditional one, w > 1 guides. 
 usual eps_u + w (eps_c - eps_u) written so that w = 1 is exact: x0, eps and v predictions are
 affine in each other at fixed (z, sigma), so guiding x0_hat equals guiding any of them. Both
 predictions come from one network call on the doubled batch.
+
+It combines the *raw* predictions: a family's clipping (`clip_x0`, applied by ddim and ancestral
+through `genkit.samplers.adapters.clipped`) clamps the guided x0_hat afterwards, as GLIDE and
+diffusers do. Clamping each branch first would let x_c + (w - 1)(x_c - x_u) leave [-1, 1].
 """
 
 from __future__ import annotations

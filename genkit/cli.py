@@ -165,9 +165,10 @@ def _eval_parser(sub: Any) -> None:
         elif name == "bpd":
             m.add_argument("run", type=Path, help="run folder")
             m.add_argument("--data", metavar="SPEC", help="images (default: the run recipe's held-out split)")
-            m.add_argument("--divergence", choices=["auto", "exact", "hutchinson"], default="auto",
-                           help="exact trace (auto: up to 256 dims) or Hutchinson's estimator")
-            m.add_argument("--probes", type=_positive, default=1, help="Hutchinson probes per image (default 1)")
+            m.add_argument("--divergence", choices=["hutchinson", "exact"], default="hutchinson",
+                           help="ODE divergence: Hutchinson's estimator (default; its noise is in bits_per_dim_se) "
+                                "or the exact trace (one vector-Jacobian product per dimension: slow)")
+            m.add_argument("--probes", type=_positive, default=4, help="Hutchinson probes per image (default 4)")
             m.add_argument("--rtol", type=_finite, default=1e-5, help="ODE solver relative tolerance")
             m.add_argument("--atol", type=_finite, default=1e-5, help="ODE solver absolute tolerance")
             m.add_argument("--json", action="store_true", help="print only the JSON result")
@@ -200,17 +201,26 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--out", type=Path, help="also write the JSON result to this file")
         if name == "w1":
             _w1_arguments(m)
+        if name == "kid":
+            m.add_argument("--kid-subset-size", type=_positive, metavar="M",
+                           help="images per subset (default 1000; n // 2 for sets of n <= 1000, so that subsets "
+                                "differ; at most the smaller set, as torch-fidelity)")
+            m.add_argument("--kid-subsets", type=_positive, default=100, metavar="K", help="subsets (default 100)")
+        else:
+            m.set_defaults(kid_subset_size=None, kid_subsets=100)
         if name not in ("bpd", "straightness"):
-            m.add_argument("--features", default=None if name in ("recon", "curve") else "inception",
+            m.add_argument("--features", default=None if name in ("recon", "curve", "fid") else "inception",
                            help="feature extractor: inception (default; recon, curve: digits for runs trained on "
-                                "the digits), clip, "
+                                "the digits; fid of two statistics files: theirs), clip, "
                                 "dinov2, digits" + (", or pixels (flattened images in [-1, 1])" if name == "w1" else ""))
             m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
             m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
         else:
             m.set_defaults(features="", protocol=None, weights=None)
-        m.add_argument("--n", type=_positive, help="images per side (default: all; required for run "
-                                                    "folders; straightness: paths, default 256)")
+        m.add_argument("--n", type=_positive, help="images per side (default: all; fewer than a folder, .npz or "
+                                                    "dataset holds: a random subset drawn with --seed; run folders: "
+                                                    "the number generated, required; straightness: paths, "
+                                                    "default 256)")
         if name != "straightness":
             m.add_argument("--batch-size", type=_positive, help="images per batch (default 100; bpd 16)")
         if name not in ("curve", "bpd", "straightness", "recon"):
@@ -221,7 +231,8 @@ def _eval_parser(sub: Any) -> None:
         else:  # every metric's namespace has the same keys: `_eval` reads them without probing
             m.set_defaults(sampler=None, compile=False, compile_mode=None, **({} if name == "straightness" else
                                                                                 {"steps": None}))
-        m.add_argument("--seed", type=int, default=0, help="seed for generation and KID subsets (default 0)")
+        m.add_argument("--seed", type=int, default=0,
+                       help="seed for generation, the --n subset of a folder, IS splits and KID subsets (default 0)")
         m.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
 
 
@@ -244,6 +255,9 @@ def _w1_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--critic-hidden", type=_positive, default=256, help="critic MLP width (default 256)")
     m.add_argument("--critic-lr", type=_finite, default=1e-4, help="Adam learning rate, betas (0, 0.9) (default 1e-4)")
     m.add_argument("--gp-weight", type=_finite, default=10.0, help="gradient penalty lambda (default 10)")
+    m.add_argument("--holdout", type=_finite, default=0.5,
+                   help="fraction of each set held out: the critic is fitted on the rest and W1 estimated on these "
+                        "(default 0.5)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -327,6 +341,7 @@ def _eval(args: argparse.Namespace) -> None:
     s = engine.EvalSettings(features=args.features, protocol=args.protocol, weights=args.weights,
                             n=args.n, batch_size=args.batch_size or (16 if args.metric == "bpd" else 100),
                             device=args.device, seed=args.seed, progress=True,
+                            kid_subset_size=args.kid_subset_size, kid_subsets=args.kid_subsets,
                             sample=SampleSettings(sampler=args.sampler, steps=args.steps,
                                                   options={"compile": mode} if (mode := _compile(args))
                                                   else None))
@@ -358,10 +373,13 @@ def _eval(args: argparse.Namespace) -> None:
     print("  ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     if args.metric == "recon" and result["lpips"] is None:
         print(f"lpips skipped: {result['lpips_skipped']}")
+    if result.get("subset"):
+        print(f"subset (--n of the images, --seed): {json.dumps(result['subset'])}")
     if "protocol" in result:
         print(f"protocol: {json.dumps(result['protocol'])}")
     elif "divergence" in result:
-        print(f"divergence: {result['divergence']} ({result['probes']} probes), data: {result['data']}")
+        print(f"{result['field']}, divergence: {result['divergence']} ({result['probes']} probes), "
+              f"data: {result['data']}")
     else:
         print(f"method: {result['method']}, data: {result['data']}")
 
@@ -370,7 +388,7 @@ def _w1(args: argparse.Namespace, s: Any) -> dict[str, Any]:
     from genkit.eval.w1 import CriticSettings, compute_w1
 
     critic = CriticSettings(steps=args.critic_steps, batch_size=args.critic_batch, hidden=args.critic_hidden,
-                            lr=args.critic_lr, gp_weight=args.gp_weight, seed=args.seed)
+                            lr=args.critic_lr, gp_weight=args.gp_weight, holdout=args.holdout, seed=args.seed)
     return compute_w1(args.real, args.fake, s, critic)
 
 

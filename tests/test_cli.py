@@ -123,12 +123,13 @@ def test_eval_curve_and_bpd_of_a_run(ddpm_run, tmp_path):
     assert rows[0] == "sampler,steps,schedule,nfe,fd,seconds" and len(rows) == 5
     assert [row.split(",")[3] for row in rows[1:]] == ["2", "3", "2", "3"]  # NFE
     assert Image.open(tmp_path / "curve" / "curve.png").size[0] > 100
-    r = run_cli("eval", "bpd", str(ddpm_run), "--n", "2", "--divergence", "hutchinson", "--rtol", "1e-2",
-                "--atol", "1e-2", "--json", cwd=tmp_path)
+    r = run_cli("eval", "bpd", str(ddpm_run), "--n", "2", "--rtol", "1e-2", "--atol", "1e-2", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["divergence"] == "hutchinson" and out["n"] == 2 and 0 < out["bits_per_dim"] < 20
-    assert out["data"].endswith(":test")
+    out = json.loads(r.stdout)  # the default: Hutchinson with 4 probes, with the standard error it brings
+    assert (out["divergence"], out["probes"], out["n"]) == ("hutchinson", 4, 2)
+    assert out["field"] == "unclipped probability-flow ODE" and out["bits_per_dim_se"] > 0
+    assert 0 < out["bits_per_dim"] < 40  # 12 training steps, unclipped: ~23 bits/dim
+    assert out["data"].endswith(":test") and out["subset"] == {"data": {"n": 2, "of": 297, "seed": 0}}
 
 
 def test_sample_precision_bf16_is_close_to_fp32(ddpm_run, tmp_path):
@@ -143,3 +144,41 @@ def test_sample_precision_bf16_is_close_to_fp32(ddpm_run, tmp_path):
     assert 0 < diff.mean() < 2.0  # bf16 changes some pixels by a few of 255 levels, on average < 2
     bad = run_cli("sample", str(ddpm_run), "--precision", "int8", cwd=tmp_path)
     assert bad.returncode == 2 and "invalid choice: 'int8'" in bad.stderr
+
+
+def test_eval_fid_of_two_statistics_files_needs_no_weights(tmp_path, monkeypatch):
+    """The protocol comes from the files: no extractor is built, so nothing is looked up offline."""
+    from genkit.eval.stats import RefStats, save_stats
+
+    for var, folder in (("GENKIT_WEIGHTS_DIR", "w"), ("TORCH_HOME", "t"), ("XDG_CACHE_HOME", "c"),
+                        ("HF_HOME", "h")):
+        (tmp_path / folder).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / folder))
+    protocol = {"features": "inception", "protocol": "tf", "dim": 4, "weights_sha256": "6726825d" + "0" * 56,
+                "resize": "bilinear (TF1-compatible, torch-fidelity) to 299x299"}
+    save_stats(tmp_path / "a.npz", RefStats(np.zeros(4), np.eye(4), 10, protocol))
+    save_stats(tmp_path / "b.npz", RefStats(np.ones(4), np.eye(4), 12, protocol))
+    r = run_cli("eval", "fid", "--real", "a.npz", "--fake", "b.npz", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["fid"] == 4.0 and out["protocol"] == protocol and (out["n_real"], out["n_fake"]) == (10, 12)
+    save_stats(tmp_path / "c.npz", RefStats(np.ones(4), np.eye(4), 12, {**protocol, "protocol": "pytorch-fid"}))
+    r = run_cli("eval", "fid", "--real", "a.npz", "--fake", "c.npz", cwd=tmp_path)
+    assert r.returncode == 2 and "different protocols: protocol 'tf' vs 'pytorch-fid'" in r.stderr
+    r = run_cli("eval", "fid", "--real", "a.npz", "--fake", "b.npz", "--features", "digits", cwd=tmp_path)
+    assert r.returncode == 2 and "features 'inception' vs 'digits'" in r.stderr  # an extractor named: checked
+
+
+def test_eval_kid_subset_options(tmp_path):
+    args = ["eval", "kid", "--real", "recipe:ddpm_digits:test", "--fake", "recipe:ddpm_digits", "--n", "200",
+            "--features", "digits", "--kid-subsets", "10"]
+    r = run_cli(*args, "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["kid_subset_size"], out["kid_subsets"]) == (100, 10) and out["kid_std"] > 0
+    assert out["subset"] == {"real": {"n": 200, "of": 297, "seed": 0}, "fake": {"n": 200, "of": 1500, "seed": 0}}
+    r = run_cli(*args, "--kid-subset-size", "150", "--json", cwd=tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["kid_subset_size"] == 150, r.stderr
+    r = run_cli(*args, "--kid-subset-size", "201", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--kid-subset-size 201 is larger than the sets (n_real=200, n_fake=200)" in r.stderr

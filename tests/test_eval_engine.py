@@ -150,11 +150,11 @@ def test_kid_prdc_and_is_plumbing(tmp_path, pixels):
     real, fake = random_images(40, 0), random_images(30, 1)
     path, other = write_npz(tmp_path / "r.npz", real), write_npz(tmp_path / "f.npz", fake)
     s = engine.EvalSettings(seed=4, batch_size=9)
-    want = kid(pixels(torch.from_numpy(real)), pixels(torch.from_numpy(fake)),
-               generator=torch.Generator().manual_seed(4))
+    want = kid(pixels(torch.from_numpy(real)), pixels(torch.from_numpy(fake)), seed=4)
     got = engine.compute_metric("kid", path, other, s)
     assert (got["kid"], got["kid_std"]) == pytest.approx(want, rel=1e-9)
     assert got["n_real"] == 40 and got["n_fake"] == 30
+    assert got["kid_subset_size"] == 15 and got["kid_subsets"] == 100  # n // 2 of the smaller set
     out = engine.compute_metric("prdc", path, path, s)
     assert out["precision"] == out["recall"] == out["coverage"] == 1.0
     with pytest.raises(GenkitError, match="no classifier head"):
@@ -193,3 +193,85 @@ def test_eval_result_json_is_complete(tmp_path, pixels):
     json.dumps(out)
     assert {"metric", "value", "protocol", "n_real", "n_fake", "genkit_version", "seed", "real", "fake"} <= out.keys()
     assert {"features", "protocol", "weights_sha256", "resize", "dim"} <= out["protocol"].keys()
+
+
+# --- subsets, IS splits and KID subsets: drawn at random, never in file order --------------------------------
+
+class ClassOf(FeatureExtractor):
+    """A perfect classifier of images filled with 20 k + 10 (class k of 10): one-hot features, confident logits."""
+
+    name, protocol, resize, weights_sha256, dim, has_logits = "classes", "test", "none", None, 10, True
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)  # the engine reads the device off it
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        k = (images.double().flatten(1).mean(1) / 20).floor().long()
+        return nn.functional.one_hot(k, 10).double()
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return 60 * self(images)
+
+
+def class_sorted_folder(root, per_class: int = 10):
+    """10 classes x per_class grey 4x4 PNGs, named so that sorted order is class order (0_00, 0_01, ... 9_09)."""
+    root.mkdir()
+    for k in range(10):
+        for i in range(per_class):
+            Image.fromarray(np.full((4, 4), 20 * k + 10, np.uint8)).save(root / f"{k}_{i:02d}.png")
+    return str(root)
+
+
+@pytest.fixture
+def classes(monkeypatch):
+    extractor = ClassOf()
+    monkeypatch.setattr(engine, "build_extractor", lambda s: extractor)
+    return extractor
+
+
+def test_inception_score_of_a_class_sorted_folder_splits_shuffled_rows(tmp_path, classes):
+    """In file order each of the 10 splits holds one class and scores 1; shuffled, as torch-fidelity does by
+    default (same permutation for the same seed), the splits mix the classes."""
+    metric_isc = pytest.importorskip("torch_fidelity.metric_isc")
+    folder = class_sorted_folder(tmp_path / "sorted")
+    out = engine.compute_is(folder, engine.EvalSettings(seed=3))
+    assert out["inception_score"] > 5 and (out["splits"], out["shuffle_seed"]) == (10, 3), out
+    logits = classes.logits(torch.cat(list(iter_images(folder, None, 100))))
+    want = metric_isc.isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=3)
+    assert out["inception_score"] == pytest.approx(want[metric_isc.KEY_METRIC_ISC_MEAN], rel=1e-12)
+    assert out["inception_score_std"] == pytest.approx(want[metric_isc.KEY_METRIC_ISC_STD], rel=1e-9)
+
+
+def test_n_below_the_folder_size_draws_a_seeded_subset_of_every_class(tmp_path, classes):
+    folder = class_sorted_folder(tmp_path / "sorted")
+    s = engine.EvalSettings(n=50, seed=0)
+    labels = engine.all_features(folder, classes, s).argmax(1)
+    assert len(labels) == 50 and set(labels.tolist()) == set(range(10))  # the first 50 files: classes 0-4
+    assert torch.equal(labels, engine.all_features(folder, classes, s).argmax(1))  # seeded: the same subset
+    other = engine.all_features(folder, classes, engine.EvalSettings(n=50, seed=1)).argmax(1)
+    assert not torch.equal(labels, other)
+    out = engine.compute_is(folder, s)
+    assert out["subset"] == {"fake": {"n": 50, "of": 100, "seed": 0}} and out["n_fake"] == 50
+    npz = write_npz(tmp_path / "sorted.npz", np.stack([np.full((1, 4, 4), 20 * (i // 10) + 10, np.uint8)
+                                                       for i in range(100)]))
+    fid = engine.compute_fid(folder, npz, s)  # the same seed draws the same indices from both
+    assert abs(fid["value"]) < 1e-6 and fid["subset"]["real"] == fid["subset"]["fake"] == {"n": 50, "of": 100,
+                                                                                            "seed": 0}
+    assert engine.compute_fid(folder, npz, engine.EvalSettings())["subset"] == {}  # all images: no subset
+
+
+def test_kid_of_200_images_has_a_spread_and_is_torch_fidelitys(tmp_path, pixels):
+    """n = 200: the default subset size is n // 2 = 100, so subsets differ and the std is no longer 0; the
+    subsets are drawn as torch-fidelity draws them, so its KID on the same features and seed agrees."""
+    metric_kid = pytest.importorskip("torch_fidelity.metric_kid")
+    real, fake = random_images(200, 0), random_images(200, 1)
+    path, other = write_npz(tmp_path / "r.npz", real), write_npz(tmp_path / "f.npz", fake)
+    out = engine.compute_metric("kid", path, other, engine.EvalSettings(seed=7, kid_subsets=30))
+    assert out["kid_std"] > 0 and out["kid_subset_size"] == 100 and out["kid_subsets"] == 30, out
+    fr, ff = pixels(torch.from_numpy(real)), pixels(torch.from_numpy(fake))
+    want = metric_kid.kid_features_to_metric(fr, ff, kid_subsets=30, kid_subset_size=100, rng_seed=7, verbose=False)
+    assert out["kid"] == pytest.approx(want[metric_kid.KEY_METRIC_KID_MEAN], rel=1e-9)
+    assert out["kid_std"] == pytest.approx(want[metric_kid.KEY_METRIC_KID_STD], rel=1e-9)
+    with pytest.raises(GenkitError, match="--kid-subset-size 201 .*n_real=200, n_fake=200"):
+        engine.compute_metric("kid", path, other, engine.EvalSettings(kid_subset_size=201))

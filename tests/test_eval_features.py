@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import socket
+import sys
 from unittest import mock
 
 import numpy as np
@@ -112,6 +113,73 @@ def test_pytorch_fid_protocol_equals_pytorch_fid(random_inception):
     assert (tf - got).abs().max() > 1e-3 * got.abs().max()  # the resize is part of the protocol
 
 
+def clean_fid_reference_extractor(state: dict[str, torch.Tensor]):
+    """clean-fid's own "clean" feature extractor (its InceptionV3W wrapper and normalisation) with its TorchScript
+    file, which cannot be fetched here, replaced by the TF Inception network on the same state dict."""
+    from cleanfid import features as cf
+    from cleanfid import inception_torchscript as cts
+    from pytorch_fid import inception as pfi
+
+    with mock.patch.object(pfi, "load_state_dict_from_url", lambda *args, **kwargs: state):
+        net = pfi.InceptionV3([3], resize_input=False, normalize_input=False, use_fid_inception=True)
+    scripted = nn.Module()
+    scripted.layers = nn.Sequential(*net.blocks)  # what InceptionV3W calls on (x - 128) / 128 at 299 px
+    with mock.patch.object(cts, "check_download_inception", lambda fpath: None), \
+            mock.patch.object(cts.torch.jit, "load", lambda path: scripted):
+        return cf.build_feature_extractor("clean", device=torch.device("cpu"), use_dataparallel=False)
+
+
+def test_clean_fid_protocol_equals_clean_fid(random_inception, tmp_path):
+    pytest.importorskip("cleanfid")
+    from cleanfid import fid
+    from PIL import Image
+
+    _, state, sha = random_inception
+    ours = ft.build_features("inception", protocol="clean-fid")
+    images = torch.randint(0, 256, (3, 3, 20, 28), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    (tmp_path / "imgs").mkdir()
+    for i, image in enumerate(images):  # PNG is lossless: clean-fid reads back these exact uint8 values
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "imgs" / f"{i}.png")
+    expected = fid.get_folder_features(str(tmp_path / "imgs"), clean_fid_reference_extractor(state), num_workers=0,
+                                       batch_size=3, device=torch.device("cpu"), mode="clean", verbose=False)
+    got = ours(images)
+    assert got.shape == (3, 2048) and ours.weights_sha256 == sha and not ours.has_logits
+    assert ours.protocol_dict()["protocol"] == "clean-fid" and "PIL" in ours.protocol_dict()["resize"]
+    assert got.std() > 1e-3
+    torch.testing.assert_close(got, torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+    assert (ours(images) - ft.build_features("inception", protocol="tf")(images)).abs().max() > 1e-3 * got.abs().max()
+    assert torch.equal(ours(images[:, :1]), ours(images[:, :1].expand(-1, 3, -1, -1)))
+
+
+def test_clean_fid_runs_the_tf_protocols_network(random_inception):
+    """At 299 px both resizes are identities: what remains, the network, is the `tf` protocol's, bit for bit."""
+    pytest.importorskip("cleanfid")
+    images = uint8_images(2, size=299, seed=6)
+    clean, tf = (ft.build_features("inception", protocol=p) for p in ("clean-fid", "tf"))
+    assert torch.equal(clean(images), tf(images))
+
+
+def test_clean_fid_statistics_files_are_compared_under_the_clean_fid_protocol(random_inception, tmp_path):
+    """A `clean-fid:` statistics file (mu, sigma only) meets the clean-fid extractor, and only it."""
+    pytest.importorskip("cleanfid")
+    from genkit.eval import engine
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    s = engine.EvalSettings(protocol="clean-fid")
+    clean = ft.build_features("inception", protocol="clean-fid")
+    stats = engine.reference_stats(f"clean-fid:{tmp_path / 'ref.npz'}", clean, s)
+    assert stats.protocol["protocol"] == "clean-fid" and stats.mu.shape == (2048,)
+    with pytest.raises(GenkitError, match="different protocols: protocol 'clean-fid' vs 'tf'"):
+        engine.reference_stats(f"clean-fid:{tmp_path / 'ref.npz'}", ft.build_features("inception"), s)
+
+
+def test_clean_fid_without_the_package_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cleanfid", None)  # an import of cleanfid now fails
+    monkeypatch.setitem(sys.modules, "cleanfid.resize", None)
+    with pytest.raises(GenkitError, match=r"needs the clean-fid package \(pip install clean-fid\)"):
+        ft.build_features("inception", protocol="clean-fid")
+
+
 # --- weights: missing, wrong hash, search order -------------------------------------------------
 
 def test_missing_inception_weights_name_file_hash_and_where_to_put_it():
@@ -166,9 +234,9 @@ def test_hash_prefix_in_the_name_is_checked(tmp_path):
 
 
 def test_unknown_extractor_and_protocol_list_the_known_ones():
-    with pytest.raises(GenkitError, match="known: inception, clip, dinov2, digits"):
+    with pytest.raises(GenkitError, match="known: inception, clip, dinov2, digits, cmmd"):
         ft.build_features("incepton")
-    with pytest.raises(GenkitError, match="known: tf, pytorch-fid"):
+    with pytest.raises(GenkitError, match="known: tf, pytorch-fid, clean-fid"):
         ft.build_features("inception", protocol="clean")
 
 
@@ -340,3 +408,144 @@ def test_dinov2_builds_from_local_file_at_224(tmp_path, monkeypatch):
     assert feats.shape == (2, 32) and extractor.protocol_dict()["protocol"] == "vitb14"
     assert torch.equal(extractor.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert extractor.model.pos_embed.shape == (1, 1 + 16 * 16, 32)
+
+
+# --- FD-DINOv2: dgm-eval's preprocessing and the official position-embedding interpolation -------
+
+def random_vit(img_size: int, seed: int = 2) -> nn.Module:
+    """tiny_vit with every parameter drawn at O(1) scale: layer scale and position embeddings included,
+    so that the CLS token depends on the image and on how the position grid is interpolated."""
+    model = tiny_vit(img_size)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def official_pos_embed_at_224(pos_embed: torch.Tensor) -> torch.Tensor:
+    """facebookresearch/dinov2's `interpolate_pos_encoding` for a 224 x 224 input, written out."""
+    n = pos_embed.shape[1] - 1
+    side, dim = int(math.sqrt(n)), pos_embed.shape[2]
+    w0 = h0 = 224 // 14 + 0.1
+    patch = torch.nn.functional.interpolate(
+        pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / side, h0 / side), mode="bicubic", antialias=False)
+    return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+def dgm_eval_transform(image: torch.Tensor) -> torch.Tensor:
+    """dgm-eval's DINOv2Encoder.transform (clean_resize=False) on the PIL image a uint8 (3, H, W) tensor makes."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.Resize((224, 224), T.InterpolationMode.BICUBIC), T.ToTensor(),
+                           T.Normalize(np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))])
+    return transform(Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB")).float()
+
+
+@pytest.fixture
+def random_dinov2(tmp_path, monkeypatch):
+    """A random ViT saved as an official vitl14 checkpoint (518 px grid); timm builds tiny_vit in its place."""
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained, img_size, num_classes: tiny_vit(img_size))
+    source = random_vit(img_size=518)
+    torch.save(official_dinov2_state(source), tmp_path / "dinov2_vitl14_pretrain.pth")
+    return source, tmp_path
+
+
+def test_fd_dinov2_features_equal_dgm_eval_on_timm(random_dinov2):
+    source, folder = random_dinov2
+    extractor = ft.build_features("dinov2", protocol=ft.FD_DINOV2_PROTOCOL, weights=folder)
+    images = torch.randint(0, 256, (3, 3, 30, 50), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    reference = tiny_vit(img_size=224)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["pos_embed"] = official_pos_embed_at_224(source.pos_embed.detach())
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        expected = reference.forward_features(torch.stack([dgm_eval_transform(im) for im in images]))[:, 0]
+    got = extractor(images)
+    assert got.shape == (3, 32) and (got[0] - got[1]).abs().max() > 1e-2  # the features depend on the image
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grey = images[:, :1]
+    assert torch.equal(extractor(grey), extractor(grey.expand(-1, 3, -1, -1)))
+
+
+def test_dinov2_position_grid_is_interpolated_as_the_official_model_does(random_dinov2):
+    """timm's own resampling (by size, antialiased) is not DINOv2's: the two grids differ."""
+    from timm.layers import resample_abs_pos_embed
+
+    source, folder = random_dinov2
+    extractor = ft.build_features("dinov2", protocol="vitl14", weights=folder)
+    official = official_pos_embed_at_224(source.pos_embed.detach())
+    torch.testing.assert_close(extractor.model.pos_embed.detach(), official, rtol=0, atol=1e-6)
+    timm_grid = resample_abs_pos_embed(source.pos_embed.detach(), new_size=(16, 16), num_prefix_tokens=1)
+    assert (timm_grid - official).abs().max() > 1e-2
+
+
+def test_fd_dinov2_protocol_records_the_preprocessing(random_dinov2):
+    _, folder = random_dinov2
+    record = ft.build_features("dinov2", protocol=ft.FD_DINOV2_PROTOCOL, weights=folder).protocol_dict()
+    assert record["features"] == "dinov2" and record["protocol"] == "vitl14" and record["dim"] == 32
+    assert "bicubic (PIL" in record["resize"] and "224x224" in record["resize"]
+    assert "ImageNet mean (0.485, 0.456, 0.406) std (0.229, 0.224, 0.225)" in record["normalize"]
+    assert record["output"] == "CLS token after the final norm" and "no antialias" in record["pos_embed"]
+
+
+def test_fd_dinov2_through_the_engine(random_dinov2, tmp_path):
+    from genkit.eval import engine
+
+    _, folder = random_dinov2
+    real, fake = (tmp_path / "real.npz", tmp_path / "fake.npz")
+    np.savez(real, images=uint8_images(40, size=16, seed=8).numpy())
+    np.savez(fake, images=uint8_images(40, size=16, seed=9).numpy())
+    s = engine.EvalSettings(features="dinov2", protocol=ft.FD_DINOV2_PROTOCOL, weights=str(folder), batch_size=4)
+    out = engine.compute_fid(str(real), str(fake), s)
+    assert out["fd_dinov2"] == out["value"] > 0 and out["protocol"]["protocol"] == "vitl14"
+    assert out["protocol"]["output"] == "CLS token after the final norm"
+    assert engine.compute_fid(str(real), str(real), s)["value"] == pytest.approx(0, abs=1e-6)
+
+
+# --- CMMD: google-research/cmmd's preprocessing on a tiny open_clip model -----------------------
+
+def test_cmmd_features_equal_the_reference_preprocessing(tiny_clip):
+    from PIL import Image
+
+    model, path = tiny_clip
+    extractor = ft.build_features("cmmd", protocol="genkit-tiny", weights=path)
+    images = torch.randint(0, 256, (3, 3, 40, 56), generator=torch.Generator().manual_seed(10), dtype=torch.uint8)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)  # scenic's CLIP IMAGE_MEAN, _STD
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    prepared = []
+    for image in images:  # io_util._center_crop_and_resize: the centred 40 x 40 square, PIL bicubic to 32
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+        pil = pil.crop((8, 0, 48, 40)).resize((32, 32), resample=Image.BICUBIC)
+        prepared.append(torch.from_numpy(np.asarray(pil).astype(np.float32)).permute(2, 0, 1) / 255.0)
+    with torch.no_grad():
+        embedding = model.encode_image((torch.stack(prepared) - mean) / std)
+    expected = embedding / embedding.norm(dim=-1, keepdim=True)
+    got = extractor(images)
+    assert got.shape == (3, 16) and extractor.weights_sha256 == sha256_file(path)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
+
+
+def test_cmmd_protocol_records_the_preprocessing(tiny_clip):
+    _, path = tiny_clip
+    record = ft.build_features("cmmd", protocol="genkit-tiny", weights=path).protocol_dict()
+    assert record["features"] == "cmmd" and record["protocol"] == "genkit-tiny" and record["dim"] == 16
+    assert record["resize"].startswith("centre crop to a square, then bicubic (PIL") and "32x32" in record["resize"]
+    assert "CLIP mean (0.48145466, 0.4578275, 0.40821073)" in record["normalize"]
+    assert record["output"] == "image embedding, L2-normalised"
+
+
+def test_cmmd_features_need_local_weights_and_default_to_the_papers_model(tmp_path):
+    with pytest.raises(GenkitError, match="--features cmmd needs --weights: local-dir:FOLDER") as err:
+        ft.build_features("cmmd")
+    assert ft.CMMD_MODEL in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "clip.safetensors").write_bytes(b"")
+    with mock.patch("open_clip.create_model", side_effect=AssertionError("stop")) as create, \
+            pytest.raises(AssertionError, match="stop"):
+        ft.build_features("cmmd", weights=tmp_path / "clip.safetensors")
+    assert create.call_args.args[0] == "ViT-L-14-336-quickgelu"  # OpenAI's ViT-L/14@336px uses QuickGELU

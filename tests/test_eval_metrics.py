@@ -10,7 +10,7 @@ import torch
 from genkit.errors import GenkitError
 from genkit.eval import metrics
 from genkit.eval.frechet import GaussianStats, frechet_distance, frechet_distance_from_stats
-from genkit.eval.metrics import inception_score, kid, prdc
+from genkit.eval.metrics import inception_score, kid, kid_subset_size, prdc
 
 
 def rng(seed: int = 0) -> np.random.Generator:
@@ -196,23 +196,48 @@ def test_kid_whole_set_matches_loops():
 
 
 def test_kid_matches_torch_fidelity_on_the_same_subsets():
+    """genkit draws its subsets as torch-fidelity does: the same seed, the same subsets, the same values."""
     metric_kid = pytest.importorskip("torch_fidelity.metric_kid")
     x, y = (torch.from_numpy(v) for v in feature_pair(120, 8, seed=5))
-    mean, std = kid(x, y, subsets=7, subset_size=50, generator=torch.Generator().manual_seed(3))
-    g = torch.Generator().manual_seed(3)  # replay kid's draws: real subset, then fake subset
-    mmds = [metric_kid.kernel_mmd(x[torch.randperm(120, generator=g)[:50]].numpy(),
-                                  y[torch.randperm(120, generator=g)[:50]].numpy()) for _ in range(7)]
-    assert mean == pytest.approx(np.mean(mmds), rel=1e-10)
-    assert std == pytest.approx(np.std(mmds), rel=1e-8)
-    # whole sets: any permutation gives the same estimate, so torch-fidelity's own RNG agrees too
-    full = metric_kid.kid_features_to_metric(x, y, kid_subsets=1, kid_subset_size=120, verbose=False)
-    assert kid(x, y, subsets=1, subset_size=120)[0] == pytest.approx(full[metric_kid.KEY_METRIC_KID_MEAN], rel=1e-10)
+    mean, std = kid(x, y, subsets=7, subset_size=50, seed=3)
+    want = metric_kid.kid_features_to_metric(x, y, kid_subsets=7, kid_subset_size=50, rng_seed=3, verbose=False)
+    assert mean == pytest.approx(want[metric_kid.KEY_METRIC_KID_MEAN], rel=1e-10)
+    assert std == pytest.approx(want[metric_kid.KEY_METRIC_KID_STD], rel=1e-8) and std > 0
+    x, y = x[:90], y[:100]  # unequal sets: the draws alternate real, fake, each of its own size
+    want = metric_kid.kid_features_to_metric(x, y, kid_subsets=5, kid_subset_size=40, rng_seed=0, verbose=False)
+    assert kid(x, y, subsets=5, subset_size=40, seed=0)[0] == pytest.approx(want[metric_kid.KEY_METRIC_KID_MEAN],
+                                                                            rel=1e-10)
+
+
+@pytest.mark.parametrize("n_real,n_fake,expected", [(200, 300, 100), (1000, 5000, 500), (1001, 1001, 1000),
+                                                    (5000, 50000, 1000), (4, 9, 2)])
+def test_kid_default_subset_size(n_real, n_fake, expected):
+    """torch-fidelity's 1000 where both sets are larger; else half the smaller set, so that subsets differ."""
+    assert kid_subset_size(n_real, n_fake) == expected
+
+
+def test_kid_subset_size_follows_torch_fidelitys_rule():
+    """torch-fidelity refuses a subset size above either set's size and accepts one equal to it: so does genkit."""
+    metric_kid = pytest.importorskip("torch_fidelity.metric_kid")
+    x, y = (torch.from_numpy(v) for v in feature_pair(30, 4, seed=2))
+    y = y[:25]
+    with pytest.raises(ValueError, match="KID subset size 26"):
+        metric_kid.kid_features_to_metric(x, y, kid_subsets=2, kid_subset_size=26, verbose=False)
+    with pytest.raises(GenkitError, match=r"^--kid-subset-size 26 is larger than the sets \(n_real=30, n_fake=25\)"):
+        kid(x, y, subsets=2, subset_size=26)
+    want = metric_kid.kid_features_to_metric(x, y, kid_subsets=2, kid_subset_size=25, rng_seed=1, verbose=False)
+    assert kid(x, y, subsets=2, subset_size=25, seed=1)[0] == pytest.approx(want[metric_kid.KEY_METRIC_KID_MEAN],
+                                                                            rel=1e-10)
+    with pytest.raises(GenkitError, match="--kid-subset-size must be >= 2"):
+        kid(x, y, subset_size=1)
+    with pytest.raises(GenkitError, match="at least 4 images"):
+        kid(x[:3], y)
 
 
 def test_kid_separates_distributions():
     x, y = (torch.from_numpy(v) for v in feature_pair(400, 8, seed=6))
-    same = kid(x[:200], x[200:], subsets=10, subset_size=100, generator=torch.Generator().manual_seed(0))
-    shifted = kid(x, y + 1, subsets=10, subset_size=100, generator=torch.Generator().manual_seed(0))
+    same = kid(x[:200], x[200:], subsets=10, subset_size=100, seed=0)
+    shifted = kid(x, y + 1, subsets=10, subset_size=100, seed=0)
     assert abs(same[0]) < 3 * same[1] + 1e-3 and shifted[0] > 10 * abs(same[0])
 
 
@@ -225,17 +250,29 @@ def test_is_uniform_predictions_give_one():
 def test_is_confident_balanced_predictions_give_class_count():
     labels = torch.arange(200) % 10
     logits = torch.nn.functional.one_hot(labels, 10).double() * 60  # p(y|x) one-hot up to 1e-26
-    mean, std = inception_score(logits, splits=20)
+    mean, std = inception_score(logits, splits=20, shuffle_seed=None)  # in order: 2 of each class per split
     assert mean == pytest.approx(10.0, rel=1e-12) and std < 1e-10
 
 
-def test_is_matches_torch_fidelity():
+@pytest.mark.parametrize("shuffle_seed", [None, 0, 2020])
+def test_is_matches_torch_fidelity(shuffle_seed):
+    """In order (torch-fidelity's shuffle=False) and shuffled (its default, the same permutation for one seed)."""
     metric_isc = pytest.importorskip("torch_fidelity.metric_isc")
     logits = torch.randn(1003, 12, generator=torch.Generator().manual_seed(0)) * 3
-    expected = metric_isc.isc_features_to_metric(logits, splits=7, shuffle=False)
-    mean, std = inception_score(logits, splits=7)
+    logits[:500] += 4 * torch.eye(12)[0]  # a sorted set: the first half leans to class 0, so order matters
+    shuffled = {"shuffle": False} if shuffle_seed is None else {"shuffle": True, "rng_seed": shuffle_seed}
+    expected = metric_isc.isc_features_to_metric(logits, splits=7, **shuffled)
+    mean, std = inception_score(logits, splits=7, shuffle_seed=shuffle_seed)
     assert mean == pytest.approx(expected[metric_isc.KEY_METRIC_ISC_MEAN], rel=1e-12)
     assert std == pytest.approx(expected[metric_isc.KEY_METRIC_ISC_STD], rel=1e-9)
+
+
+def test_is_of_class_sorted_logits_shuffles_its_splits():
+    """10 confident classes sorted by class, 10 splits: in order each split holds one class (IS 1), shuffled each
+    holds a mix (torch-fidelity's default: 7.4 on a real class-sorted folder where genkit gave 1.05)."""
+    logits = torch.nn.functional.one_hot(torch.arange(1000) // 100, 10).double() * 60
+    assert inception_score(logits, splits=10, shuffle_seed=None)[0] == pytest.approx(1.0, abs=1e-9)
+    assert inception_score(logits, splits=10)[0] > 9.0
 
 
 # --- PRDC --------------------------------------------------------------------------------------

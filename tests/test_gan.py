@@ -1,7 +1,9 @@
-"""GAN family: the gradient penalty, weight clipping, the update order, direct sampling, resume, DDP, FD."""
+"""GAN family: every loss's value and sign, the gradient penalty, weight clipping, the update order,
+direct sampling, resume, DDP, FD."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -10,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import genkit
 from genkit.errors import ConfigError, SamplerError
-from genkit.families.gan import GAN, GANConfig, truncated_latents
+from genkit.families.gan import GAN, GANConfig, critic_loss, generator_loss, truncated_latents
 from genkit.families.sampling import sample
 from genkit.io import load_tensors
 from genkit.nn.gan_nets import CriticConfig, GeneratorConfig
@@ -60,6 +63,112 @@ class Handle:
 
 def batch(n: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"image": torch.rand((n, *SHAPE), generator=torch.Generator().manual_seed(seed)) * 2 - 1}
+
+
+# ---------------------------------------------------------------- the losses: values and signs
+
+LOSSES = ["non-saturating", "hinge", "wgan", "wgan-gp"]
+F_REAL, F_FAKE = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-3.0, 0.0, 1.5])  # E f_real = 0.5, E f_fake = -0.5
+
+
+def sp(x: float) -> float:
+    """softplus(x) = log(1 + e^x) = -log sigmoid(-x)."""
+    return math.log1p(math.exp(x))
+
+
+CRITIC_LOSS = {  # L_D(F_REAL, F_FAKE) by hand
+    "non-saturating": (sp(-2.0) + sp(-0.5) + sp(1.0)) / 3 + (sp(-3.0) + sp(0.0) + sp(1.5)) / 3,
+    "hinge": (0.0 + 0.5 + 2.0) / 3 + (0.0 + 1.0 + 2.5) / 3,  # relu(1 - f_real), relu(1 + f_fake)
+    "wgan": -0.5 - 0.5,                                       # E f_fake - E f_real = -W_hat
+    "wgan-gp": -0.5 - 0.5,                                    # (the penalty is added in critic_step)
+}
+GENERATOR_LOSS = {  # L_G(F_FAKE) by hand
+    "non-saturating": (sp(3.0) + sp(0.0) + sp(-1.5)) / 3,    # -log sigmoid f_fake
+    "hinge": 0.5, "wgan": 0.5, "wgan-gp": 0.5,               # -E f_fake
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_each_loss_has_its_closed_form_value(loss):
+    assert critic_loss(loss, F_REAL, F_FAKE).item() == pytest.approx(CRITIC_LOSS[loss], rel=1e-6)
+    assert generator_loss(loss, F_FAKE).item() == pytest.approx(GENERATOR_LOSS[loss], rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_each_loss_has_its_closed_form_gradient_in_the_scores(loss):
+    """Descending L_D raises real scores and lowers fake ones (where a hinge is active); descending
+    L_G raises fake scores, and the non-saturating L_G keeps pushing where f rejects the fakes."""
+    n, one = 3, torch.ones(3)
+    want = {  # (dL_D/df_real, dL_D/df_fake, dL_G/df_fake)
+        "non-saturating": (-torch.sigmoid(-F_REAL), torch.sigmoid(F_FAKE), -torch.sigmoid(-F_FAKE)),
+        "hinge": (-(F_REAL < 1).float(), (F_FAKE > -1).float(), -one),
+        "wgan": (-one, one, -one),
+        "wgan-gp": (-one, one, -one),
+    }[loss]
+    f_real, f_fake = F_REAL.clone().requires_grad_(True), F_FAKE.clone().requires_grad_(True)
+    got = torch.autograd.grad(critic_loss(loss, f_real, f_fake), (f_real, f_fake))
+    got += torch.autograd.grad(generator_loss(loss, f_fake), f_fake)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w / n)
+    f = torch.full((4,), -10.0, requires_grad=True)  # fakes confidently rejected
+    (g,) = torch.autograd.grad(generator_loss(loss, f), f)
+    assert (g < -0.99 / 4).all()  # not the saturating log(1 - sigmoid f), whose gradient is ~ -5e-5 / 4
+
+
+def test_wgan_gp_critic_loss_adds_lambda_times_the_penalty_on_the_interpolates():
+    """L_D = E f(G(z)) - E f(x) + lambda E (||grad f(x_hat)|| - 1)^2, recomputed from the handle's draws."""
+    family = tiny_gan(loss="wgan-gp", gp_weight=10.0)
+    x = batch()["image"]
+    g = torch.Generator().manual_seed(0)  # Handle(seed=0)'s draws, in critic_step's order
+    z, eps = torch.randn(8, 8, generator=g), torch.rand(8, generator=g)
+    logs = family.critic_step(x, Handle(family))
+    f = family.nets["D"]
+    with torch.no_grad():
+        fake = family.nets["G"](z)
+    x_hat = (eps.view(-1, 1, 1, 1) * x + (1 - eps.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(f(x_hat).sum(), x_hat)
+    penalty = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    wasserstein = f(x).mean() - f(fake).mean()
+    assert penalty > 0.01 and logs["wasserstein"].item() == pytest.approx(wasserstein.item(), rel=1e-5)
+    assert logs["loss_D"].item() == pytest.approx((-wasserstein + 10 * penalty).item(), rel=1e-5)
+
+
+def critic_objective(loss: str, f: nn.Module, x: torch.Tensor, fake: torch.Tensor) -> float:
+    """What a critic step must raise: W_hat = E f(x) - E f(G(z)); for the non-saturating GAN the
+    classifier's log-likelihood E log sigmoid f(x) + E log sigmoid(-f(G(z)))."""
+    with torch.no_grad():
+        f_real, f_fake = f(x), f(fake)
+        if loss == "non-saturating":
+            return float(F.logsigmoid(f_real).mean() + F.logsigmoid(-f_fake).mean())
+        return float(f_real.mean() - f_fake.mean())
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_critic_step_raises_its_objective_and_a_generator_step_its_own(loss):
+    """One small SGD step of each player on fixed images and latents, measured independently of the
+    loss code: the critic raises W_hat (the hinge inside its margin is -W_hat + 2), the generator
+    raises E f(G(z)), or E log sigmoid f(G(z)) for the non-saturating GAN."""
+    family = tiny_gan(loss=loss, **({"gp_weight": 0.0} if loss == "wgan-gp" else {}))
+    f, G = family.nets["D"], family.nets["G"]
+    x = batch()["image"]
+    with torch.no_grad():
+        fake = G(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))  # the handle's first draw
+        if loss == "hinge":
+            assert f(x).abs().max() < 1 and f(fake).abs().max() < 1
+    before = critic_objective(loss, f, x, fake)
+    family.critic_step(x, Handle(family, lr=1e-2))
+    assert critic_objective(loss, f, x, fake) > before
+
+    z = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))  # the handle's draw below
+
+    def generator_objective() -> float:
+        with torch.no_grad():
+            f_fake = f(G(z))
+            return float(F.logsigmoid(f_fake).mean() if loss == "non-saturating" else f_fake.mean())
+
+    before = generator_objective()
+    family.generator_step(8, Handle(family, lr=1e-2, seed=1))
+    assert generator_objective() > before
 
 
 # ---------------------------------------------------------------- gradient penalty and clipping

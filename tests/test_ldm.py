@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from genkit.data import build_dataset
 from genkit.data.captions import DIGIT_WORDS, digit_prompt
 from genkit.errors import DataError, SamplerError
 from genkit.eval.conditional import prompt_accuracy
+from genkit.families.base import StepHandle
 from genkit.families.first_stage import latent_scale_factor
 from genkit.families.ldm import LDM, LDMConfig
 from genkit.families.sampling import sample
@@ -20,6 +22,7 @@ from genkit.io import to_uint8
 from genkit.nn.cond_unet import CondUNetConfig
 from genkit.nn.text import TextConfig, TextEncoder
 from genkit.runs import load_recipe, load_stage, run_recipe
+from genkit.samplers import SAMPLERS
 from genkit.samplers.guidance import guided
 
 
@@ -121,13 +124,96 @@ def test_conditions_cycle_prompts_and_refuse_labels_without_class_conditioning(a
     assert cond["label"].tolist() == [4, 4, 4] and uncond["label"].tolist() == [10, 10, 10]
 
 
+class FixedDraws(StepHandle):
+    """A StepHandle whose draws are given: rand -> caption dropout, randint -> t, randn -> eps."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, u: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
+        self.u, self.t, self.eps, self.stepped = u, t, eps, []
+
+    def step(self, group, loss):
+        self.stepped.append((group, loss))
+        return True
+
+    def rand(self, n):
+        return self.u[:n]
+
+    def randint(self, high, n):
+        assert high == 1000  # model.timesteps
+        return self.t[:n]
+
+    def randn(self, n, *shape):
+        return self.eps[:n]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_train_step_regresses_the_closed_form_target_and_drops_captions_where_u_is_below_the_rate(
+        ae_run, monkeypatch, prediction):
+    """z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, z0 = scale_factor E(x); target eps, z0 or
+    v = sqrt(ab_t) eps - sqrt(1 - ab_t) z0 (Salimans & Ho 2022); captions "" where u < caption_dropout."""
+    family = tiny_ldm(ae_run, prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    t, u = torch.tensor([0, 250, 600, 999]), torch.tensor([0.05, 0.5, 0.099, 0.101])  # caption_dropout 0.1
+    eps = torch.randn(4, *family.latent_shape, generator=g)
+    with torch.no_grad():
+        z0 = 1.3 * family.first_stage.encode(x)  # tiny_ldm's scale_factor
+    ab = torch.tensor([math.prod(1 - b for b in torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)[:k + 1].tolist())
+                       for k in t.tolist()]).float().view(-1, 1, 1, 1)  # alpha_bar_t = prod_{s <= t} (1 - beta_s)
+    target = {"epsilon": eps, "x0": z0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * z0}[prediction]
+    seen = {}
+
+    def unet(zt, t_in, text, label=None):
+        seen.update(zt=zt, t=t_in, text=text, label=label)
+        return target.clone().requires_grad_(True)  # predicting the target exactly: loss 0
+
+    monkeypatch.setattr(family, "unet", unet)
+    opt = FixedDraws(u, t, eps)
+    captions = ["one", "two", "three", "four"]
+    logs = family.train_step({"image": x, "caption": captions, "label": torch.zeros(4, dtype=torch.long)}, 0, opt)
+    torch.testing.assert_close(seen["zt"], ab.sqrt() * z0 + (1 - ab).sqrt() * eps, rtol=1e-5, atol=1e-6)
+    assert seen["t"].tolist() == t.float().tolist() and seen["label"] is None
+    with torch.no_grad():
+        torch.testing.assert_close(seen["text"], family.text_encoder()(["", "two", "", "four"]))
+    assert [group for group, _ in opt.stepped] == ["model"] and float(logs["loss"]) < 1e-10
+    monkeypatch.setattr(family, "unet", lambda zt, t_in, text, label=None: torch.zeros_like(zt, requires_grad=True))
+    logs = family.train_step({"image": x, "caption": captions, "label": torch.zeros(4, dtype=torch.long)}, 0, opt)
+    assert float(logs["loss"]) == pytest.approx(float((target ** 2).mean()), rel=1e-5)  # the loss is the MSE
+
+
+def test_caption_dropout_rate_over_many_draws(ae_run, monkeypatch):
+    family = tiny_ldm(ae_run)
+    n, p = 4000, family.cfg.caption_dropout
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def encoder(captions):
+        seen.extend(captions)
+        return torch.zeros(len(captions), 8, 16)
+
+    monkeypatch.setattr(family, "text_encoder", lambda: encoder)
+    monkeypatch.setattr(family, "unet", lambda zt, t, text, label=None: torch.zeros_like(zt, requires_grad=True))
+    opt = FixedDraws(u, torch.zeros(n, dtype=torch.long), torch.zeros(n, *family.latent_shape))
+    family.train_step({"image": torch.zeros(n, 1, 8, 8), "caption": ["a digit"] * n,
+                       "label": torch.zeros(n, dtype=torch.long)}, 0, opt)
+    dropped = torch.tensor([c == "" for c in seen])
+    assert torch.equal(dropped, u < p)
+    assert abs(float(dropped.float().mean()) - p) < 4 * math.sqrt(p * (1 - p) / n)  # 4 standard errors
+
+
 def test_samplers_run_on_latents_and_decode_to_images(ldm_run):
     family = genkit.load(ldm_run, device="cpu")
     for sampler in ("ddim", "dpmpp-2m", "ancestral"):
         out = genkit.api.sample_with_info(family, 3, sampler=sampler, steps=3, prompts="a handwritten digit two",
                                           guidance=4.0)
         assert out.images.shape == (3, *family.sample_shape) and out.nfe == 3
-        assert out.images.abs().max() <= 1
+        cond, uncond = family.conditions(3, prompts=["a handwritten digit two"])
+        g, fn = torch.Generator().manual_seed(0), SAMPLERS[sampler].fn  # seed 0: sample_with_info's default
+        with torch.no_grad():  # the guided sampler on latents from the same draws, then the first stage's decoder
+            latents = fn(guided(family.denoise, cond, uncond, 4.0), torch.randn((3, *family.latent_shape), generator=g),
+                         family.sigmas(3), generator=g)
+            torch.testing.assert_close(out.images, family.decode_latents(latents).clamp(-1, 1), rtol=1e-5, atol=1e-5)
     noise = torch.randn(3, *family.latent_shape)
     z_final = sample(family, 3, sampler="ddim", steps=2, noise=noise).images
     assert z_final.shape == (3, 1, 8, 8)

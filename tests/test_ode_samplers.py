@@ -252,10 +252,18 @@ NFE = {"ancestral": lambda k: k, "ddim": lambda k: k, "euler": lambda k: k, "heu
 
 @pytest.mark.parametrize("name", DENOISING)
 def test_every_denoising_sampler_runs_on_a_tiny_ddpm(name):
-    steps = 4
-    out = sample(tiny_ddpm(100), 3, sampler=name, steps=None if SAMPLERS[name].adaptive else steps,
+    from genkit.families.sampling import full_range
+
+    steps, family, spec = 4, tiny_ddpm(100), SAMPLERS[name]
+    out = sample(family, 3, sampler=name, steps=None if spec.adaptive else steps,
                  generator=torch.Generator().manual_seed(0), batch_size=2)
-    assert out.images.shape == (3, 1, 8, 8) and out.images.abs().max() <= 1 and out.images.std() > 0
+    assert out.images.shape == (3, 1, 8, 8) and out.images.std() > 0
+    bound = family.clip_x0 if spec.clips else None  # ddim, ancestral clamp x0_hat; the ODE solvers do not
+    D = family.denoise if bound is None else lambda z, sigma: family.denoise(z, sigma).clamp(-bound, bound)
+    sigmas, g = full_range(family) if spec.adaptive else family.sigmas(steps), torch.Generator().manual_seed(0)
+    with torch.no_grad():  # sample's draws, batch by batch (2 + 1): noise, then the sampler's own
+        raw = torch.cat([spec.fn(D, torch.randn((b, 1, 8, 8), generator=g), sigmas, generator=g) for b in (2, 1)])
+    torch.testing.assert_close(out.images, raw.clamp(-1, 1), rtol=0, atol=0)  # the sampler's images, in range
     assert torch.isfinite(out.images).all()
     assert out.nfe == NFE[name](steps) if name in NFE else out.nfe >= 1, out.nfe
 

@@ -250,11 +250,19 @@ EXPECTED_NFE = {"euler": 4, "heun": 7, "ddim": 4, "ancestral": 4, "dpmpp-2m": 4}
 
 @pytest.mark.parametrize("name", [n for n, spec in SAMPLERS.items() if spec.needs == "denoise"])
 def test_every_denoising_sampler_runs_from_sigma_inf(name):
-    family = tiny_rf()
+    from genkit.families.sampling import full_range
+
+    family, spec = tiny_rf(), SAMPLERS[name]
     out = sample(family, 3, sampler=name, steps=None if SAMPLERS[name].adaptive else 4,
                  generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (3, *SHAPE)
-    assert torch.isfinite(out.images).all() and out.images.abs().max() <= 1
+    bound = family.clip_x0 if spec.clips else None  # ddim, ancestral clamp x0_hat; the ODE solvers do not
+    D = family.denoise if bound is None else lambda z, sigma: family.denoise(z, sigma).clamp(-bound, bound)
+    sigmas, g = full_range(family) if spec.adaptive else family.sigmas(4), torch.Generator().manual_seed(0)
+    with torch.no_grad():  # sample's draws: the noise at sigma = inf, then the sampler's own
+        raw = spec.fn(D, torch.randn((3, *SHAPE), generator=g), sigmas, generator=g)
+    assert torch.isfinite(raw).all()
+    torch.testing.assert_close(out.images, raw.clamp(-1, 1), rtol=0, atol=0)  # the sampler's images, in range
     if name in EXPECTED_NFE:
         assert out.nfe == EXPECTED_NFE[name]
     else:

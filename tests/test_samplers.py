@@ -14,7 +14,7 @@ from genkit.families.base import Direct, Family
 from genkit.families.ddpm import NoiseSchedule, make_betas
 from genkit.families.sampling import sample
 from genkit.samplers import SAMPLERS, CountingDenoiser
-from genkit.samplers.adapters import TO_X0, eps_from_x0, training_target, vp_coefficients
+from genkit.samplers.adapters import TO_X0, clipped, eps_from_x0, training_target, vp_coefficients
 from genkit.samplers.ddim import sample_ancestral, sample_ddim
 
 SHAPE = (2, 1, 8, 8)
@@ -27,6 +27,11 @@ def alpha_s(sigma):
     """The VP scales, written out here so that the sampler's own `vp_coefficients` is under test."""
     alpha = 1 / (1 + sigma**2) ** 0.5
     return alpha, sigma * alpha
+
+
+def ddim_denoiser(family):
+    """The denoiser `ddim` and `ancestral` run: x0_hat clamped when the family clips (genkit.families.sampling)."""
+    return family.denoise if family.clip_x0 is None else clipped(family.denoise, family.clip_x0)
 
 
 def initial_noise(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -59,7 +64,7 @@ def test_ancestral_equals_diffusers_ddpm_scheduler(prediction, clip, dtype):
     unet = in_precision(family, sched, dtype)
     z = initial_noise(dtype)
     with torch.no_grad():
-        ours = sample_ancestral(family.denoise, z, family.sigmas(T), generator=torch.Generator().manual_seed(1))
+        ours = sample_ancestral(ddim_denoiser(family), z, family.sigmas(T), generator=torch.Generator().manual_seed(1))
         x, g, x0_max = z.clone(), torch.Generator().manual_seed(1), 0.0
         for t in sched.timesteps:
             step = sched.step(unet(x, t).sample, t, x, generator=g)
@@ -107,7 +112,7 @@ def test_ddim_through_sigmas_equals_diffusers_ddim_scheduler(prediction, clip, s
         return x
 
     with torch.no_grad():
-        ours = sample_ddim(family.denoise, z, family.sigmas(steps), eta=eta,
+        ours = sample_ddim(ddim_denoiser(family), z, family.sigmas(steps), eta=eta,
                            generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(ours, reference(use_clipped=clip), **TOLERANCE[dtype])
         if clip:  # and the convention matters: diffusers' default (raw eps) is another sampler
@@ -231,7 +236,13 @@ def test_sample_reports_nfe_shape_and_range(family):
                      batch_size=2)
         assert out.nfe == steps and out.sampler == name and out.steps == steps
         assert out.images.shape == (3, 1, 8, 8) and out.images.dtype == torch.float32
-        assert out.images.abs().max() <= 1 and out.images.std() > 0
+        fn, g = {"ddim": sample_ddim, "ancestral": sample_ancestral}[name], torch.Generator().manual_seed(0)
+        with torch.no_grad():  # sample's draws, batch by batch: noise, then the sampler's own
+            raw = torch.cat([fn(lambda z, sigma: family.denoise(z, sigma).clamp(-family.clip_x0, family.clip_x0),
+                                torch.randn((b, 1, 8, 8), generator=g), family.sigmas(steps), generator=g)
+                             for b in (2, 1)])
+        assert raw.abs().max() == 1  # the last step returns the clipped x0_hat: in range before any clamp
+        torch.testing.assert_close(out.images, raw, rtol=0, atol=0)
 
 
 def test_sample_clamps_images_to_the_data_range():

@@ -15,6 +15,7 @@ import genkit
 from genkit.cli import main
 from genkit.errors import ConfigError, GenkitError, SamplerError
 from genkit.families.vqgan import VQGAN, QuantizerConfig, VQGANConfig, adaptive_weight, hinge_d_loss
+from genkit.io import load_tensors
 from genkit.nn.vq import VectorQuantizer, code_stats
 
 TINY_VQGAN = [  # digits at 8 px, f = 2: 4x4 codes of K = 16
@@ -37,9 +38,13 @@ def quantizer(codes: list[list[float]], **kw) -> VectorQuantizer:
     vq = VectorQuantizer(len(codes), len(codes[0]), **kw)
     with torch.no_grad():
         vq.embedding.copy_(torch.tensor(codes))
-        if kw.get("ema"):
-            vq.embed_sum.copy_(torch.tensor(codes))
     return vq
+
+
+def update(vq: VectorQuantizer, z: torch.Tensor, k: torch.Tensor, draw=None) -> int:
+    """One optimizer step of one micro-batch: accumulate its statistics, then update."""
+    vq.accumulate(z, k)
+    return vq.update(draw)
 
 
 def as_map(rows: torch.Tensor) -> torch.Tensor:
@@ -80,22 +85,99 @@ def test_commitment_and_codebook_losses_and_where_their_gradients_go():
 
 
 def test_ema_update_matches_a_hand_computation():
+    """Two updates with gamma = 1/2: the zero-started EMAs divided by 1 - gamma^t weigh the batches
+    1/3 and 2/3; code 2, unused at first, keeps its vector, then moves to its first vector's mean."""
     gamma, eps = 0.5, 1e-5
     vq = quantizer([[0.0, 0.0], [4.0, 4.0], [9.0, -9.0]], ema=True, decay=gamma, eps=eps)
-    with torch.no_grad():
-        vq.cluster_size.copy_(torch.tensor([2.0, 1.0, 1.0]))
-    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 3.0], [3.0, 3.0], [4.0, 6.0]])
-    z = as_map(rows)
+
+    def smoothed(N):
+        return (N + eps) / (N.sum() + 3 * eps) * N.sum()
+
+    z = as_map(torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 3.0], [3.0, 3.0], [4.0, 6.0]]))
     _, k, out = vq(z)
     assert k.flatten().tolist() == [0, 0, 1, 1, 1] and out["codebook"] == 0
-    vq.update(z, k)
-    n = torch.tensor([2.0, 3.0, 0.0])
-    N = gamma * torch.tensor([2.0, 1.0, 1.0]) + (1 - gamma) * n
-    s = torch.tensor([[1.0, 1.0], [12.0, 12.0], [0.0, 0.0]])
-    m = gamma * torch.tensor([[0.0, 0.0], [4.0, 4.0], [9.0, -9.0]]) + (1 - gamma) * s
-    smoothed = (N + eps) / (N.sum() + 3 * eps) * N.sum()
-    torch.testing.assert_close(vq.cluster_size, N)
-    torch.testing.assert_close(vq.embedding, m / smoothed[:, None])
+    update(vq, z, k)
+    N1, s1 = torch.tensor([2.0, 3.0, 0.0]), torch.tensor([[1.0, 1.0], [12.0, 12.0], [0.0, 0.0]])
+    torch.testing.assert_close(vq.embedding[:2], s1[:2] / smoothed(N1)[:2, None])
+    assert vq.embedding[2].tolist() == [9.0, -9.0]  # never assigned: kept (was 0.99 * e / ~1e-5 before)
+    z = as_map(torch.tensor([[0.0, 0.0], [1.0, 1.0], [8.0, -8.0], [5.0, 5.0]]))
+    _, k, _ = vq(z)
+    assert k.flatten().tolist() == [0, 0, 2, 1]
+    update(vq, z, k)
+    n2, s2 = torch.tensor([2.0, 1.0, 1.0]), torch.tensor([[1.0, 1.0], [5.0, 5.0], [8.0, -8.0]])
+    N, m = N1 / 3 + 2 * n2 / 3, s1 / 3 + 2 * s2 / 3  # (1-g) g^(t-s) / (1 - g^t): 1/3, 2/3
+    torch.testing.assert_close(N, torch.tensor([2.0, 5 / 3, 2 / 3]))
+    torch.testing.assert_close(vq.cluster_size / (1 - gamma**2), N)
+    torch.testing.assert_close(vq.embed_sum / (1 - gamma**2), m)
+    torch.testing.assert_close(vq.embedding, m / smoothed(N)[:, None])
+    torch.testing.assert_close(vq.embedding[2], torch.tensor([8.0, -8.0]), rtol=1e-4, atol=0)
+    assert int(vq.updates) == 2
+
+
+def sonnet_ema_codebook(init, decay, eps, batches):
+    """Sonnet's VectorQuantizerEMA update written out (sonnet/src/nets/vqvae.py with
+    moving_averages.ExponentialMovingAverage): hidden_0 = 0, counter += 1,
+    hidden -= (hidden - value) (1 - decay), average = hidden / (1 - decay^counter)."""
+    K = init.shape[0]
+    hidden_n, hidden_dw, embeddings = torch.zeros(K, dtype=torch.float64), torch.zeros_like(init), init.clone()
+    for counter, (flat_inputs, indices) in enumerate(batches, start=1):
+        encodings = torch.nn.functional.one_hot(indices, K).to(torch.float64)
+        hidden_n -= (hidden_n - encodings.sum(0)) * (1 - decay)
+        hidden_dw -= (hidden_dw - encodings.t() @ flat_inputs) * (1 - decay)
+        cluster_size, dw = hidden_n / (1 - decay**counter), hidden_dw / (1 - decay**counter)
+        n = cluster_size.sum()
+        cluster_size = (cluster_size + eps) / (n + K * eps) * n
+        embeddings = dw / cluster_size[:, None]
+    return embeddings
+
+
+def test_ema_codebook_equals_sonnets_formula_except_that_unused_codes_keep_their_vector():
+    K, d, decay, eps = 6, 3, 0.9, 1e-2  # a large eps: the smoothing sees whether N is debiased
+    g = torch.Generator().manual_seed(0)
+    vq = VectorQuantizer(K, d, ema=True, decay=decay, eps=eps)
+    init = vq.embedding.clone()
+    batches = []
+    for t in range(5):  # code 5 is never assigned; code 4 only from the third update on
+        rows = torch.randn(7, d, generator=g)
+        k = torch.randint(0, 4 if t < 2 else 5, (7,), generator=g)
+        batches.append((rows.double(), k))
+        update(vq, as_map(rows), k.view(1, 1, 7))
+    sonnet = sonnet_ema_codebook(init.double(), decay, eps, batches)  # in float64
+    torch.testing.assert_close(vq.embedding[:5].double(), sonnet[:5], rtol=1e-5, atol=1e-6)
+    assert torch.equal(vq.embedding[5], init[5]) and torch.equal(sonnet[5], torch.zeros(d, dtype=torch.float64))
+
+
+def test_unused_codes_keep_their_initial_norm_and_used_codes_track_their_means():
+    """The issue's case: K = 128 taming-initialised codes, N(0, 1) encoder outputs. Codes unused in
+    the first update keep their vector (they reached norm ~2246 against ~3.8 before the fix), so
+    they stay near the data and are chosen later."""
+    K, d, decay = 128, 32, 0.99
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vq = VectorQuantizer(K, d, ema=True, decay=decay)
+    init, chosen = vq.embedding.clone(), torch.zeros(K, dtype=torch.bool)
+    for t in range(4):
+        z = torch.randn(64, d, 4, 4, generator=g)
+        _, k, _ = vq(z)
+        chosen[k.flatten()] = True
+        update(vq, z, k)
+        if t == 0:
+            assert 0 < int((~chosen).sum()) < K
+            unused = ~chosen
+            torch.testing.assert_close(vq.embedding[unused].norm(dim=1), init[unused].norm(dim=1), rtol=1e-6, atol=0)
+    assert vq.embedding.norm(dim=1).max() < 10 and chosen[unused].any()
+    # assignments fixed by hand (codes 100.. never): each used code is the EMA-weighted mean of its vectors
+    vq, sums, counts = VectorQuantizer(K, d, ema=True, decay=decay), 0.0, 0.0
+    init = vq.embedding.clone()
+    for t in range(1, 6):
+        rows = torch.randn(500, d, generator=g)
+        k = torch.randint(0, 100, (500,), generator=g)
+        onehot = torch.nn.functional.one_hot(k, K).float()
+        sums, counts = decay * sums + onehot.t() @ rows, decay * counts + onehot.sum(0)
+        update(vq, as_map(rows), k.view(1, 1, -1))
+    torch.testing.assert_close(vq.embedding[:100], sums[:100] / counts[:100, None], rtol=1e-4, atol=1e-5)
+    assert torch.equal(vq.embedding[100:], init[100:])
 
 
 def test_ema_with_no_memory_moves_codes_to_their_cluster_means():
@@ -103,7 +185,7 @@ def test_ema_with_no_memory_moves_codes_to_their_cluster_means():
     rows = torch.randn(200, 2, generator=torch.Generator().manual_seed(0)) + torch.tensor([[0.0], [5.0]]).repeat(100, 1)
     z = as_map(rows)
     _, k, _ = vq(z)
-    vq.update(z, k)
+    update(vq, z, k)
     for i in range(2):
         torch.testing.assert_close(vq.embedding[i], rows[k.flatten() == i].mean(0), rtol=1e-5, atol=1e-6)
 
@@ -122,14 +204,48 @@ def test_dead_code_restart_revives_unused_codes():
     for _ in range(2):  # code 2 is never chosen: its usage 1/3 halves each update, below 0.5/3 at the 2nd
         _, k, _ = vq(z)
         assert 2 not in k.flatten().tolist()
-        restarted.append(vq.update(z, k, draw))
+        restarted.append(update(vq, z, k, draw))
     assert restarted == [0, 1]
     assert draws == [(4, 3)]  # one fixed-size draw (K indices), taken only when a code was dead
     torch.testing.assert_close(vq.embedding[2], rows[2])  # draw index for code 2 is 2 % 4
     _, k, _ = vq(z)
     assert 2 in k.flatten().tolist()  # the revived code is used again
     live = VectorQuantizer(3, 2, restart_threshold=0.0)
-    assert live.update(z, torch.zeros(1, 1, 4, dtype=torch.long), draw) == 0  # restart off: nothing moves
+    assert update(live, z, torch.zeros(1, 1, 4, dtype=torch.long), draw) == 0  # restart off: nothing moves
+
+
+def test_a_restarted_ema_code_counts_as_one_vector_of_its_restart():
+    """Restarted at update 1 (debiased count 1, sum e), then given v at update 2 with gamma = 1/2:
+    e = (gamma (1-gamma) e + (1-gamma) v) / (gamma (1-gamma) + (1-gamma)) = e/3 + 2v/3."""
+    vq = quantizer([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0]], ema=True, decay=0.5, restart_threshold=0.9,
+                   usage_decay=0.5)
+    rows = torch.tensor([[0.1, 0.0], [0.9, 1.1], [0.2, 0.1], [1.0, 0.8]])
+    assert update(vq, as_map(rows), torch.tensor([0, 1, 0, 1]).view(1, 1, 4), lambda high, n: torch.arange(n) % high) == 1
+    fresh = rows[2]  # draw index 2 for code 2
+    torch.testing.assert_close(vq.embedding[2], fresh)
+    rows = torch.tensor([[0.0, 0.0], [1.0, 1.0], [3.0, 3.0]])
+    assert update(vq, as_map(rows), torch.tensor([0, 1, 2]).view(1, 1, 3), lambda high, n: torch.arange(n) % high) == 0
+    torch.testing.assert_close(vq.embedding[2], fresh / 3 + 2 * rows[2] / 3, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulated_micro_batches_update_like_their_concatenation():
+    """EMA, usage and restart from two accumulated halves equal one update from the whole batch."""
+    rows = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    k = torch.tensor([0, 1] * 6)  # code 2 unused: its usage (1/3 + 0) / 2 falls below 0.9 / 3
+    codes, kw = [[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]], {"ema": True, "decay": 0.9, "restart_threshold": 0.9, "usage_decay": 0.5}
+    halves, whole = quantizer(codes, **kw), quantizer(codes, **kw)
+
+    def draw(high, n):
+        return torch.arange(n) * 5 % high
+    halves.accumulate(as_map(rows[:5]), k[:5].view(1, 1, 5))
+    halves.accumulate(as_map(rows[5:]), k[5:].view(1, 1, 7))
+    assert halves.update(draw) == update(whole, as_map(rows), k.view(1, 1, 12), draw) == 1
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(halves.state_dict()[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    torch.testing.assert_close(halves.embedding[2], rows[10])  # draw index for code 2 is 10
+    assert int(halves.updates) == 1
+    with pytest.raises(RuntimeError, match="nothing accumulated"):
+        halves.update(draw)  # the statistics were used once
 
 
 def test_cosine_codes_quantize_to_unit_vectors_by_angle():
@@ -201,6 +317,35 @@ def test_two_groups_and_the_delayed_discriminator():
     h = RecordingHandle()
     logs = family.train_step(batch, 9, h)
     assert h.groups == ["ae"] and "d_loss" not in logs and {"perplexity", "usage"} <= set(logs)
+
+
+class AccumulatingHandle(RecordingHandle):
+    """Steps the optimizers only on the last of `accum` micro-batches, or never (`skip`)."""
+
+    def __init__(self, accum: int, skip: bool = False):
+        super().__init__()
+        self.accum, self.skip, self.micro = accum, skip, 0
+
+    def step(self, group, loss):
+        super().step(group, loss)
+        return not self.skip and self.micro == self.accum - 1
+
+
+def test_the_codebook_updates_once_per_optimizer_step_from_all_its_micro_batches():
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    family, reference = tiny_vqgan(ema=True, decay=0.9), tiny_vqgan(ema=True, decay=0.9)
+    q, ref = family.nets["autoencoder"].quantizer, reference.nets["autoencoder"].quantizer
+    skipped = AccumulatingHandle(2, skip=True)  # step 20 does not step (non-finite gradients, on_nan=skip)
+    for skipped.micro in range(2):
+        family.train_step({"image": x.flip(0)[4 * skipped.micro:][:4]}, 20, skipped)
+    h = AccumulatingHandle(2)
+    for h.micro in range(2):
+        family.train_step({"image": x[4 * h.micro:][:4]}, 21, h)
+        assert int(q.updates) == h.micro  # no update before the optimizer steps
+    reference.train_step({"image": x}, 21, RecordingHandle())  # one micro-batch of 8
+    assert int(q.updates) == int(ref.updates) == 1
+    for name in ("embedding", "cluster_size", "embed_sum", "usage"):
+        torch.testing.assert_close(getattr(q, name), getattr(ref, name), rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_ema_codebook_is_not_a_trained_parameter():
@@ -276,6 +421,29 @@ def vq_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vq") / "run"
     genkit.train("vqgan_digits", overrides=[*TINY_VQGAN, "train.steps=40", "optim.ae.lr=2e-3"], out=out)
     return out
+
+
+def test_grad_accum_updates_the_codebook_like_a_batch_twice_as_large(tmp_path):
+    """grad_accum = 2 at batch 16 equals grad_accum = 1 at batch 32 for the EMA codebook too, and the
+    codebook updates once per optimizer step (before disc_start, whose adaptive weight is per micro-batch)."""
+    from genkit.io import load_torch
+    from genkit.runs import latest_checkpoint
+
+    common = [*TINY_VQGAN, "model.quantizer.ema=true", "model.quantizer.decay=0.9",
+              "model.quantizer.restart_threshold=0", "train.steps=4", "train.log_every=1"]
+    runs = {accum: genkit.train("vqgan_digits", out=tmp_path / f"accum{accum}",
+                                overrides=[*common, f"data.batch_size={32 // accum}", f"train.grad_accum={accum}"])
+            for accum in (1, 2)}
+    codebooks = {}
+    for accum, run in runs.items():
+        weights = load_tensors(run / "model" / "weights.safetensors")
+        codebooks[accum] = {k: v for k, v in weights.items() if k.startswith("autoencoder.quantizer.")}
+        optim = load_torch(latest_checkpoint(run / "checkpoints") / "optim-ae.pt")["state"]
+        assert {int(s["step"]) for s in optim.values()} == {4}
+        assert int(codebooks[accum]["autoencoder.quantizer.updates"]) == 4  # one update per optimizer step
+    assert set(codebooks[1]) == set(codebooks[2]) >= {"autoencoder.quantizer.embedding", "autoencoder.quantizer.embed_sum"}
+    for name, value in codebooks[1].items():
+        torch.testing.assert_close(codebooks[2][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def _l1(family, x):

@@ -18,8 +18,8 @@ from genkit.errors import GenkitError
 from genkit.eval.features import FeatureExtractor, build_features
 from genkit.eval.frechet import GaussianStats, frechet_distance
 from genkit.eval.likelihood import family_bits_per_dim
-from genkit.eval.metrics import inception_score, kid, prdc
-from genkit.eval.specs import SampleSettings, check_exists, describe, iter_images
+from genkit.eval.metrics import inception_score, kid, kid_subset_size, prdc
+from genkit.eval.specs import SampleSettings, check_exists, describe, iter_images, subset_record
 from genkit.eval.stats import RefStats, check_same_protocol, is_stats_file, load_stats, save_stats
 from genkit.families.base import Family, Likelihood
 from genkit.families.sampling import sample
@@ -27,6 +27,7 @@ from genkit.io import to_uint8
 from genkit.progress import Progress
 from genkit.rng import seeded
 from genkit.runs import load, resolve_device, run_recipe
+from genkit.samplers.likelihood import HUTCHINSON_PROBES
 from genkit.version import __version__
 
 
@@ -34,7 +35,7 @@ from genkit.version import __version__
 class EvalSettings:
     """What a metric is computed with (the CLI's options)."""
 
-    features: str = "inception"
+    features: str | None = "inception"  # None: the command's default (fid of two statistics files: theirs)
     protocol: str | None = None
     weights: str | None = None
     n: int | None = None            # images per side (None: all real images; required for runs)
@@ -43,6 +44,8 @@ class EvalSettings:
     seed: int = 0
     sample: SampleSettings = field(default_factory=SampleSettings)
     progress: bool = False          # report images done, images/s and ETA (genkit.progress) while featurising
+    kid_subset_size: int | None = None  # None: 1000, or n // 2 when a set holds <= 1000 (metrics.kid_subset_size)
+    kid_subsets: int = 100
 
 
 def default_features(run: str | Path) -> str:
@@ -52,8 +55,9 @@ def default_features(run: str | Path) -> str:
 
 
 def build_extractor(s: EvalSettings) -> FeatureExtractor:
-    """The feature extractor the settings name, on their device (CUDA when available)."""
-    return build_features(s.features, protocol=s.protocol, weights=s.weights, device=resolve_device(s.device))
+    """The feature extractor the settings name (None: inception), on their device (CUDA when available)."""
+    return build_features(s.features or "inception", protocol=s.protocol, weights=s.weights,
+                          device=resolve_device(s.device))
 
 
 @torch.inference_mode()
@@ -62,7 +66,7 @@ def _features(spec: str, extractor: FeatureExtractor, s: EvalSettings, logits: b
     sample = SampleSettings(**{**asdict(s.sample), "seed": s.seed, "device": s.sample.device or str(device)})
     every = None if s.n else 10 * s.batch_size  # without a count: a line every 10 batches
     with Progress(s.n, f"features {spec}", "image", every=every, disable=not s.progress) as bar:
-        for batch in iter_images(spec, s.n, s.batch_size, sample):
+        for batch in iter_images(spec, s.n, s.batch_size, sample, seed=s.seed):
             x = batch.to(device)
             feats = (extractor.logits(x) if logits else extractor(x)).double().cpu()
             bar.update(len(batch))
@@ -81,7 +85,7 @@ def reference_stats(spec: str, extractor: FeatureExtractor, s: EvalSettings) -> 
     """Gaussian statistics of a SPEC: read from a statistics file, or computed from its images."""
     if is_stats_file(spec):
         stats = load_stats(spec)
-        check_same_protocol(stats.protocol, extractor.protocol_dict(), f"'{spec}' and --features {s.features}")
+        check_same_protocol(stats.protocol, extractor.protocol_dict(), f"'{spec}' and --features {extractor.name}")
         return stats
     acc = None
     for feats in _features(spec, extractor, s):
@@ -117,8 +121,15 @@ def generated_stats(family: Family, extractor: FeatureExtractor, n: int, batch_s
     return acc, nfe, seconds
 
 
-def _record(metric: str, s: EvalSettings, extractor: FeatureExtractor, real: str | None, fake: str, **values) -> dict:
-    record = {"metric": metric, **values, "protocol": extractor.protocol_dict(),
+def subsets(s: EvalSettings, **specs: str | None) -> dict[str, dict[str, int]]:
+    """The subsets --n drew, by side (`real=SPEC, fake=SPEC`): {"real": {"n", "of", "seed"}}; a side that used
+    every image, was generated (a run folder) or is a statistics file is absent."""
+    return {side: info for side, spec in specs.items()
+            if spec is not None and (info := subset_record(spec, s.n, s.seed)) is not None}
+
+
+def _record(metric: str, s: EvalSettings, protocol: dict[str, Any], real: str | None, fake: str, **values) -> dict:
+    record = {"metric": metric, **values, "protocol": protocol, "subset": subsets(s, real=real, fake=fake),
               "real": real, "fake": fake, "seed": s.seed, "genkit_version": __version__}
     if describe(fake) == "run":
         record["sampling"] = {"sampler": s.sample.sampler, "steps": s.sample.steps, **(s.sample.options or {})}
@@ -126,15 +137,24 @@ def _record(metric: str, s: EvalSettings, extractor: FeatureExtractor, real: str
 
 
 def compute_fid(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor | None = None) -> dict[str, Any]:
-    """Frechet distance between the feature Gaussians of two SPECs (FID with inception)."""
+    """Frechet distance between the feature Gaussians of two SPECs (FID with inception).
+
+    Two statistics files and no extractor named (`s.features`, `s.protocol` and `s.weights` None, as the CLI
+    leaves them): the protocol is theirs (they must agree) and no extractor is built, so nothing needs weights.
+    """
     for spec in (real, fake):
         check_exists(spec)
-    extractor = extractor or build_extractor(s)
-    a, b = reference_stats(real, extractor, s), reference_stats(fake, extractor, s)
+    named = (s.features, s.protocol, s.weights) != (None, None, None)  # an extractor asked for: checked as ever
+    if extractor is None and not named and is_stats_file(real) and is_stats_file(fake):
+        a, b = load_stats(real), load_stats(fake)
+    else:
+        extractor = extractor or build_extractor(s)
+        a, b = reference_stats(real, extractor, s), reference_stats(fake, extractor, s)
     check_same_protocol(a.protocol, b.protocol, f"'{real}' and '{fake}'")
+    protocol = extractor.protocol_dict() if extractor is not None else a.protocol
     value = frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
-    name = "fid" if extractor.name == "inception" else f"fd_{extractor.name}"
-    return _record("fid", s, extractor, real, fake, **{name: value, "value": value, "n_real": a.n, "n_fake": b.n})
+    name = "fid" if protocol["features"] == "inception" else f"fd_{protocol['features']}"
+    return _record("fid", s, protocol, real, fake, **{name: value, "value": value, "n_real": a.n, "n_fake": b.n})
 
 
 def _raw_pair(real: str, fake: str, s: EvalSettings, extractor: FeatureExtractor) -> tuple[Tensor, Tensor]:
@@ -151,15 +171,20 @@ def compute_is(fake: str, s: EvalSettings, extractor: FeatureExtractor | None = 
     if not extractor.has_logits:
         extractor.logits(torch.zeros(0))  # its one-line error: no classifier head
     logits = all_features(fake, extractor, s, logits=True)
-    mean, std = inception_score(logits)
-    return _record("is", s, extractor, None, fake, inception_score=mean, inception_score_std=std,
-                   value=mean, n_fake=len(logits))
+    mean, std = inception_score(logits, splits=IS_SPLITS, shuffle_seed=s.seed)
+    return _record("is", s, extractor.protocol_dict(), None, fake, inception_score=mean, inception_score_std=std,
+                   value=mean, n_fake=len(logits), splits=IS_SPLITS, shuffle_seed=s.seed)
+
+
+IS_SPLITS = 10  # torch-fidelity's isc_splits, over rows shuffled by the seed as torch-fidelity shuffles them
 
 
 def kid_values(real: Tensor, fake: Tensor, s: EvalSettings) -> dict[str, float]:
-    """Kernel Inception Distance (Binkowski et al. 2018): unbiased polynomial-kernel MMD^2 over subsets."""
-    mean, std = kid(real, fake, generator=torch.Generator().manual_seed(s.seed))
-    return {"kid": mean, "kid_std": std, "value": mean}
+    """Kernel Inception Distance (Binkowski et al. 2018): unbiased polynomial-kernel MMD^2 over subsets drawn
+    as torch-fidelity draws them (its rng_seed = the seed), with the subset size and count used."""
+    size = kid_subset_size(len(real), len(fake), s.kid_subset_size)
+    mean, std = kid(real, fake, subsets=s.kid_subsets, subset_size=size, seed=s.seed)
+    return {"kid": mean, "kid_std": std, "value": mean, "kid_subset_size": size, "kid_subsets": s.kid_subsets}
 
 
 def prdc_values(real: Tensor, fake: Tensor, s: EvalSettings) -> dict[str, float]:
@@ -185,7 +210,8 @@ def compute_metric(name: str, real: str, fake: str, s: EvalSettings,
         check_exists(spec)
     extractor = extractor or build_extractor(s)
     fr, ff = _raw_pair(real, fake, s, extractor)
-    return _record(name, s, extractor, real, fake, **FEATURE_METRICS[name](fr, ff, s), n_real=len(fr), n_fake=len(ff))
+    return _record(name, s, extractor.protocol_dict(), real, fake, **FEATURE_METRICS[name](fr, ff, s), n_real=len(fr),
+                   n_fake=len(ff))
 
 
 def write_stats(spec: str, out: str | Path, s: EvalSettings) -> dict[str, Any]:
@@ -198,24 +224,31 @@ def write_stats(spec: str, out: str | Path, s: EvalSettings) -> dict[str, Any]:
             "genkit_version": __version__}
 
 
-def compute_bpd(run: str | Path, data: str | None, s: EvalSettings, *, divergence: str = "auto",
-                probes: int = 1, rtol: float = 1e-5, atol: float = 1e-5) -> dict[str, Any]:
-    """Bits/dim of held-out data under a run's model (ODE likelihood; flows: their exact log_prob).
+def compute_bpd(run: str | Path, data: str | None, s: EvalSettings, *, divergence: str = "hutchinson",
+                probes: int = HUTCHINSON_PROBES, rtol: float = 1e-5, atol: float = 1e-5) -> dict[str, Any]:
+    """Bits/dim of held-out data under a run's model (ODE likelihood; flows: their exact log_prob), with the
+    standard error of the mean over images (`bits_per_dim_se`).
 
-    Both go through `family_bits_per_dim`: one dequantization and one bits/dim formula.
+    Both go through `family_bits_per_dim`: one dequantization and one bits/dim formula. Denoising families
+    integrate the unclipped probability-flow ODE; the divergence is Hutchinson's with `probes` Rademacher
+    probes per image (default 4), or exact on request (`divergence="exact"`: D vector-Jacobian products per
+    evaluation instead of `probes`). MEASURED_COST
     """
+    if divergence not in ("hutchinson", "exact"):
+        raise GenkitError(f"--divergence must be hutchinson or exact, got {divergence!r}")
     run = Path(run)
     data = data or f"recipe:{run / 'config.yaml'}:test"
     family = load(run, device=s.device)
-    images = torch.cat(list(iter_images(data, s.n, s.batch_size)))
+    images = torch.cat(list(iter_images(data, s.n, s.batch_size, seed=s.seed)))
     generator = torch.Generator().manual_seed(s.seed)
     if isinstance(family, Likelihood):  # a flow: exact log-likelihood, no solver
-        out = family_bits_per_dim(family, images, batch_size=s.batch_size, generator=generator)
+        out = family_bits_per_dim(family, images, batch_size=s.batch_size, generator=generator, progress=s.progress)
         solver = {}
     else:
-        exact = {"auto": None, "exact": True, "hutchinson": False}[divergence]
-        out = family_bits_per_dim(family, images, batch_size=s.batch_size, generator=generator,
-                                  exact_divergence=exact, hutchinson_samples=probes, rtol=rtol, atol=atol)
+        out = family_bits_per_dim(family, images, batch_size=s.batch_size, generator=generator, progress=s.progress,
+                                  exact_divergence=divergence == "exact", hutchinson_samples=probes, rtol=rtol,
+                                  atol=atol)
         solver = {"rtol": rtol, "atol": atol}
     return {"metric": "bpd", **out, "value": out["bits_per_dim"], "data": data, "run": str(run), **solver,
-            "dequantization": "uniform", "seed": s.seed, "genkit_version": __version__}
+            "subset": subsets(s, data=data), "dequantization": "uniform", "seed": s.seed,
+            "genkit_version": __version__}

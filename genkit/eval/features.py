@@ -12,9 +12,16 @@ from `--weights`, $GENKIT_WEIGHTS_DIR, the torch hub cache or ~/.cache/genkit
 - inception / tf (default): torch-fidelity's TF-ported InceptionV3 (TF1 bilinear resize to 299,
   (x - 128) / 128), pool3 2048-d; `logits` = 'logits_unbiased' (1008) for IS.
 - inception / pytorch-fid: pytorch-fid's InceptionV3 (F.interpolate bilinear to 299, x / 255).
+- inception / clean-fid: clean-fid's "clean" mode (Parmar et al. 2022): PIL bicubic resize of each
+  channel as float32 to 299 (clean-fid's own resizer; `pip install clean-fid`), (x - 128) / 128, and
+  the same TF Inception graph and weights file as `tf`.
 - clip: an open_clip image tower; features are the UN-normalised image embeddings
   (`encode_image(normalize=False)`), the FD-CLIP convention of Kynkaanniemi et al. 2023.
-- dinov2: timm's port of DINOv2 (Oquab et al. 2023) with the official weights, CLS token at 224 px.
+- dinov2: DINOv2 (Oquab et al. 2023) built with timm, official weights, as FD-DINOv2 (Stein et al.
+  2023, dgm-eval) computes it: PIL bicubic to 224, ImageNet mean/std, CLS token after the final norm,
+  position embeddings interpolated as the official model does. FD-DINOv2 uses protocol vitl14.
+- cmmd: CMMD's CLIP embeddings (Jayasumana et al. 2024, google-research/cmmd): centre crop, PIL
+  bicubic to 336, CLIP mean/std, OpenAI's ViT-L/14@336px, L2-normalised (`genkit.eval.cmmd`).
 - digits: genkit's small CNN on scikit-learn's digits (`digits_classifier`), shipped in
   genkit/assets: FD, IS and class accuracy on the embedded default with nothing to download.
 """
@@ -23,11 +30,15 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 from unittest import mock
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from genkit.errors import GenkitError
@@ -46,7 +57,12 @@ INCEPTION_URLS = {
 DINOV2 = {"vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2",
           "vitl14": "vit_large_patch14_dinov2", "vitg14": "vit_giant_patch14_dinov2"}
 DINOV2_SIZE = 224
+DINOV2_POS_OFFSET = 0.1  # the official `interpolate_offset`: bicubic scale (grid + 0.1) / 37, no antialias
+FD_DINOV2_PROTOCOL = "vitl14"  # Stein et al. 2023 (dgm-eval's default arch): FD-DINOv2 is FD on these features
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLEAN_FID_SIZE = 299
+CMMD_MODEL = "ViT-L-14-336-quickgelu"  # OpenAI's CLIP ViT-L/14@336px (QuickGELU), the paper's embedding model
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # OpenAI's
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DIGITS_JSON = "digits_classifier.json"
 
@@ -161,10 +177,53 @@ class InceptionPytorchFID(FeatureExtractor):
         return self.net(x)[0].flatten(1)  # (B, 2048, 1, 1) -> (B, 2048)
 
 
+def _clean_fid_resizer() -> Callable[[np.ndarray], np.ndarray]:
+    """clean-fid's own "clean" resize: (H, W, 3) uint8 -> (299, 299, 3) float32 in [0, 255], PIL bicubic per channel."""
+    try:
+        from cleanfid.resize import make_resizer
+    except ImportError:
+        raise GenkitError("--features inception --protocol clean-fid needs the clean-fid package "
+                          "(pip install clean-fid)") from None
+    return make_resizer("PIL", False, "bicubic", (CLEAN_FID_SIZE, CLEAN_FID_SIZE))  # = build_resizer("clean")
+
+
+class InceptionCleanFID(FeatureExtractor):
+    """clean-fid's "clean" mode: its float32 PIL bicubic resize, (x - 128) / 128, the TF Inception's pool3.
+
+    clean-fid runs NVIDIA's TorchScript `inception-2015-12-05.pt`, an archive of code that only
+    torch.jit.load opens (weights_only refuses it). It is the TF graph that torch-fidelity's and
+    pytorch-fid's networks port (convolutions without bias, batch norm without scale and eps 1e-3,
+    average pools that exclude the padding, a max pool in the last block, an 8x8 average pool), with
+    weights converted from the same TF 2015-12-05 checkpoint; so this runs pytorch-fid's FID Inception,
+    without its resize and normalisation, on the `tf` protocol's hash-checked file.
+    """
+
+    name, protocol, dim = "inception", "clean-fid", 2048
+    resize = "bicubic (clean-fid 'clean': PIL, each channel as float32, not quantised) to 299x299"
+
+    def __init__(self, weights: str | Path | None = None):
+        super().__init__()
+        from pytorch_fid import inception as pfi
+
+        self.resizer = _clean_fid_resizer()
+        state, self.weights_sha256 = _inception_state("tf", weights)  # the `tf` protocol's file
+        with mock.patch.object(pfi, "load_state_dict_from_url", lambda *args, **kwargs: state):
+            self.net = pfi.InceptionV3([3], resize_input=False, normalize_input=False, use_fid_inception=True)
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """Features (B, dim) of uint8 images (B, C, H, W)."""
+        hwc = check_images(images).permute(0, 2, 3, 1).cpu().numpy()        # (B, H, W, 3) uint8
+        x = torch.from_numpy(np.stack([self.resizer(im) for im in hwc]))    # (B, 299, 299, 3) float32 in [0, 255]
+        x = x.permute(0, 3, 1, 2).contiguous().to(images.device)            # (B, 3, 299, 299), laid out as clean-fid's
+        return self.net((x - 128) / 128)[0].flatten(1)  # clean-fid's InceptionV3W normalisation; (B, 2048)
+
+
 def build_inception(protocol: str | None = None, weights: str | Path | None = None) -> FeatureExtractor:
-    """InceptionV3 pool3 features under the 'tf' (torch-fidelity, default) or 'pytorch-fid' protocol."""
-    protocol = _check_protocol("inception", protocol, ["tf", "pytorch-fid"])
-    return InceptionTF(weights) if protocol == "tf" else InceptionPytorchFID(weights)
+    """InceptionV3 pool3 features under the 'tf' (torch-fidelity, default), 'pytorch-fid' or 'clean-fid' protocol."""
+    protocol = _check_protocol("inception", protocol, ["tf", "pytorch-fid", "clean-fid"])
+    return {"tf": InceptionTF, "pytorch-fid": InceptionPytorchFID, "clean-fid": InceptionCleanFID}[protocol](weights)
 
 
 def _resize_crop(x: Tensor, size: int, mode: str, crop: bool) -> Tensor:
@@ -174,6 +233,23 @@ def _resize_crop(x: Tensor, size: int, mode: str, crop: bool) -> Tensor:
     interpolation = TF.InterpolationMode.BICUBIC if mode == "bicubic" else TF.InterpolationMode.BILINEAR
     x = TF.resize(x, size if crop else [size, size], interpolation=interpolation, antialias=True)
     return TF.center_crop(x, [size, size]).clamp(0, 1) if crop else x.clamp(0, 1)
+
+
+def _pil_resize(images: Tensor, size: int, crop: bool) -> Tensor:
+    """uint8 (B, 3, H, W) -> uint8 (B, 3, size, size) through PIL's bicubic resize (antialiased, rounded to uint8).
+
+    `crop`: first the centred square of side min(H, W), as google-research/cmmd's io_util crops.
+    """
+    out = []
+    for hwc in images.permute(0, 2, 3, 1).cpu().numpy():                       # (H, W, 3) each
+        image = Image.fromarray(np.ascontiguousarray(hwc))
+        if crop:
+            w, h = image.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        out.append(np.asarray(image.resize((size, size), resample=Image.BICUBIC)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous().to(images.device)  # (B, 3, size, size)
 
 
 class ClipFeatures(FeatureExtractor):
@@ -225,25 +301,20 @@ def _clip_config(weights: str, protocol: str | None) -> tuple[str, dict[str, Any
     return protocol, cfg, None
 
 
-def build_clip(protocol: str | None = None, weights: str | Path | None = None) -> FeatureExtractor:
-    """open_clip image features from local weights: 'local-dir:FOLDER', or a FILE with protocol=MODEL.
-
-    MODEL must be the config the weights were trained with (OpenAI's: 'ViT-B-32-quickgelu').
-    """
+def _open_clip_model(protocol: str | None, weights: str | Path,
+                     feature: str = "clip") -> tuple[nn.Module, str, str, int]:
+    """(model, protocol, weights SHA-256, embedding dim) of an open_clip model from local weights only."""
     import open_clip
     from open_clip.factory import _find_checkpoint_in_dir
 
-    if weights is None:
-        raise GenkitError("--features clip needs --weights: local-dir:FOLDER (open_clip_config.json + weights) "
-                          "or a weights FILE with --protocol MODEL, e.g. ViT-B-32")
     model_name, cfg, folder = _clip_config(str(weights), protocol)
     if "hf_model_name" in cfg.get("text_cfg", {}):
-        raise GenkitError(f"--features clip: {model_name} has a Hugging Face text tower, which would be "
+        raise GenkitError(f"--features {feature}: {model_name} has a Hugging Face text tower, which would be "
                           f"fetched from the network; use an open_clip model with a built-in text tower")
     if folder is not None:
         found = _find_checkpoint_in_dir(folder)
         if found is None:
-            raise GenkitError(f"--features clip: no weights file (.safetensors, .bin, .pth) in '{folder}'")
+            raise GenkitError(f"--features {feature}: no weights file (.safetensors, .bin, .pth) in '{folder}'")
         path, sha = locate_weights(Path(found).name, found, sha256_prefix="")
         protocol = protocol or folder.name
     else:
@@ -251,14 +322,75 @@ def build_clip(protocol: str | None = None, weights: str | Path | None = None) -
     # A file path as `pretrained` (or local-dir:) loads locally with weights_only=True; no tag, no download.
     model = open_clip.create_model(model_name, pretrained=None if folder else str(path.resolve()),
                                    pretrained_image=False, pretrained_text=False, require_pretrained=True)
-    return ClipFeatures(model, protocol, sha, int(cfg["embed_dim"]))
+    return model, protocol, sha, int(cfg["embed_dim"])
+
+
+def build_clip(protocol: str | None = None, weights: str | Path | None = None) -> FeatureExtractor:
+    """open_clip image features from local weights: 'local-dir:FOLDER', or a FILE with protocol=MODEL.
+
+    MODEL must be the config the weights were trained with (OpenAI's: 'ViT-B-32-quickgelu').
+    """
+    if weights is None:
+        raise GenkitError("--features clip needs --weights: local-dir:FOLDER (open_clip_config.json + weights) "
+                          "or a weights FILE with --protocol MODEL, e.g. ViT-B-32")
+    return ClipFeatures(*_open_clip_model(protocol, weights))
+
+
+class CmmdFeatures(FeatureExtractor):
+    """CMMD's image embeddings (Jayasumana et al. 2024), as google-research/cmmd computes them.
+
+    io_util: the centred square crop, PIL bicubic to the model's size (336), uint8; embedding: / 255,
+    CLIP's mean/std, the image embedding L2-normalised (scenic's CLIP `normalize=True`).
+    """
+
+    name = "cmmd"
+
+    def __init__(self, model: nn.Module, protocol: str, sha256: str, dim: int):
+        super().__init__()
+        size = model.visual.preprocess_cfg["size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        if height != width:
+            raise GenkitError(f"--features cmmd: the model's input {height}x{width} is not square (CMMD's is 336x336)")
+        self.size = height
+        self.model, self.protocol, self.weights_sha256, self.dim = model, protocol, sha256, dim
+        self.resize = (f"centre crop to a square, then bicubic (PIL, antialias, uint8) to {self.size}x{self.size} "
+                       f"(google-research/cmmd)")
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    def protocol_dict(self) -> dict[str, Any]:
+        """The common protocol, plus the normalisation and the output CMMD is defined on."""
+        return {**super().protocol_dict(), "normalize": f"x / 255, CLIP mean {CLIP_MEAN} std {CLIP_STD}",
+                "output": "image embedding, L2-normalised"}
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """L2-normalised embeddings (B, dim) of uint8 images (B, C, H, W)."""
+        x = _pil_resize(check_images(images), self.size, crop=True).float() / 255    # (B, 3, size, size)
+        return self.model.encode_image((x - self.mean) / self.std, normalize=True).float()
+
+
+def build_cmmd(protocol: str | None = None, weights: str | Path | None = None) -> FeatureExtractor:
+    """CMMD's CLIP embeddings from local weights: 'local-dir:FOLDER', or a FILE of OpenAI's ViT-L/14@336px."""
+    if weights is None:
+        raise GenkitError(f"--features cmmd needs --weights: local-dir:FOLDER (open_clip_config.json + "
+                          f"open_clip_model.safetensors, e.g. Hugging Face's timm/vit_large_patch14_clip_336.openai) "
+                          f"or a weights FILE of OpenAI's CLIP ViT-L/14@336px (--protocol {CMMD_MODEL} by default)")
+    if not str(weights).startswith("local-dir:"):
+        protocol = protocol or CMMD_MODEL
+    return CmmdFeatures(*_open_clip_model(protocol, weights, "cmmd"))
 
 
 class DinoV2Features(FeatureExtractor):
-    """DINOv2 CLS token (after the final norm) at 224 px, ImageNet normalisation."""
+    """DINOv2 CLS token (after the final norm) at 224 px, as dgm-eval's DINOv2Encoder (Stein et al. 2023).
+
+    dgm-eval's transform: torchvision's Resize((224, 224), BICUBIC) on the PIL image (PIL's bicubic, uint8),
+    ToTensor, ImageNet mean/std; its model: torch hub's DINOv2, whose forward is the normed CLS token.
+    """
 
     name = "dinov2"
-    resize = f"bicubic (torchvision tensor resize, antialias) to {DINOV2_SIZE}x{DINOV2_SIZE}, squash"
+    resize = f"bicubic (PIL, antialias, uint8, as dgm-eval) to {DINOV2_SIZE}x{DINOV2_SIZE}, squash"
 
     def __init__(self, model: nn.Module, protocol: str, sha256: str | None):
         super().__init__()
@@ -268,21 +400,48 @@ class DinoV2Features(FeatureExtractor):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
 
+    def protocol_dict(self) -> dict[str, Any]:
+        """The common protocol, plus the normalisation, the output and the position-embedding interpolation."""
+        return {**super().protocol_dict(), "normalize": f"x / 255, ImageNet mean {IMAGENET_MEAN} std {IMAGENET_STD}",
+                "output": "CLS token after the final norm",
+                "pos_embed": f"official DINOv2 interpolation (bicubic, scale (grid + {DINOV2_POS_OFFSET}) / 37, "
+                             f"no antialias)"}
+
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Features (B, dim) of uint8 images (B, C, H, W)."""
-        x = _resize_crop(check_images(images).float() / 255, DINOV2_SIZE, "bicubic", crop=False)
+        x = _pil_resize(check_images(images), DINOV2_SIZE, crop=False).float() / 255  # (B, 3, 224, 224)
         return self.model.forward_features((x - self.mean) / self.std)[:, 0].float()  # (B, dim) CLS
 
 
+def dinov2_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
+    """(1, 1 + M*M, d) position embeddings -> (1, 1 + gh*gw, d) as DINOv2's `interpolate_pos_encoding` does.
+
+    Bicubic with scale factors (g + 0.1) / M and no antialias (facebookresearch/dinov2's defaults), which
+    timm's size-based, antialiased resampling does not reproduce.
+    """
+    cls, patch = pos_embed[:, :1], pos_embed[:, 1:].float()
+    m, dim = math.isqrt(patch.shape[1]), patch.shape[2]
+    patch = F.interpolate(patch.reshape(1, m, m, dim).permute(0, 3, 1, 2), mode="bicubic",    # (1, d, M, M)
+                          scale_factor=((grid[0] + DINOV2_POS_OFFSET) / m, (grid[1] + DINOV2_POS_OFFSET) / m))
+    if tuple(patch.shape[-2:]) != tuple(grid):  # the offset keeps floor((g + 0.1) / M * M) == g
+        raise GenkitError(f"--features dinov2: cannot interpolate a {m}x{m} position grid to {grid}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)                # (1, gh*gw, d)
+    return torch.cat([cls, patch], dim=1)
+
+
 def load_dinov2_weights(model: nn.Module, state: dict[str, Tensor], source: str = "state dict") -> None:
-    """Load an official DINOv2 checkpoint into timm's ViT (timm's filter: drops mask_token, resamples pos_embed)."""
+    """Load an official DINOv2 checkpoint into timm's ViT: position embeddings interpolated as DINOv2 does,
+    then timm's filter (drops mask_token, renames a giant's SwiGLU)."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if "mask_token" not in state:
         raise GenkitError(f"--features dinov2: {source} is not an official DINOv2 checkpoint (no 'mask_token')")
+    state = dict(state)
+    if "pos_embed" in state and state["pos_embed"].shape[1] != model.pos_embed.shape[1]:
+        state["pos_embed"] = dinov2_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
     try:
-        model.load_state_dict(checkpoint_filter_fn(dict(state), model), strict=True)
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
     except RuntimeError as e:
         raise GenkitError(f"--features dinov2: {source} does not fit {type(model).__name__}: "
                           f"{str(e).splitlines()[0]}") from None
@@ -358,6 +517,7 @@ FEATURES: dict[str, Callable[..., FeatureExtractor]] = {
     "clip": build_clip,
     "dinov2": build_dinov2,
     "digits": build_digits,
+    "cmmd": build_cmmd,
 }
 
 
@@ -366,11 +526,12 @@ def build_features(name: str, *, protocol: str | None = None, weights: str | Pat
     """Build the extractor `name` from local weights, frozen, on `device`.
 
     Args:
-        name: a key of FEATURES (inception, clip, dinov2, digits).
-        protocol: inception: 'tf' (default) or 'pytorch-fid'; clip: an open_clip model name;
-            dinov2: vitb14 (default), vits14, vitl14, vitg14; digits: 'genkit'.
+        name: a key of FEATURES (inception, clip, dinov2, digits, cmmd).
+        protocol: inception: 'tf' (default), 'pytorch-fid' or 'clean-fid'; clip: an open_clip model name;
+            dinov2: vitb14 (default), vits14, vitl14 (FD-DINOv2's), vitg14; digits: 'genkit';
+            cmmd: an open_clip model name (default ViT-L-14-336-quickgelu, the paper's).
         weights: a weights file, a folder holding the canonical file, a bare file name searched in
-            $GENKIT_WEIGHTS_DIR and the caches, or 'local-dir:FOLDER' (clip); None: the default file.
+            $GENKIT_WEIGHTS_DIR and the caches, or 'local-dir:FOLDER' (clip, cmmd); None: the default file.
         device: where the network runs.
     """
     if name not in FEATURES:

@@ -14,22 +14,26 @@ from torch import Tensor
 
 from genkit.errors import GenkitError
 from genkit.families.base import Denoising, Family, Likelihood
+from genkit.progress import Progress
 from genkit.samplers.likelihood import bits_per_dim, dequantize, ode_log_likelihood, reduce_bits
 
 
 def family_bits_per_dim(
     family: Family, images_uint8: Tensor, *, batch_size: int = 16, generator: torch.Generator | None = None,
-    n_bits: int | None = None, sigma_min: float | None = None, sigma_max: float | None = None, **kwargs: Any,
+    n_bits: int | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
+    progress: bool = False, **kwargs: Any,
 ) -> dict[str, Any]:
-    """Bits/dim of a family on integer images: dequantize, then the family's exact log p(x).
+    """Bits/dim of a family on integer images: dequantize, then the family's log p(x); mean, std over images and
+    the mean's standard error std / sqrt(n) (with Hutchinson's divergence its noise is in the spread: the probes
+    are drawn per image).
 
     Flows (`Likelihood` families): the exact change of variables. `images_uint8` are 8-bit;
     a flow trained on n_bits < 8 levels (Glow's n_bits_x, the family's `n_bits`) sees them
     reduced to its levels and is scored in bits per n_bits-bit dimension, as Glow reports.
     Denoising families: `ode_log_likelihood` over the family's sigma range (DDPM: the ends of its sigma
     table), images in [0, 2^n_bits) (default 8 bits); `kwargs` go to `ode_log_likelihood`
-    (exact_divergence, hutchinson_samples, rtol, atol, max_batch). The field is the one the
-    samplers follow: DDPM with `clip_sample` clamps x0_hat there as well.
+    (exact_divergence, hutchinson_samples, rtol, atol, max_batch). The field is the family's unclipped
+    `denoise` (DDPM's `clip_sample` clamps x0_hat in ddim and ancestral only). `progress` reports images done.
     """
     if images_uint8.dim() != 4 or tuple(images_uint8.shape[1:]) != tuple(family.sample_shape):
         raise GenkitError(f"family_bits_per_dim: images must be (N, *{tuple(family.sample_shape)}), "
@@ -53,28 +57,34 @@ def family_bits_per_dim(
     was_training = family.nets.training
     family.nets.eval()
     try:
-        if flow:
-            log_p, info = _flow_log_probs(family, x, batch_size), {"method": "exact change of variables (flow)"}
-        else:
-            log_p, info = _ode_log_probs(family, x, batch_size, generator, sigma_min, sigma_max, kwargs)
+        with Progress(len(x), "bits/dim", "image", disable=not progress) as bar:
+            if flow:
+                log_p = _flow_log_probs(family, x, batch_size, bar)
+                info: dict[str, Any] = {"method": "exact change of variables (flow)"}
+            else:
+                log_p, info = _ode_log_probs(family, x, batch_size, generator, sigma_min, sigma_max, kwargs, bar)
     finally:
         family.nets.train(was_training)
     bpd = bits_per_dim(-log_p, x[0].numel(), n_bits)
-    return {"bits_per_dim": float(bpd.mean()), "bits_per_dim_std": float(bpd.std()) if len(bpd) > 1 else 0.0,
+    std = float(bpd.std()) if len(bpd) > 1 else 0.0
+    return {"bits_per_dim": float(bpd.mean()), "bits_per_dim_std": std, "bits_per_dim_se": std / math.sqrt(len(bpd)),
             "nats_per_dim": float(bpd.mean()) * math.log(2), "n": len(bpd), "dims": x[0].numel(),
             "n_bits": n_bits, **info}
 
 
 @torch.no_grad()
-def _flow_log_probs(family: Likelihood, x: Tensor, batch_size: int) -> Tensor:
+def _flow_log_probs(family: Likelihood, x: Tensor, batch_size: int, bar: Progress) -> Tensor:
     """log p(x) of a flow's exact change of variables, in float64 on the CPU."""
-    chunks = [family.log_prob(x[i:i + batch_size].to(family.device)).detach().cpu().double()
-              for i in range(0, len(x), batch_size)]
+    chunks = []
+    for start in range(0, len(x), batch_size):
+        chunks.append(family.log_prob(x[start:start + batch_size].to(family.device)).detach().cpu().double())
+        bar.update(len(chunks[-1]))
     return torch.cat(chunks)
 
 
 def _ode_log_probs(family: Denoising, x: Tensor, batch_size: int, generator: torch.Generator | None,
-                   sigma_min: float | None, sigma_max: float | None, kwargs: dict) -> tuple[Tensor, dict]:
+                   sigma_min: float | None, sigma_max: float | None, kwargs: dict,
+                   bar: Progress) -> tuple[Tensor, dict]:
     """log p(x) along the probability-flow ODE over the family's sigma range, with the solver's info."""
     lo, hi = family.sigma_range()
     sigma_min = lo if sigma_min is None else sigma_min
@@ -85,7 +95,9 @@ def _ode_log_probs(family: Denoising, x: Tensor, batch_size: int, generator: tor
         log_p, info = ode_log_likelihood(family.denoise, batch, sigma_min, sigma_max, generator=generator, **kwargs)
         chunks.append(log_p.detach().cpu().double())
         infos.append(info)
+        bar.update(len(batch))
     return torch.cat(chunks), {"method": "probability-flow ODE, instantaneous change of variables (dopri5)",
+                               "field": "unclipped probability-flow ODE",
                                "divergence": infos[0]["divergence"], "probes": infos[0]["probes"],
                                "nfe": sum(info["nfe"] for info in infos),
                                "sigma_min": sigma_min, "sigma_max": sigma_max}

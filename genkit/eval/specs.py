@@ -7,14 +7,16 @@ A SPEC is one of
     RUN_DIR                 a genkit run folder: images are generated (sampler, steps, seed)
 Statistics files (mu/sigma .npz) are handled by `genkit.eval.stats`.
 Every source yields uint8 batches (B, C, H, W); generated images are quantized by rounding,
-exactly as saved PNGs would be.
+exactly as saved PNGs would be. `--n N` below the size of a folder, .npz or dataset takes N images
+drawn by a seeded permutation (results record it as "subset": {"n", "of", "seed"}), never the first
+N, which in a class-sorted folder are the first classes; for a run folder it is the number generated.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor
 from genkit.data import build_dataset
 from genkit.data.folder import EXTENSIONS, find_images, open_image
 from genkit.errors import GenkitError
-from genkit.eval.stats import split_prefix
+from genkit.eval.stats import is_stats_file, split_prefix
 from genkit.families.sampling import sample
 from genkit.io import to_uint8
 from genkit.runs import load, load_recipe
@@ -64,41 +66,56 @@ def check_exists(spec: str) -> None:
 SPEC_KINDS = "a folder of images, an .npz of images or statistics, a run folder, or recipe:NAME[:SPLIT]"
 
 
-def iter_images(spec: str, n: int | None, batch_size: int,
-                sample: SampleSettings | None = None) -> Iterator[Tensor]:
-    """uint8 batches (B, C, H, W) from a SPEC, at most n images (all, or n generated, if None)."""
+def iter_images(spec: str, n: int | None, batch_size: int, sample: SampleSettings | None = None, *,
+                seed: int = 0) -> Iterator[Tensor]:
+    """uint8 batches (B, C, H, W) from a SPEC: all its images, or n of them drawn at random (`subset_indices`
+    with `seed`: never the first n, which in a class-sorted folder are the first classes); a run folder
+    generates n."""
+    if describe(spec) == "run":
+        yield from _run_batches(Path(spec), n, batch_size, sample or SampleSettings())
+        return
+    count, read = _source(spec)
+    indices = subset_indices(count, n, seed)
+    chosen = range(count) if indices is None else indices
+    for start in range(0, len(chosen), batch_size):
+        yield read(list(chosen[start:start + batch_size]))
+
+
+def subset_indices(count: int, n: int | None, seed: int) -> list[int] | None:
+    """The n of `count` images --n selects, in increasing order: the first n of a permutation seeded by `seed`;
+    None when all are used (n is None or n >= count)."""
+    if n is None or n >= count:
+        return None
+    return sorted(torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+
+
+def subset_record(spec: str, n: int | None, seed: int) -> dict[str, int] | None:
+    """What a result records of the subset --n drew from a SPEC: {"n", "of", "seed"}; None when every image is
+    used, and for a run folder (--n generates n) or a statistics file."""
+    if describe(spec) == "run" or is_stats_file(spec):
+        return None
+    count = _source(spec)[0]
+    return None if n is None or n >= count else {"n": n, "of": count, "seed": seed}
+
+
+def _source(spec: str) -> tuple[int, Callable[[list[int]], Tensor]]:
+    """(number of images, read(indices) -> uint8 batch) of a folder, an .npz or a recipe's dataset."""
     kind = describe(spec)
     if kind == "recipe":
-        yield from _limit(_recipe_batches(spec[len("recipe:"):], batch_size), n)
-    elif kind == "npz":
-        yield from _limit(_npz_batches(Path(spec), batch_size), n)
-    elif kind == "run":
-        yield from _run_batches(Path(spec), n, batch_size, sample or SampleSettings())
-    else:
-        yield from _limit(_folder_batches(Path(spec), batch_size), n)
+        return _recipe_source(spec[len("recipe:"):])
+    if kind == "npz":
+        images = _npz_images(Path(spec))
+        return len(images), lambda idx: torch.from_numpy(images[idx])
+    return _folder_source(Path(spec))
 
 
-def _limit(batches: Iterator[Tensor], n: int | None) -> Iterator[Tensor]:
-    left = n
-    for batch in batches:
-        if left is not None:
-            batch = batch[:left]
-            left -= len(batch)
-        if len(batch):
-            yield batch
-        if left == 0:
-            return
-
-
-def _recipe_batches(ref: str, batch_size: int) -> Iterator[Tensor]:
+def _recipe_source(ref: str) -> tuple[int, Callable[[list[int]], Tensor]]:
     name, _, split = ref.partition(":")
     dataset = build_dataset(load_recipe(name).data, split or "train")
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))]
-        yield to_uint8(torch.stack(items))
+    return len(dataset), lambda idx: to_uint8(torch.stack([dataset[i]["image"] for i in idx]))
 
 
-def _npz_batches(path: Path, batch_size: int) -> Iterator[Tensor]:
+def _npz_images(path: Path) -> np.ndarray:
     if not path.is_file():
         raise GenkitError(f"'{path}' not found")
     try:
@@ -108,9 +125,7 @@ def _npz_batches(path: Path, batch_size: int) -> Iterator[Tensor]:
             images = z["images"]
     except (OSError, ValueError) as e:
         raise GenkitError(f"cannot read '{path}': {e}") from None
-    images = _as_uint8(images, path)
-    for start in range(0, len(images), batch_size):
-        yield torch.from_numpy(images[start:start + batch_size])
+    return _as_uint8(images, path)
 
 
 HALF_LEVEL = 1 / 255  # half a uint8 level in [-1, 1] units
@@ -135,25 +150,28 @@ def _as_uint8(images: np.ndarray, path: Path) -> np.ndarray:
     return to_uint8(torch.from_numpy(images)).numpy()
 
 
-def _folder_batches(root: Path, batch_size: int) -> Iterator[Tensor]:
+def _folder_source(root: Path) -> tuple[int, Callable[[list[int]], Tensor]]:
     """Images at their own size (the feature extractor resizes); RGB unless the first is grey."""
     if not root.is_dir():
         raise GenkitError(f"'{root}' is neither an image folder, an .npz, a run folder, nor recipe:NAME")
     files = find_images(root, follow_symlinks=True)  # the folder you name is what you evaluate, links and all
     if not files:
         raise GenkitError(f"no images under '{root}' (read: {', '.join(EXTENSIONS)})")
-    mode = "L" if open_image(files[0]).mode in ("L", "1", "LA") else "RGB"
-    shape = None
-    for start in range(0, len(files), batch_size):
+    first = open_image(files[0])
+    mode = "L" if first.mode in ("L", "1", "LA") else "RGB"
+    shape = np.asarray(first.convert(mode)).shape
+
+    def read(indices: list[int]) -> Tensor:
         arrays = []
-        for path in files[start:start + batch_size]:
+        for path in (files[i] for i in indices):
             a = np.asarray(open_image(path).convert(mode))
-            shape = shape or a.shape
             if a.shape != shape:
                 raise GenkitError(f"image '{path}' is {a.shape[1]}x{a.shape[0]}, the folder's first is "
                                   f"{shape[1]}x{shape[0]}: evaluation needs one size")
             arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-        yield torch.from_numpy(np.stack(arrays))
+        return torch.from_numpy(np.stack(arrays))
+
+    return len(files), read
 
 
 def _run_batches(run: Path, n: int | None, batch_size: int, s: SampleSettings) -> Iterator[Tensor]:

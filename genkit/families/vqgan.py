@@ -128,6 +128,7 @@ class VQGAN(Family, Tokenizer):
     def __init__(self, cfg: VQGANConfig, shape: tuple[int, int, int], num_classes: int = 0):
         check_config(cfg, shape[1])
         self.cfg, self.sample_shape = cfg, tuple(shape)
+        self._codebook_step: int | None = None  # the step whose micro-batches the quantizer accumulates
         self.nets = nn.ModuleDict({"autoencoder": VQAutoencoder(cfg, shape[0]),
                                    "disc": PatchDiscriminator(shape[0], cfg.disc_channels, cfg.disc_layers)})
         self.perceptual = None
@@ -161,7 +162,9 @@ class VQGAN(Family, Tokenizer):
         return l1 + self.cfg.perceptual_weight * p, {"l1": l1.detach(), "lpips": p.detach()}
 
     def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
-        """Autoencoder step (L_VQ + lambda L_GAN), then discriminator step, then the codebook update."""
+        """Autoencoder step (L_VQ + lambda L_GAN), then discriminator step, then the codebook update:
+        the codebook statistics of the step's micro-batches are summed and applied once, when "ae"
+        steps, so grad_accum = 2 at batch B updates the codebook as grad_accum = 1 at batch 2B."""
         x = batch["image"]
         ae, disc = self.nets["autoencoder"], self.nets["disc"]
         x_rec, z_e, k, vq = ae(x)
@@ -175,12 +178,17 @@ class VQGAN(Family, Tokenizer):
             lam = adaptive_weight(rec, g_loss, last, self.cfg.adaptive_max)
             loss = loss + self.cfg.disc_weight * lam * g_loss
             logs.update(g_loss=g_loss.detach(), adaptive_weight=lam)
-        opt.step("ae", loss)
+        quantizer = extract_model_from_parallel(ae).quantizer
+        if step != self._codebook_step:  # a new step: drop micro-batches of one whose optimizer skipped
+            quantizer.discard()
+            self._codebook_step = step
+        quantizer.accumulate(z_e, k)
+        stepped = opt.step("ae", loss)
         if gan_on:
             d_loss = hinge_d_loss(disc(x.detach()).float(), disc(x_rec.detach()).float())
             opt.step("disc", d_loss)
             logs["d_loss"] = d_loss.detach()
-        restarted = extract_model_from_parallel(ae).quantizer.update(z_e, k, opt.randint)
+        restarted = quantizer.update(opt.randint) if stepped else 0  # once per optimizer step
         return {"loss": loss.detach(), **logs, "commitment": vq["commitment"], "codebook": vq["codebook"],
                 "perplexity": vq["perplexity"], "usage": vq["usage"],
                 "restarted": torch.tensor(float(restarted))}

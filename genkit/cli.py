@@ -39,6 +39,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+SCHEDULE_HELP = ("sigma grid: family, karras[:rho=R], logsnr or time-uniform, each with ':end=sigma_min' to end "
+                 "there without the final denoising call (e.g. logsnr:end=sigma_min); default: the one the "
+                 "sampler recommends for the family")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="genkit", description="Generative models: train, sample, evaluate.")
     p.add_argument("--version", action="version", version=f"genkit {__version__}")
@@ -65,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run", type=Path, help="run folder written by `genkit train`, or a diffusers folder")
     s.add_argument("--sampler", help="sampler name (default: the family's; e.g. ddim, ancestral)")
     s.add_argument("--steps", type=_positive, help="sampler steps (default: the family's)")
+    s.add_argument("--nfe", type=_positive,
+                   help="network evaluations to spend instead of --steps: the step count that spends exactly N")
     s.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--batch-size", type=_positive, help="images per network batch (default 256; lower it when "
@@ -72,8 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=_finite, help="DDIM noise scale: 0 deterministic, 1 = DDPM posterior")
     s.add_argument("--temperature", type=_finite,
                    help="direct sampler of flows: scale of the prior's std (Glow: 0.7); autoregressive: logits / T")
-    s.add_argument("--schedule", choices=["karras", "uniform"],
-                   help="sigma grid: the family's own (default), karras (EDM rho=7) or uniform (arctan time)")
+    s.add_argument("--schedule", metavar="GRID", help=SCHEDULE_HELP)
     s.add_argument("--rtol", type=_finite, help="rk45 relative tolerance (default 1e-5)")
     s.add_argument("--atol", type=_finite, help="rk45 absolute tolerance (default 1e-5)")
     s.add_argument("--truncation", type=_finite, help="direct (GAN): redraw latent entries with |z| > this")
@@ -83,7 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", type=Path, metavar="FILE",
                    help="text file of prompts, one per line, used in turn over the --n images")
     s.add_argument("--guidance", type=_finite,
-                   help="classifier-free guidance scale: 1 conditional (default), 0 unconditional, >1 guided")
+                   help="classifier-free guidance scale: 1 conditional (default), 0 unconditional, >1 guided; "
+                        "with --guide-with, the autoguidance scale")
+    s.add_argument("--guide-with", metavar="RUN2[:STEP]",
+                   help="autoguidance (Karras et al. 2024): guide with a worse model of the same data, a smaller run "
+                        "or an earlier checkpoint (RUN:STEP, e.g. this run's own step-500): D2 + w (D - D2) at "
+                        "--guidance w; each step evaluates both (the NFE counts both)")
     s.add_argument("--top-k", dest="top_k", type=_positive, help="autoregressive: sample among the k most likely tokens")
     s.add_argument("--top-p", dest="top_p", type=_finite, help="autoregressive: nucleus sampling, token set of mass >= p")
     s.add_argument("--out", type=Path, default=Path("grid.png"), help="PNG grid path (default grid.png)")
@@ -109,6 +120,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--shard-size", type=_positive, default=1024, help="pairs per shard file (default 1024)")
     r.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     r.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+    m = sub.add_parser("ema", help="post-hoc EMA: reconstruct any EMA length of a run trained with train.posthoc_ema",
+                       description="Reconstruct the weights of an EMA of length --sigma-rel from the post-hoc EMA "
+                                   "snapshots of a run (Karras et al. 2024) into a new run folder, or --sweep: FD over "
+                                   "a range of lengths, with a table, JSON and a PNG plot in RUN/eval/.")
+    m.add_argument("run", type=Path, help="run folder trained with train.posthoc_ema")
+    m.add_argument("--sigma-rel", type=_finite, help="EMA length: the profile's std relative to training time (0, 0.28)")
+    m.add_argument("--out", type=Path, help="new run folder (default: RUN-ema<sigma_rel> next to RUN)")
+    m.add_argument("--step", type=_positive, help="the EMA as it stood at this step (default: the last snapshot)")
+    m.add_argument("--sweep", action="store_true", help="FD of the reconstructions over a range of sigma_rel, "
+                                                        "with the recipe's eval features and sampler")
+    m.add_argument("--n", type=_positive, help="--sweep: samples per FD (default: the recipe's eval.n)")
+    m.add_argument("--sigma-rels", help="--sweep: comma-separated lengths (default 0.02 to 0.25, nine values)")
+    m.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
 
     x = sub.add_parser("export", help="export a run for another library (diffusers)",
                        description="Write a run as a diffusers pipeline folder that "
@@ -140,6 +165,9 @@ SPEC_HELP = ("a folder of images, an .npz of images (key `images`), a statistics
 # metric of two feature sets registered in genkit.eval.engine.FEATURE_METRICS needs one line here to be a command.
 METRIC_HELP = {
     "fid": "Frechet distance between the feature Gaussians of --real and --fake",
+    "fd-dinov2": "FD-DINOv2 (Stein et al. 2023): the Frechet distance on DINOv2 ViT-L/14 features (dgm-eval's "
+                 "preprocessing)",
+    "cmmd": "CMMD (Jayasumana et al. 2024): MMD^2 of CLIP ViT-L/14@336px embeddings, Gaussian kernel",
     "kid": "Kernel Inception Distance (unbiased MMD^2, polynomial kernel)",
     "is": "Inception Score of --fake", "prdc": "precision, recall, density, coverage",
     "w1": "Wasserstein-1 distance: the dual estimate of a fresh WGAN-GP critic fitted to the features "
@@ -150,6 +178,12 @@ METRIC_HELP = {
     "straightness": "the rectified-flow paper's straightness S(Z) of a run's Euler paths",
     "recon": "reconstruction PSNR, LPIPS, rFD and codebook usage of a tokenizer run (vqgan)",
 }
+
+
+# --features of each metric when not given: None lets the engine decide (the run's data, the statistics files' own)
+FEATURES_DEFAULT = {"recon": None, "curve": None, "fid": None, "fd-dinov2": None, "cmmd": "cmmd"}
+FEATURES_HELP = {"fd-dinov2": "dinov2 (the default and only choice)",
+                 "cmmd": "cmmd (the default and only choice: CLIP ViT-L/14@336px, L2-normalised)"}
 
 
 def _eval_parser(sub: Any) -> None:
@@ -189,7 +223,7 @@ def _eval_parser(sub: Any) -> None:
             m.add_argument("--samplers", default="ddim,euler,heun,dpmpp-2m", help="comma-separated samplers")
             m.add_argument("--steps-list", "--steps", dest="steps_list", default="5,10,20,50",
                            help="comma-separated step counts (default 5,10,20,50)")
-            m.add_argument("--schedule", choices=["karras", "uniform"], help="sigma grid (default: the family's)")
+            m.add_argument("--schedule", metavar="GRID", help=SCHEDULE_HELP)
             m.add_argument("--real", metavar="SPEC", help="reference (default: the run's training data)")
             m.add_argument("--out", type=Path, help="folder for curve.csv/.png/.json (default RUN/eval)")
             m.set_defaults(json=False)
@@ -209,11 +243,14 @@ def _eval_parser(sub: Any) -> None:
         else:
             m.set_defaults(kid_subset_size=None, kid_subsets=100)
         if name not in ("bpd", "straightness"):
-            m.add_argument("--features", default=None if name in ("recon", "curve", "fid") else "inception",
-                           help="feature extractor: inception (default; recon, curve: digits for runs trained on "
-                                "the digits; fid of two statistics files: theirs), clip, "
-                                "dinov2, digits" + (", or pixels (flattened images in [-1, 1])" if name == "w1" else ""))
-            m.add_argument("--protocol", help="extractor protocol, e.g. tf (default) or pytorch-fid for inception")
+            m.add_argument("--features", default=FEATURES_DEFAULT.get(name, "inception"),
+                           help=FEATURES_HELP.get(name, "feature extractor: inception (default; recon, curve: digits "
+                                "for runs trained on the digits; fid of two statistics files: theirs), clip, "
+                                "dinov2, cmmd, digits" + (", or pixels (flattened images in [-1, 1])"
+                                                          if name == "w1" else "")))
+            m.add_argument("--protocol", help="extractor protocol: inception tf (default), pytorch-fid or clean-fid; "
+                                              "dinov2 vitl14 (default), vitb14, ...; clip and cmmd an "
+                                              "open_clip model name")
             m.add_argument("--weights", help="weights file or folder (else $GENKIT_WEIGHTS_DIR, then the torch hub cache)")
         else:
             m.set_defaults(features="", protocol=None, weights=None)
@@ -288,18 +325,30 @@ def _sample(args: argparse.Namespace) -> None:
         if path is not None and path.is_dir():
             raise GenkitError(f"{flag} '{path}' is a folder: give a file path")
     family = load(args.run, device=args.device)
+    guide = None
+    if args.guide_with is not None:
+        guide_run, step = _run_and_step(args.guide_with)
+        guide = load(guide_run, device=args.device, step=step)
     options = {k: v for k in ("eta", "temperature", "truncation", "top_k", "top_p", "rtol", "atol")
                if (v := vars(args)[k]) is not None}
-    out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+    out = sample_with_info(family, args.n, sampler=args.sampler, steps=args.steps, nfe=args.nfe, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
                            guidance=args.guidance, prompts=_prompts(args), precision=args.precision,
-                           compile=_compile(args), progress=True, **options)
+                           compile=_compile(args), progress=True, guide=guide, **options)
     print(f"sampler {out.sampler}, steps {out.steps}, NFE {out.nfe}, {out.seconds:.1f} s")
     print(f"grid: {save_grid(out.images, args.out)}")
     if args.save_npz:
         path = save_npz(args.save_npz, out.images, sampler=out.sampler, steps=out.steps or 0,
-                        nfe=out.nfe, seed=args.seed, schedule=args.schedule or "family")
+                        nfe=out.nfe, seed=args.seed, schedule=out.schedule or "none")
         print(f"npz: {path}")
+
+
+def _run_and_step(spec: str) -> tuple[Path, int | None]:
+    """RUN or RUN:STEP (a checkpoint of RUN); a RUN folder whose name holds a colon is taken whole."""
+    run, sep, step = spec.rpartition(":")
+    if sep and run and step.isdigit() and not Path(spec).exists():
+        return Path(run), int(step)
+    return Path(spec), None
 
 
 def _prompts(args: argparse.Namespace) -> list[str] | None:
@@ -362,7 +411,9 @@ def _eval(args: argparse.Namespace) -> None:
         result = _w1(args, s)
     elif args.metric == "fid":
         result = engine.compute_fid(args.real, args.fake, s)
-    else:  # kid, prdc and any other registered feature metric (genkit.eval.engine.FEATURE_METRICS)
+    elif args.metric == "fd-dinov2":
+        result = engine.compute_fd_dinov2(args.real, args.fake, s)
+    else:  # kid, prdc, cmmd and any other registered feature metric (genkit.eval.engine.FEATURE_METRICS)
         result = engine.compute_metric(args.metric, args.real, args.fake, s)
     if args.out and args.metric != "stats":
         write_json(args.out, result)
@@ -455,6 +506,34 @@ def _curve(args: argparse.Namespace, s: Any) -> None:
     print(f"saved {out / 'curve.csv'}, {out / 'curve.png'}, {out / 'curve.json'}")
 
 
+def _ema(args: argparse.Namespace) -> None:
+    import json
+
+    from genkit.io import write_json
+    from genkit.training import phema
+
+    if args.sweep == (args.sigma_rel is not None):
+        raise GenkitError("give --sigma-rel X (reconstruct) or --sweep (FD over a range), one of them")
+    if not args.sweep:
+        from genkit.api import posthoc_ema
+
+        print(f"run folder: {posthoc_ema(args.run, args.sigma_rel, args.out, args.step)}")
+        return
+    try:
+        lengths = tuple(float(v) for v in args.sigma_rels.split(",")) if args.sigma_rels else phema.SWEEP
+    except ValueError:
+        raise GenkitError(f"--sigma-rels: expected comma-separated numbers, got '{args.sigma_rels}'") from None
+    rows = phema.sweep(args.run, lengths, device=args.device, n=args.n)
+    out = args.run / "eval"
+    write_json(out / "posthoc_ema.json", {"rows": rows})
+    phema.plot_sweep(rows, out / "posthoc_ema.png", f"{args.run.name}: FD vs EMA length")
+    print("| sigma_rel | FD |\n|---|---|")
+    print("\n".join(f"| {r['sigma_rel']:g} | {r['fd']:.4g} |" for r in rows))
+    best = min(rows, key=lambda r: r["fd"])
+    print(f"best sigma_rel {best['sigma_rel']:g}: genkit ema {args.run} --sigma-rel {best['sigma_rel']:g}")
+    print(f"saved {out / 'posthoc_ema.json'}, {out / 'posthoc_ema.png'} ({json.dumps(rows[0]['features'])})")
+
+
 def _export(args: argparse.Namespace) -> None:
     from genkit.interop import export_diffusers
 
@@ -469,7 +548,7 @@ def _import_diffusers(args: argparse.Namespace) -> None:
     print(f"run folder: {run} (genkit sample {run})")
 
 
-COMMANDS = {"train": _train, "sample": _sample, "reflow": _reflow, "recipes": _recipes, "eval": _eval,
+COMMANDS = {"train": _train, "sample": _sample, "reflow": _reflow, "recipes": _recipes, "eval": _eval, "ema": _ema,
             "export": _export, "import-diffusers": _import_diffusers}
 
 

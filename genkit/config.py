@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import types
 from collections.abc import Mapping, Sequence
@@ -52,16 +53,29 @@ class OptimConfig:
 
 
 @dataclass
+class PostHocEMAConfig:
+    """Post-hoc EMA (Karras et al. 2024): power-function EMA profiles tracked, snapshotted for `genkit ema`."""
+
+    sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])  # the tracked profiles (the paper's)
+    every: int = 100                  # steps between snapshots (doubled whenever the budget is full)
+    budget_mb: float = 1024.0         # disk for RUN/phema/ snapshots: older ones are thinned to stay within it
+
+
+@dataclass
 class TrainConfig:
     """Trainer settings; `steps` counts optimizer steps after accumulation."""
 
     steps: int = 1000
+    max_time: float | str | None = None  # wall-clock budget: seconds, or "90s", "20m", "2h", "1h30m"; the run ends
+                                         # at it or at `steps`, whichever comes first, and the LR schedule and the
+                                         # EMA warm-up follow the fraction of the budget used (genkit.training.budget)
     seed: int = 0
     grad_accum: int = 1
     precision: Literal["no", "bf16", "fp16"] = "no"
     clip_grad: float | None = 1.0
     ema_decay: float | None = 0.999
     ema_warmup: bool = True
+    posthoc_ema: PostHocEMAConfig | None = None  # post-hoc EMA snapshots (genkit.training.phema; `genkit ema`)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup: int = 0
     checkpoint_every: int = 1000
@@ -348,6 +362,27 @@ def _model_from_dict(raw: Any, families: Mapping[str, type]) -> Any:
     return from_dict(families[name], raw, "model")
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([dhms])")
+_UNIT_SECONDS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(value: float | str, key: str = "train.max_time") -> float:
+    """Seconds of a duration: a number of seconds, or text such as "90s", "20m", "2h", "1h30m", "1.5h"."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"\d+(?:\.\d*)?", text):
+            text += "s"
+        parts = _DURATION.findall(text)
+        if not parts or _DURATION.sub("", text).strip():
+            raise ConfigError(f"{key}: expected seconds or a duration such as 90s, 20m, 2h or 1h30m, got {value!r}")
+        seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    else:
+        seconds = float(value)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{key}: must be a duration > 0, got {_short(value)}")
+    return seconds
+
+
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: must be {rule}, got {_short(value)}")
@@ -367,6 +402,8 @@ def validate(recipe: Recipe) -> None:
     ]:
         _check(value >= low, key, f">= {low}", value)
     ema, clip = t.ema_decay, t.clip_grad
+    if t.max_time is not None:
+        parse_duration(t.max_time)
     _check(ema is None or 0 <= ema < 1, "train.ema_decay", "in [0, 1) or null", ema)
     _check(clip is None or clip > 0, "train.clip_grad", "> 0 or null", clip)
     _check(s.steps is None or s.steps >= 1, "sample.steps", ">= 1 or null", s.steps)

@@ -20,6 +20,12 @@ function that builds its pipeline: a plain dict, so latent diffusion (issue 9: U
                     DDIMPipeline(num_inference_steps=N, eta=e, use_clipped_model_output=True)
                                                          == genkit `ddim`, N steps, eta=e
                     (genkit takes eps from the clipped x0_hat; diffusers' default does not).
+    consistency     ConsistencyModelPipeline + CMStochasticIterativeScheduler (same sigma_min, sigma_max,
+                    sigma_data, rho; c_skip, c_out, c_in and the timestep 250 ln sigma are genkit's
+                    `parametrization: edm`): pipeline(num_inference_steps=1) == genkit `consistency`
+                    1 step from the same noise (x = sigma_max eps). A run fine-tuned with
+                    `parametrization: ddpm|rectified_flow` reads its UNet otherwise: refused.
+    meanflow        refused: no diffusers pipeline evaluates an average velocity u(z, r, t).
     rectified_flow  FlowMatchEulerDiscreteScheduler(shift=model.shift) in DDPMPipeline's loop,
                     whose step IS genkit's `ddim` on this family (timestep = 1000 t, output =
                     noise - data). Its default grid is linspace(1, 1/1000, N) then 0, genkit's is
@@ -44,12 +50,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import (
+    CMStochasticIterativeScheduler,
+    ConsistencyModelPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
 from safetensors import SafetensorError
 
 from genkit.config import Recipe, dump_recipe, recipe_to_dict
 from genkit.errors import ConfigError, RunError
 from genkit.families.base import Family
+from genkit.families.consistency import Consistency
 from genkit.families.ddpm import DDPM, DDPMConfig
 from genkit.families.ldm import LDM, LDMConfig
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
@@ -160,11 +175,31 @@ def _ldm_folders(family: LDM) -> LatentDiffusionFolders:
     return LatentDiffusionFolders(family)
 
 
+def _consistency_pipeline(family: Consistency) -> ConsistencyModelPipeline:
+    """ConsistencyModelPipeline of an iCT-parametrised run (c_in x, timestep 250 ln sigma: diffusers' convention)."""
+    cfg = family.cfg
+    if cfg.parametrization != "edm" or cfg.class_cond:
+        why = "class-conditional" if cfg.class_cond else f"parametrization={cfg.parametrization!r}"
+        raise ConfigError(f"model.{'class_cond' if cfg.class_cond else 'parametrization'}: a {why} consistency "
+                          "model has no diffusers pipeline (ConsistencyModelPipeline needs parametrization: edm, "
+                          "unconditional)")
+    scheduler = CMStochasticIterativeScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+                                               sigma_data=cfg.sigma_data, rho=cfg.rho, clip_denoised=True)
+    return ConsistencyModelPipeline(unet=family.nets["unet"], scheduler=scheduler)
+
+
 # family name -> its diffusers pipeline, or an object with save_pretrained() and .scheduler
 EXPORTERS: dict[str, Callable[[Family], Any]] = {
     "ddpm": _ddpm_pipeline,
     "rectified_flow": _flow_pipeline,
     "ldm": _ldm_folders,
+    "consistency": _consistency_pipeline,
+}
+
+# family name -> why it has no diffusers export (said instead of the generic refusal)
+NOT_EXPORTABLE = {
+    "meanflow": "no diffusers pipeline or scheduler evaluates MeanFlow's average velocity u(z, r, t) "
+                "(a UNet with two time embeddings); sample it with genkit",
 }
 
 REPRODUCE = {
@@ -172,6 +207,8 @@ REPRODUCE = {
             "eta=E, use_clipped_model_output=True) == genkit ddim N steps eta=E (same generator)",
     "rectified_flow": "DDPMPipeline runs FlowMatchEuler steps on the grid linspace(1, 1/1000, N), 0; "
                       "set_timesteps(sigmas=linspace(1, 1/N, N)) in a hand loop == genkit ddim N steps",
+    "consistency": "ConsistencyModelPipeline(num_inference_steps=1) == genkit consistency 1 step from the same "
+                   "noise (latents=eps: x = sigma_max eps); timesteps=[...] for multistep",
     "ldm": "no diffusers pipeline (genkit's text encoder): load unet/, vae/, scheduler/ separately; "
            "latents = scale_factor * vae mean (genkit_ldm.json); text_encoder/ loads into genkit.nn.text.TextEncoder",
 }
@@ -211,6 +248,8 @@ def export_diffusers(run: str | Path, out: str | Path, *, weights: str = "ema") 
     run, out = Path(run), Path(out)
     _check_new_folder(out, "export folder")
     family, loaded = _run_family(run, weights)
+    if family.name in NOT_EXPORTABLE:
+        raise ConfigError(f"model.family={family.name!r} has no diffusers export: {NOT_EXPORTABLE[family.name]}")
     if family.name not in EXPORTERS:
         raise ConfigError(f"model.family={family.name!r} has no diffusers export; exportable: "
                           f"{', '.join(EXPORTERS)}")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 def mix_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(2, np.uint64)[0]) >> 1
 
 
 def seeded(*parts: int) -> torch.Generator:

@@ -166,12 +166,15 @@ def run_recipe(run: str | Path) -> Recipe:
 
 
 # -- resume ---------------------------------------------------------------------------------------
-# Recipe keys a resumed run may change: how long, how often to log, sample, evaluate and checkpoint,
-# what to sample and evaluate. Anything else (model, data, optimizer, schedule, precision, seed) would
-# make the resumed run something other than what its checkpoints hold, so a change is refused.
-RESUME_SAFE = ("name", "description", "train.steps", "train.checkpoint_every", "train.keep_last",
+# Recipe keys a resumed run may change: how long (steps, time budget), how often to log, sample, evaluate and
+# checkpoint, what to sample and evaluate. Anything else (model, data, optimizer, schedule, precision, seed) would
+# make the resumed run something other than what its checkpoints hold, so a change is refused. How a step's
+# samples are split (data.batch_size per process, train.grad_accum) may change with the number of processes of
+# a resume on another cluster; the data position is in samples (genkit.data.position) and the trainer warns
+# when the samples per step change.
+RESUME_SAFE = ("name", "description", "train.steps", "train.max_time", "train.checkpoint_every", "train.keep_last",
                "train.sample_every", "train.log_every", "train.eval_every", "train.on_nan", "data.num_workers",
-               "sample.", "eval.")
+               "data.batch_size", "train.grad_accum", "sample.", "eval.")
 
 
 def flat(recipe: Recipe) -> dict[str, Any]:
@@ -307,7 +310,7 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 # what a training start writes into its run folder before its first checkpoint
-START_FILES = (CONFIG, "metrics.jsonl", RESUMES, "tensorboard", "samples", "eval", "best", CHECKPOINTS, MODEL)
+START_FILES = (CONFIG, "metrics.jsonl", RESUMES, "tensorboard", "samples", "eval", "best", CHECKPOINTS, MODEL, "phema")
 
 
 def cleanup_failed_start(run_dir: Path, created: bool) -> None:

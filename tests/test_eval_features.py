@@ -12,6 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import save_file
 from torch import nn
 
@@ -400,12 +401,12 @@ def test_dinov2_builds_from_local_file_at_224(tmp_path, monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", lambda name, pretrained, img_size, num_classes: tiny_vit(img_size))
     source = tiny_vit(img_size=518)  # the official files are trained at 518 px: pos_embed is resampled
-    torch.save(official_dinov2_state(source), tmp_path / "dinov2_vitb14_pretrain.pth")
+    torch.save(official_dinov2_state(source), tmp_path / "dinov2_vitl14_pretrain.pth")
     monkeypatch.setenv("GENKIT_WEIGHTS_DIR", str(tmp_path))
-    extractor = ft.build_features("dinov2")
+    extractor = ft.build_features("dinov2")  # FD-DINOv2's ViT-L/14 by default
     images = uint8_images(2, size=30, seed=4)
     feats = extractor(images)
-    assert feats.shape == (2, 32) and extractor.protocol_dict()["protocol"] == "vitb14"
+    assert feats.shape == (2, 32) and extractor.protocol_dict()["protocol"] == "vitl14"
     assert torch.equal(extractor.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert extractor.model.pos_embed.shape == (1, 1 + 16 * 16, 32)
 
@@ -549,3 +550,60 @@ def test_cmmd_features_need_local_weights_and_default_to_the_papers_model(tmp_pa
             pytest.raises(AssertionError, match="stop"):
         ft.build_features("cmmd", weights=tmp_path / "clip.safetensors")
     assert create.call_args.args[0] == "ViT-L-14-336-quickgelu"  # OpenAI's ViT-L/14@336px uses QuickGELU
+
+
+# --- fd-dinov2 and cmmd as `genkit eval` commands ----------------------------------------------
+
+def test_genkit_eval_fd_dinov2_defaults_to_vitl14(random_dinov2, tmp_path):
+    from genkit.eval import engine
+
+    _, folder = random_dinov2
+    real, fake = (tmp_path / "real.npz", tmp_path / "fake.npz")
+    np.savez(real, images=uint8_images(30, size=16, seed=8).numpy())
+    np.savez(fake, images=uint8_images(30, size=16, seed=9).numpy())
+    r = run_cli("eval", "fd-dinov2", "--real", str(real), "--fake", str(fake), "--weights", str(folder),
+                "--batch-size", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["metric"] == "fd-dinov2" and out["protocol"]["features"] == "dinov2"
+    assert out["protocol"]["protocol"] == "vitl14" and out["fd_dinov2"] == out["value"] > 0
+    # the value of fid with the dinov2 extractor named; two statistics files need no weights
+    s = engine.EvalSettings(features="dinov2", protocol="vitl14", weights=str(folder), batch_size=8)
+    assert engine.compute_fid(str(real), str(fake), s)["fd_dinov2"] == pytest.approx(out["value"], rel=1e-12)
+    for spec, name in ((real, "a"), (fake, "b")):
+        r = run_cli("eval", "stats", str(spec), "--features", "dinov2", "--weights", str(folder), "--out",
+                    str(tmp_path / f"{name}.npz"))
+        assert r.returncode == 0, r.stderr
+    r = run_cli("eval", "fd-dinov2", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["value"] == pytest.approx(out["value"], rel=1e-6)
+
+
+def test_genkit_eval_fd_dinov2_refuses_other_features_and_statistics(tmp_path):
+    from genkit.eval.stats import RefStats, save_stats
+
+    r = run_cli("eval", "fd-dinov2", "--real", "recipe:ddpm_digits", "--fake", "recipe:ddpm_digits",
+                "--features", "inception")
+    assert r.returncode == 2 and "FD-DINOv2 is the Frechet distance on DINOv2 features" in r.stderr
+    for name in ("a", "b"):
+        save_stats(tmp_path / f"{name}.npz", RefStats(np.zeros(4), np.eye(4), 10, {"features": "digits", "dim": 4}))
+    r = run_cli("eval", "fd-dinov2", "--real", str(tmp_path / "a.npz"), "--fake", str(tmp_path / "b.npz"))
+    assert r.returncode == 2 and "hold digits statistics, FD-DINOv2 needs DINOv2 ones" in r.stderr
+
+
+def test_genkit_eval_cmmd(tiny_clip, tmp_path):
+    from genkit.eval.cmmd import cmmd
+
+    _, path = tiny_clip
+    real, fake = (tmp_path / "real.npz", tmp_path / "fake.npz")
+    np.savez(real, images=uint8_images(12, size=20, seed=1).numpy())
+    np.savez(fake, images=(uint8_images(10, size=20, seed=2) // 2).numpy())
+    r = run_cli("eval", "cmmd", "--real", str(real), "--fake", str(fake), "--protocol", "genkit-tiny", "--weights",
+                str(path), "--batch-size", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    extractor = ft.build_features("cmmd", protocol="genkit-tiny", weights=path)
+    with np.load(real) as a, np.load(fake) as b:
+        want = cmmd(extractor(torch.from_numpy(a["images"])), extractor(torch.from_numpy(b["images"])))
+    assert out["metric"] == "cmmd" and out["protocol"]["features"] == "cmmd"
+    assert out["cmmd"] == pytest.approx(want, rel=1e-9) and want > 0

@@ -179,9 +179,10 @@ def test_fd_warns_when_fewer_samples_than_dimensions():
 
 # --- KID ---------------------------------------------------------------------------------------
 
-def mmd2_by_loops(x: np.ndarray, y: np.ndarray, degree: int = 3, coef: float = 1.0) -> float:
+def mmd2_by_loops(x: np.ndarray, y: np.ndarray, degree: int = 3, coef: float = 1.0,
+                  gamma: float | None = None) -> float:
     """Unbiased MMD^2 of Binkowski et al. written out: i != j within sets, all pairs across."""
-    m, gamma = len(x), 1.0 / x.shape[1]
+    m, gamma = len(x), 1.0 / x.shape[1] if gamma is None else gamma
     k = lambda a, b: (gamma * float(a @ b) + coef) ** degree  # noqa: E731
     within = sum(k(s[i], s[j]) for s in (x, y) for i in range(m) for j in range(m) if i != j)
     across = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
@@ -241,6 +242,27 @@ def test_kid_separates_distributions():
     assert abs(same[0]) < 3 * same[1] + 1e-3 and shifted[0] > 10 * abs(same[0])
 
 
+def test_kid_edges_defaults_and_errors():
+    """The boundaries of KID's arguments, its documented defaults, and errors that name the metric."""
+    x, y = (torch.from_numpy(v) for v in feature_pair(60, 4, seed=8))
+    assert kid(x, y, subsets=1, subset_size=20)[1] == 0.0                   # one subset: no spread
+    assert kid(x, y, subsets=2, subset_size=20)[1] > 0                      # two differ
+    assert kid(x, y, subset_size=2, subsets=3)[0] == kid(x, y, subset_size=2, subsets=3, seed=0)[0]  # 2 allowed
+    assert kid(x, y) == kid(x, y, subsets=100, subset_size=30, seed=0)       # defaults: 100 subsets, seed 0
+    assert kid(x, y, seed=1) != kid(x, y, seed=0)
+    assert kid(x, y, degree=1, subsets=2)[0] != kid(x, y, subsets=2)[0]      # degree 1 is allowed and used
+    assert kid(x, y, gamma=0.5, subsets=2)[0] != kid(x, y, subsets=2)[0]     # a given gamma is used
+    want = mmd2_by_loops(x.numpy()[:20], y.numpy()[:20], gamma=0.5)
+    assert kid(x[:20], y[:20], subsets=1, subset_size=20, gamma=0.5)[0] == pytest.approx(want, rel=1e-10)
+    for bad in ({"subsets": 0}, {"degree": 0}):
+        with pytest.raises(GenkitError, match=r"^KID needs subsets >= 1 and degree >= 1, got"):
+            kid(x, y, **bad)
+    with pytest.raises(GenkitError, match="KID"):
+        kid(x, y[:, :3])
+    assert isinstance(kid_subset_size(7, 9), int) and kid_subset_size(7, 9) == 3
+    assert kid_subset_size(30, 30, 2) == 2
+
+
 # --- Inception Score ---------------------------------------------------------------------------
 
 def test_is_uniform_predictions_give_one():
@@ -273,6 +295,18 @@ def test_is_of_class_sorted_logits_shuffles_its_splits():
     logits = torch.nn.functional.one_hot(torch.arange(1000) // 100, 10).double() * 60
     assert inception_score(logits, splits=10, shuffle_seed=None)[0] == pytest.approx(1.0, abs=1e-9)
     assert inception_score(logits, splits=10)[0] > 9.0
+
+
+def test_is_edges_defaults_and_errors():
+    logits = torch.randn(30, 5, generator=torch.Generator().manual_seed(1)) * 3
+    assert inception_score(logits) == inception_score(logits, splits=10, shuffle_seed=0)  # the defaults
+    assert inception_score(logits, shuffle_seed=1) != inception_score(logits)
+    assert inception_score(logits, splits=1)[1] == 0.0 and inception_score(logits, splits=30)[1] > 0  # both ends
+    for splits in (0, 31):
+        with pytest.raises(GenkitError, match=r"^inception_score splits must be in \[1, N=30\], got"):
+            inception_score(logits, splits=splits)
+    with pytest.raises(GenkitError, match=r"^inception_score needs logits \(N, C\), got \(30,\)"):
+        inception_score(logits[:, 0])
 
 
 # --- PRDC --------------------------------------------------------------------------------------
@@ -325,3 +359,28 @@ def test_prdc_matches_prdc_package():
     expected = package.compute_prdc(real_features=real, fake_features=fake, nearest_k=4)
     ours = prdc(torch.from_numpy(real), torch.from_numpy(fake), k=4)
     assert ours == pytest.approx({key: float(v) for key, v in expected.items()}, abs=1e-12)
+
+
+def test_prdc_balls_are_open_as_naeem_et_al_define_them():
+    """A point exactly on a k-NN ball's surface is outside it (strict <, as the prdc package): on integer points
+    with ties every one of the four values differs from the closed-ball version (0.6, 1.0, 1.0, 0.8)."""
+    real = torch.tensor([[0.0], [2.0], [4.0], [6.0], [8.0]], dtype=torch.float64)
+    fake = torch.tensor([[-2.0], [-1.0], [6.0], [11.0], [15.0]], dtype=torch.float64)
+    assert prdc(real, fake, k=1) == {"precision": 0.4, "recall": 0.8, "density": 0.4, "coverage": 0.4}
+    assert prdc(real, fake, k=1) == prdc_by_loops(real.numpy(), fake.numpy(), k=1)
+
+
+def test_prdc_k_bounds_and_errors_name_the_metric():
+    real, fake = (torch.from_numpy(v) for v in gaussian_sets())
+    assert prdc(real, fake) == prdc(real, fake, k=5)                    # the default k
+    assert prdc(real, fake, k=1) != prdc(real, fake, k=2)               # k = 1 is allowed
+    with pytest.raises(GenkitError, match=r"^PRDC needs 1 <= k < min\(n_real, n_fake\) = 50, got k=0"):
+        prdc(real, fake, k=0)
+    with pytest.raises(GenkitError, match=r"^PRDC dimension mismatch: real has d=3, fake has d=2$"):
+        prdc(real, fake[:, :2])
+    for a, b in ((real[:, 0], fake), (real, fake[:, 0])):
+        with pytest.raises(GenkitError, match=r"^PRDC needs features \(N, d\), got real \(\d+(, 3)?,?\), fake"):
+            prdc(a, b)
+    with pytest.raises(GenkitError, match=r"real \(60,\), fake \(50, 3\)"):
+        prdc(real[:, 0], fake)
+

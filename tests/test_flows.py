@@ -58,18 +58,18 @@ def plain(layer):
 
 SQUEEZE = (torch.nn.Identity(), lambda x: (fl.squeeze2d(x), x.new_zeros(len(x))), fl.unsqueeze2d)
 
-LAYERS = {  # name: (build () -> (module, forward, inverse), input shape)
+LAYERS = {  # name: (build () -> (module, forward, inverse), input shape; H != W where it applies)
     "additive_coupling_even": (lambda: plain(fl.AdditiveCoupling(7, 8, 2, parity=0)), (3, 7)),
     "additive_coupling_odd": (lambda: plain(fl.AdditiveCoupling(7, 8, 2, parity=1)), (3, 7)),
     "diagonal_scaling": (lambda: plain(fl.DiagonalScaling(7)), (3, 7)),
-    "actnorm": (lambda: plain(fl.ActNorm(3)), (2, 3, 4, 4)),
-    "invconv_lu": (lambda: plain(fl.InvConv1x1(4, lu=True)), (2, 4, 3, 3)),
-    "invconv_plain": (lambda: plain(fl.InvConv1x1(4, lu=False)), (2, 4, 3, 3)),
+    "actnorm": (lambda: plain(fl.ActNorm(3)), (2, 3, 4, 5)),
+    "invconv_lu": (lambda: plain(fl.InvConv1x1(4, lu=True)), (2, 4, 3, 5)),
+    "invconv_plain": (lambda: plain(fl.InvConv1x1(4, lu=False)), (2, 4, 3, 5)),
     "affine_coupling": (lambda: plain(fl.AffineCoupling(4, 8, affine=True)), (2, 4, 4, 4)),
     "additive_glow_coupling": (lambda: plain(fl.AffineCoupling(4, 8, affine=False)), (2, 4, 4, 4)),
-    "flow_step": (lambda: plain(fl.FlowStep(4, 8)), (2, 4, 4, 4)),
-    "split_prior": (split_layer, (2, 4, 4, 4)),
-    "squeeze": (lambda: SQUEEZE, (2, 2, 4, 4)),
+    "flow_step": (lambda: plain(fl.FlowStep(4, 8)), (2, 4, 4, 6)),
+    "split_prior": (split_layer, (2, 4, 4, 6)),
+    "squeeze": (lambda: SQUEEZE, (2, 2, 4, 6)),
 }
 
 
@@ -87,6 +87,30 @@ def test_layer_inverts_and_logdet_matches_autograd(name):
     xd = x.double()
     want = autograd_logdet(lambda v: fwd(v)[0], xd)
     torch.testing.assert_close(fwd(xd)[1].double(), want, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("mean,logs", [(0.0, 0.0), (0.5, 0.0), (0.0, -0.7), ("tensor", "tensor"), (0.0, "tensor"),
+                                       ("tensor", 0.0)])
+def test_gaussian_log_prob_is_the_normal_density(mean, logs):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    mean = torch.randn(3, 2, 4, generator=g, dtype=torch.float64) if mean == "tensor" else mean
+    logs = 0.3 * torch.randn(3, 2, 4, generator=g, dtype=torch.float64) if logs == "tensor" else logs
+    std = torch.exp(torch.as_tensor(logs, dtype=torch.float64))
+    want = torch.distributions.Normal(torch.as_tensor(mean, dtype=torch.float64), std).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(fl.gaussian_log_prob(z, mean, logs), want, rtol=1e-12, atol=1e-12)
+
+
+def test_split_prior_reads_mean_and_log_scale_interleaved_as_official_glow():
+    """Glow's split2d takes (mean, logs) = h[:, 0::2], h[:, 1::2] of its Conv2dZeros ("cross"): checkpoints of
+    the official layout load only with this convention."""
+    layer = fl.SplitPrior(4)
+    h = torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 2, 3)  # channel c holds the value c
+    layer.conv.forward = lambda z1: h
+    mean, logs = layer.prior(torch.zeros(1, 2, 2, 3))
+    assert mean[0, :, 0, 0].tolist() == [0.0, 2.0] and logs[0, :, 0, 0].tolist() == [1.0, 3.0]
+    z2 = layer.inverse(torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2, 3), temperature=0.5)[:, 2:]
+    torch.testing.assert_close(z2[0, :, 0, 0], torch.tensor([0 + 0.5 * math.e, 2 + 0.5 * math.e**3]))
 
 
 def tiny_glow(**kw) -> Glow:

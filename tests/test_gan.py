@@ -230,6 +230,47 @@ def test_generator_steps_after_every_n_critic_critic_steps():
     assert tiny_gan(loss="wgan").n_critic == 5 and tiny_gan(loss="non-saturating").n_critic == 1
 
 
+@pytest.mark.parametrize("loss", ["non-saturating", "hinge"])
+def test_a_generator_step_draws_b_times_the_multiple_latents_and_scores_them_with_its_loss(loss):
+    """The generator step's batch is the image batch times generator_batch_multiple, its latents (n, latent_dim),
+    and its loss L_G of the critic's scores of G(z) for the configured loss."""
+    family = tiny_gan(loss=loss, n_critic=1, generator_batch_multiple=2)
+    handle, draws, losses = Handle(family), [], []
+    randn = handle.randn
+    handle.randn = lambda *shape: draws.append(shape) or randn(*shape)
+    step = handle.step
+    handle.step = lambda group, value: losses.append((group, float(value))) or step(group, value)
+    family.train_step(batch(n=6), 0, handle)
+    assert draws == [(6, 8), (12, 8)]  # the critic's fakes, then the generator's
+    g = torch.Generator().manual_seed(0)
+    torch.randn((6, 8), generator=g), torch.rand((6,), generator=g)  # the critic step's draws
+    with torch.no_grad():
+        z = torch.randn((12, 8), generator=g)
+        scores = family.nets["D"](family.nets["G"](z)).float()
+    assert losses[-1][0] == "G" and losses[-1][1] == pytest.approx(float(generator_loss(loss, scores)), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_critic_step_scores_its_batch_with_its_loss_and_logs_the_generators(loss):
+    family = tiny_gan(loss=loss, n_critic=5)
+    handle, losses = Handle(family), []
+    step = handle.step
+    handle.step = lambda group, value: losses.append((group, float(value))) or step(group, value)
+    x = batch(n=6)["image"]
+    logs = family.train_step({"image": x}, 0, handle)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        fake = family.nets["G"](torch.randn((6, 8), generator=g))
+        f_real, f_fake = family.nets["D"](x).float(), family.nets["D"](fake).float()
+    want = float(critic_loss(loss, f_real, f_fake))
+    if loss == "wgan-gp":  # plus lambda = 10 times the penalty on the interpolates of the step's draw
+        penalty = float(gradient_penalty(family.nets["D"], interpolate(x, fake, torch.rand(6, generator=g)))[0])
+        want, penalty = want + 10 * penalty, penalty
+        assert penalty > 1e-3
+    assert losses == [("D", pytest.approx(want, rel=1e-5))]
+    assert float(logs["loss_G"]) == pytest.approx(float(generator_loss(loss, f_fake)), rel=1e-5)
+
+
 def test_invalid_configs_are_refused_with_the_key_named():
     with pytest.raises(ConfigError, match="model.critic.norm"):
         GAN(GANConfig(loss="wgan-gp", critic=CriticConfig(norm="batch")), shape=SHAPE)
@@ -237,6 +278,20 @@ def test_invalid_configs_are_refused_with_the_key_named():
         GAN(GANConfig(generator=GeneratorConfig(channels=[16, 8, 4])), shape=SHAPE)
     with pytest.raises(ConfigError, match="model.n_critic"):
         tiny_gan(n_critic=0)
+
+
+@pytest.mark.parametrize("key,bad,edge", [("latent_dim", 0, 1), ("clip_value", 0.0, 1e-3), ("gp_weight", -1.0, 0.0),
+                                          ("generator_batch_multiple", 0, 1), ("n_critic", 0, 1)])
+def test_each_range_check_names_its_key_and_accepts_its_edge(key, bad, edge):
+    with pytest.raises(ConfigError, match=rf"^model\.{key}: out of range, got {bad}$"):
+        GAN._validate(GANConfig(**{key: bad}))
+    GAN._validate(GANConfig(**{key: edge}))
+    with pytest.raises(ConfigError, match=r"^model.critic.norm: batch norm couples the samples whose input "
+                                          r"gradients the gradient penalty constrains \(WGAN-GP sec. 4\); use none "
+                                          r"or layer$"):
+        GAN._validate(GANConfig(loss="wgan-gp", critic=CriticConfig(norm="batch")))
+    family = tiny_gan()
+    assert family.sample_shape == SHAPE and family.num_classes == 0
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])

@@ -17,7 +17,7 @@ from genkit.eval.conditional import prompt_accuracy
 from genkit.families.base import StepHandle
 from genkit.families.first_stage import latent_scale_factor
 from genkit.families.ldm import LDM, LDMConfig
-from genkit.families.sampling import sample
+from genkit.families.sampling import resolve_grid, sample, sigma_grid
 from genkit.io import to_uint8
 from genkit.nn.cond_unet import CondUNetConfig
 from genkit.nn.text import TextConfig, TextEncoder
@@ -212,7 +212,7 @@ def test_samplers_run_on_latents_and_decode_to_images(ldm_run):
         g, fn = torch.Generator().manual_seed(0), SAMPLERS[sampler].fn  # seed 0: sample_with_info's default
         with torch.no_grad():  # the guided sampler on latents from the same draws, then the first stage's decoder
             latents = fn(guided(family.denoise, cond, uncond, 4.0), torch.randn((3, *family.latent_shape), generator=g),
-                         family.sigmas(3), generator=g)
+                         sigma_grid(family, 3, resolve_grid(family, SAMPLERS[sampler], None)), generator=g)
             torch.testing.assert_close(out.images, family.decode_latents(latents).clamp(-1, 1), rtol=1e-5, atol=1e-5)
     noise = torch.randn(3, *family.latent_shape)
     z_final = sample(family, 3, sampler="ddim", steps=2, noise=noise).images

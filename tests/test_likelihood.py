@@ -127,6 +127,28 @@ def test_hutchinson_is_exact_for_a_diagonal_jacobian():
                                velocity_and_divergence(data.denoise, z, t)[1])
 
 
+def test_conditions_follow_their_rows_through_the_repeated_probe_batch():
+    """A class-conditional denoiser, diagonal in z with a per-class scale: Hutchinson (probes batched as K
+    copies of the batch, labels repeated alike, also in chunks of max_batch rows) equals the exact trace per
+    row, and the labels of one row never reach another."""
+    scale = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+
+    def denoise(z, sigma, labels=None):
+        return scale[labels].view(-1, 1) * z / (1 + float(sigma[0]) ** 2)
+
+    z = torch.randn(4, 5, dtype=torch.float64, generator=seeded(1))
+    labels = torch.tensor([0, 2, 1, 2])
+    t = torch.tensor(0.7, dtype=torch.float64)
+    probes = rademacher((3, 4, 5), seeded(0), "cpu", torch.float64)
+    exact = torch.stack([velocity_and_divergence(denoise, z[i:i + 1], t, labels=labels[i:i + 1])[1][0]
+                         for i in range(4)])
+    for max_batch in (1024, 8):
+        v, div = velocity_and_divergence(denoise, z, t, probes, max_batch=max_batch, labels=labels)
+        torch.testing.assert_close(div, exact)
+        torch.testing.assert_close(v, velocity_and_divergence(denoise, z, t, labels=labels)[0])
+    assert len(set(exact.tolist())) == 3  # the classes' divergences differ
+
+
 def test_hutchinson_likelihood_agrees_with_exact():
     data = Gaussian(6, rotate=True)
     x = data.points(5)
@@ -165,15 +187,38 @@ def test_runs_under_inference_mode():
     torch.testing.assert_close(log_p.clone(), ref)
 
 
-@pytest.mark.parametrize("args,kwargs", [
-    ((0.0, INF), {}), ((1.0, 0.5), {}), ((1e-2, INF), {"hutchinson_samples": 0}),
+@pytest.mark.parametrize("args,kwargs,message", [
+    ((0.0, INF), {}, r"^likelihood needs 0 < sigma_min < sigma_max, got 0.0 and inf$"),
+    ((1.0, 0.5), {}, r"^likelihood needs 0 < sigma_min < sigma_max, got 1.0 and 0.5$"),
+    ((0.5, 0.5), {}, r"^likelihood needs 0 < sigma_min < sigma_max, got 0.5 and 0.5$"),
+    ((1e-2, INF), {"hutchinson_samples": 0}, r"^hutchinson_samples must be >= 1, got 0$"),
 ])
-def test_ode_likelihood_refuses_bad_input(args, kwargs):
+def test_ode_likelihood_refuses_bad_input(args, kwargs, message):
     data = Gaussian(4, rotate=False)
-    with pytest.raises(GenkitError):
+    with pytest.raises(GenkitError, match=message):
         ode_log_likelihood(data.denoise, data.points(2), *args, **kwargs)
-    with pytest.raises(GenkitError):
-        ode_log_likelihood(data.denoise, torch.zeros(4, dtype=torch.float64), 1e-2, INF)
+    for x in (torch.zeros(4, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64)):
+        with pytest.raises(GenkitError, match=r"^likelihood needs a batch of shape \(B, ...\), got \("):
+            ode_log_likelihood(data.denoise, x, 1e-2, INF)
+
+
+def test_ode_likelihood_batches_probes_within_max_batch_and_counts_field_evaluations():
+    """K probes of a batch of B go to the network in calls of at most max_batch rows; `nfe` counts evaluations of
+    the augmented field (one per solver stage), and the tolerances given reach the solver."""
+    data = Gaussian(4, rotate=False)
+    rows = []
+
+    def D(z, sigma):
+        rows.append(len(z))
+        return data.denoise(z, sigma)
+
+    x = data.points(4)
+    _, info = ode_log_likelihood(D, x, 1e-2, 50.0, hutchinson_samples=4, max_batch=8, generator=seeded(0))
+    assert set(rows) == {8} and len(rows) == 2 * info["nfe"] and info["nfe"] > 6
+    rows.clear()
+    _, loose = ode_log_likelihood(D, x, 1e-2, 50.0, hutchinson_samples=4, generator=seeded(0), rtol=1e-2, atol=1e-2)
+    assert set(rows) == {16} and len(rows) == loose["nfe"] < info["nfe"]
+    assert ode_log_likelihood(D, x, 1e-2, 50.0, generator=seeded(0), rtol=1e-2, atol=1e-7)[1]["nfe"] > loose["nfe"]
 
 
 @pytest.mark.parametrize("n_bits", [8, 5])
@@ -307,3 +352,29 @@ def test_family_bits_per_dim_on_a_tiny_ddpm(options, divergence):
     assert family.nets.training  # the mode is restored
     with pytest.raises(GenkitError):
         family_bits_per_dim(family, images[:, :, :4])
+
+
+def test_family_bits_per_dim_records_its_solver_range_and_probes(monkeypatch):
+    """The ODE path integrates between the sigmas it is given (else the family's), draws its probes from the
+    generator it is given, and records method, field, divergence, probes and the NFE summed over batches."""
+    from genkit.eval import likelihood as lk
+
+    family = tiny_ddpm()
+    images = torch.randint(0, 256, (3, 1, 8, 8), generator=seeded(0), dtype=torch.uint8)
+    calls = []
+
+    def fake_ode(D, x, sigma_min, sigma_max, *, generator=None, **kwargs):
+        calls.append((sigma_min, sigma_max, generator, kwargs))
+        return torch.zeros(len(x), dtype=torch.float64), {"divergence": "hutchinson", "probes": 4, "nfe": 10}
+
+    monkeypatch.setattr(lk, "ode_log_likelihood", fake_ode)
+    g = seeded(5)
+    out = family_bits_per_dim(family, images, batch_size=2, generator=g, sigma_min=0.1, sigma_max=20.0, rtol=1e-4)
+    assert [c[:2] for c in calls] == [(0.1, 20.0), (0.1, 20.0)] and all(c[2] is g for c in calls)
+    assert calls[0][3] == {"rtol": 1e-4}
+    assert out["method"] == "probability-flow ODE, instantaneous change of variables (dopri5)"
+    assert out["field"] == "unclipped probability-flow ODE" and out["divergence"] == "hutchinson"
+    assert (out["probes"], out["nfe"], out["sigma_min"], out["sigma_max"]) == (4, 20, 0.1, 20.0)
+    calls.clear()
+    out = family_bits_per_dim(family, images, batch_size=3, generator=g)
+    assert calls[0][:2] == family.sigma_range() and out["nfe"] == 10

@@ -16,10 +16,20 @@ from genkit.families.sampling import sample
 from genkit.samplers import SAMPLERS, CountingDenoiser
 from genkit.samplers.adapters import training_target
 from genkit.samplers.ddim import sample_ddim
-from genkit.samplers.ode import sample_dpmpp_2m, sample_euler, sample_heun, sample_rk45, velocity
-from genkit.samplers.schedules import grid, karras_sigmas, uniform_sigmas
+from genkit.samplers.multistep import sample_dpmpp_2m
+from genkit.samplers.ode import (
+    sample_euler,
+    sample_euler_arctan,
+    sample_heun,
+    sample_heun_arctan,
+    sample_rk45,
+    velocity,
+)
+from genkit.samplers.schedules import grid, karras_sigmas
+from genkit.samplers.schedules import time_uniform_sigmas as uniform_sigmas
 
-FIXED_STEP = {"euler": sample_euler, "heun": sample_heun, "dpmpp-2m": sample_dpmpp_2m}
+FIXED_STEP = {"euler": sample_euler, "heun": sample_heun, "euler-arctan": sample_euler_arctan,
+              "heun-arctan": sample_heun_arctan, "dpmpp-2m": sample_dpmpp_2m}
 LINEAR = NoiseSchedule(make_betas("linear", 1000))
 
 # ---------------------------------------------------------------- Gaussian data, exact denoiser
@@ -55,8 +65,11 @@ ORDER_CASES = [  # sampler, grid, steps N, 2N, 4N, band of err(N) / err(2N)
     ("euler", KARRAS, (20, 40, 80), (1.6, 2.4)),
     ("heun", KARRAS, (20, 40, 80), (3.0, 5.0)),
     ("dpmpp-2m", KARRAS, (20, 40, 80), (3.0, 5.0)),
-    ("euler", FROM_INF, (20, 40, 80), (1.6, 2.4)),
-    ("heun", FROM_INF, (20, 40, 80), (3.0, 5.0)),
+    ("euler-arctan", KARRAS, (20, 40, 80), (1.6, 2.4)),
+    ("heun-arctan", KARRAS, (20, 40, 80), (3.0, 5.0)),
+    ("euler", FROM_INF, (20, 40, 80), (1.6, 2.4)),  # EDM's Euler from sigma = inf: its finite limit
+    ("euler-arctan", FROM_INF, (20, 40, 80), (1.6, 2.4)),
+    ("heun-arctan", FROM_INF, (20, 40, 80), (3.0, 5.0)),
     # equal arctan steps leave a long last log-SNR step (0.08 -> 0.002 at 40): asymptotic later
     ("dpmpp-2m", FROM_INF, (40, 80, 160), (3.0, 5.0)),
 ]
@@ -69,10 +82,11 @@ def test_order_of_accuracy_on_the_gaussian_flow(name, make_grid, steps, band):
     err = [flow_error(FIXED_STEP[name], make_grid(n)) for n in steps]
     ratios = [err[0] / err[1], err[1] / err[2]]
     assert all(band[0] < r < band[1] for r in ratios), (err, ratios)
-    assert err[2] < 0.03, err
+    assert err[2] < (0.15 if name == "euler" else 0.03), err  # Euler in sigma (DDIM) is the least accurate here
 
 
-@pytest.mark.parametrize("name,steps", [("euler", 200), ("heun", 40), ("dpmpp-2m", 320), ("rk45", 10)])
+@pytest.mark.parametrize("name,steps", [("euler", 200), ("heun-arctan", 40), ("dpmpp-2m", 320), ("rk45", 10),
+                                        ("unipc", 320), ("ipndm", 40), ("dpmpp-3m", 320)])
 def test_samplers_transport_noise_to_the_gaussian_data(name, steps):
     """From sigma = inf, N(0, I) is the exact marginal: 20000 draws land on N(M, V)."""
     n = 20_000
@@ -115,18 +129,27 @@ def test_rk45_tolerances_are_options_of_sample():
         sample(family, 1, sampler="rk45", steps=4)
 
 
-def test_euler_is_not_ddim_but_meets_it_in_the_many_step_limit():
-    """DDIM moves along the arc cos t x0_hat + sin t eps_hat, Euler along its tangent: both first
-    order, so their gap shrinks ~100x from 10 to 1000 steps of the DDPM grid."""
+def test_euler_arctan_is_not_ddim_but_meets_it_in_the_many_step_limit():
+    """DDIM moves along the arc cos t x0_hat + sin t eps_hat, Euler in arctan time along its tangent:
+    both first order, so their gap shrinks ~100x from 10 to 1000 steps of the DDPM grid."""
 
     def gap(steps):
         sigmas = LINEAR.sigmas(steps)
         alpha, s = alpha_s(float(sigmas[0]))
         z = alpha * M + (alpha**2 * V + s**2).sqrt() * U
-        return float((sample_euler(gaussian_denoiser, z, sigmas) - sample_ddim(gaussian_denoiser, z, sigmas))
+        return float((sample_euler_arctan(gaussian_denoiser, z, sigmas) - sample_ddim(gaussian_denoiser, z, sigmas))
                      .abs().max())
 
     assert gap(10) > 0.05 and gap(1000) < gap(10) / 30, (gap(10), gap(1000))
+
+
+def test_euler_in_sigma_is_ddim():
+    """EDM's Euler step x_n = x + (sigma_n - sigma) eps_hat is DDIM's (Karras et al. 2022, Sec. 3), also
+    from sigma = inf; the arctan-time Euler is not."""
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for sigmas in (LINEAR.sigmas(7), KARRAS(5), FROM_INF(6)):
+        torch.testing.assert_close(sample_euler(gaussian_denoiser, z, sigmas), sample_ddim(gaussian_denoiser, z, sigmas),
+                                   rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- the pieces of the ODE
@@ -220,7 +243,7 @@ def test_karras_sigmas_match_k_diffusion_and_diffusers():
     torch.testing.assert_close(ours.float(), sched.sigmas, rtol=1e-5, atol=0)
 
 
-def test_uniform_sigmas_are_equal_arctan_steps_and_may_start_at_inf():
+def test_time_uniform_sigmas_are_equal_arctan_steps_and_may_start_at_inf():
     sigmas = uniform_sigmas(8, 0.01, math.inf)
     assert sigmas[0] == math.inf and sigmas[-2] == 0.01 and sigmas[-1] == 0 and (sigmas.diff() < 0).all()
     t = sigmas[:-1].atan()
@@ -232,8 +255,8 @@ def test_uniform_sigmas_are_equal_arctan_steps_and_may_start_at_inf():
 
 def test_grid_dispatches_by_kind_and_refuses_bad_requests():
     assert torch.equal(grid("karras", 6, 0.002, 80.0), karras_sigmas(6, 0.002, 80.0))
-    assert torch.equal(grid("uniform", 6, 0.002, math.inf), uniform_sigmas(6, 0.002, math.inf))
-    with pytest.raises(SamplerError, match="unknown sigma grid 'karas'; known: karras, uniform"):
+    assert torch.equal(grid("time-uniform", 6, 0.002, math.inf), uniform_sigmas(6, 0.002, math.inf))
+    with pytest.raises(SamplerError, match="unknown sigma grid 'karas'; known: karras, logsnr, time-uniform, family"):
         grid("karas", 6, 0.002, 80.0)
     with pytest.raises(SamplerError, match="finite sigma_max"):
         karras_sigmas(6, 0.002, math.inf)
@@ -247,12 +270,13 @@ def test_grid_dispatches_by_kind_and_refuses_bad_requests():
 
 DENOISING = [name for name, spec in SAMPLERS.items() if spec.needs == "denoise"]
 NFE = {"ancestral": lambda k: k, "ddim": lambda k: k, "euler": lambda k: k, "heun": lambda k: 2 * k - 1,
-       "dpmpp-2m": lambda k: k}
+       "heun-arctan": lambda k: 2 * k - 1, "dpmpp-2m": lambda k: k, "dpmpp-3m": lambda k: k, "unipc": lambda k: k,
+       "ipndm": lambda k: k, "euler-arctan": lambda k: k}
 
 
 @pytest.mark.parametrize("name", DENOISING)
 def test_every_denoising_sampler_runs_on_a_tiny_ddpm(name):
-    from genkit.families.sampling import full_range
+    from genkit.families.sampling import full_range, resolve_grid, sigma_grid
 
     steps, family, spec = 4, tiny_ddpm(100), SAMPLERS[name]
     out = sample(family, 3, sampler=name, steps=None if spec.adaptive else steps,
@@ -260,12 +284,18 @@ def test_every_denoising_sampler_runs_on_a_tiny_ddpm(name):
     assert out.images.shape == (3, 1, 8, 8) and out.images.std() > 0
     bound = family.clip_x0 if spec.clips else None  # ddim, ancestral clamp x0_hat; the ODE solvers do not
     D = family.denoise if bound is None else lambda z, sigma: family.denoise(z, sigma).clamp(-bound, bound)
-    sigmas, g = full_range(family) if spec.adaptive else family.sigmas(steps), torch.Generator().manual_seed(0)
+    grid = None if spec.adaptive else resolve_grid(family, spec, None)  # the sampler's recommended grid
+    sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, grid)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # sample's draws, batch by batch (2 + 1): noise, then the sampler's own
         raw = torch.cat([spec.fn(D, torch.randn((b, 1, 8, 8), generator=g), sigmas, generator=g) for b in (2, 1)])
     torch.testing.assert_close(out.images, raw.clamp(-1, 1), rtol=0, atol=0)  # the sampler's images, in range
     assert torch.isfinite(out.images).all()
-    assert out.nfe == NFE[name](steps) if name in NFE else out.nfe >= 1, out.nfe
+    assert out.schedule == (None if spec.adaptive else str(grid))
+    if name in NFE:  # one more evaluation per step on a grid that ends at sigma_min (heun: no Euler last step)
+        assert out.nfe == NFE[name](steps) + (grid.end == "sigma_min" and name.startswith("heun")), out.nfe
+    else:
+        assert out.nfe >= 1, out.nfe
 
 
 def test_named_grids_span_the_family_range_and_karras_is_capped_at_edm_sigma_max():
@@ -280,7 +310,7 @@ def test_named_grids_span_the_family_range_and_karras_is_capped_at_edm_sigma_max
     assert hi > 1000  # the cosine schedule's last sigma is huge
     karras = sigma_grid(family, 10, "karras")
     assert float(karras[0]) == pytest.approx(KARRAS_SIGMA_MAX) and float(karras[-2]) == pytest.approx(lo)
-    uniform = sigma_grid(family, 10, "uniform")
+    uniform = sigma_grid(family, 10, "time-uniform")
     assert float(uniform[0]) == pytest.approx(hi) and float(uniform[-1]) == 0.0
     assert torch.equal(sigma_grid(family, 10), family.sigmas(10))
     assert full_range(family).tolist() == pytest.approx([hi, lo, 0.0])

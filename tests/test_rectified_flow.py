@@ -20,7 +20,7 @@ from genkit.runs import load_recipe
 from genkit.samplers import SAMPLERS
 from genkit.samplers.adapters import vp_coefficients
 from genkit.samplers.ddim import sample_ddim
-from genkit.samplers.ode import sample_euler, sample_heun, sample_rk45
+from genkit.samplers.ode import sample_euler, sample_euler_arctan, sample_heun_arctan, sample_rk45
 
 TINY_UNET = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
 SHAPE = (1, 8, 8)
@@ -145,14 +145,15 @@ def test_one_step_is_exact_on_a_straight_coupling_and_not_on_the_independent_one
 
 
 def test_arctan_euler_is_not_the_paper_euler():
-    """genkit's `euler` integrates in arctan time: not exact in one step even on straight paths,
-    but it converges to the same map (why the family's default sampler is `ddim`)."""
+    """`euler-arctan` integrates in arctan time: not exact in one step even on straight paths,
+    but it converges to the same map; `euler` (EDM's, in sigma) is DDIM, the paper's step, exact."""
     z = gaussian_noise()
     target = M + math.sqrt(V) * z
     straight = with_oracle(straight_velocity)
-    one = sample_euler(straight.denoise, z, straight.sigmas(1))
+    one = sample_euler_arctan(straight.denoise, z, straight.sigmas(1))
     torch.testing.assert_close(one, z + (math.pi / 2) * target, rtol=0, atol=1e-12)  # z + (pi/2) x0_hat
-    for fn, n, tol in ((sample_euler, 200, 2e-2), (sample_heun, 50, 2e-3)):
+    torch.testing.assert_close(sample_euler(straight.denoise, z, straight.sigmas(1)), target, rtol=0, atol=1e-12)
+    for fn, n, tol in ((sample_euler_arctan, 200, 2e-2), (sample_heun_arctan, 50, 2e-3)):
         out = fn(straight.denoise, z, straight.sigmas(n))
         assert (out - target).abs().max() < tol, fn.__name__
 
@@ -245,12 +246,13 @@ def test_train_step_uses_the_batch_noise_of_a_reflow_pair():
 # ---------------------------------------------------------------- every denoising sampler runs
 
 
-EXPECTED_NFE = {"euler": 4, "heun": 7, "ddim": 4, "ancestral": 4, "dpmpp-2m": 4}
+EXPECTED_NFE = {"euler": 4, "heun": 7, "ddim": 4, "ancestral": 4, "dpmpp-2m": 4, "consistency": 4, "dpmpp-3m": 4,
+                "unipc": 4, "ipndm": 4, "euler-arctan": 4, "heun-arctan": 7}
 
 
 @pytest.mark.parametrize("name", [n for n, spec in SAMPLERS.items() if spec.needs == "denoise"])
 def test_every_denoising_sampler_runs_from_sigma_inf(name):
-    from genkit.families.sampling import full_range
+    from genkit.families.sampling import full_range, resolve_grid, sigma_grid
 
     family, spec = tiny_rf(), SAMPLERS[name]
     out = sample(family, 3, sampler=name, steps=None if SAMPLERS[name].adaptive else 4,
@@ -258,8 +260,9 @@ def test_every_denoising_sampler_runs_from_sigma_inf(name):
     assert out.images.shape == (3, *SHAPE)
     bound = family.clip_x0 if spec.clips else None  # ddim, ancestral clamp x0_hat; the ODE solvers do not
     D = family.denoise if bound is None else lambda z, sigma: family.denoise(z, sigma).clamp(-bound, bound)
-    sigmas, g = full_range(family) if spec.adaptive else family.sigmas(4), torch.Generator().manual_seed(0)
-    with torch.no_grad():  # sample's draws: the noise at sigma = inf, then the sampler's own
+    sigmas = full_range(family) if spec.adaptive else sigma_grid(family, 4, resolve_grid(family, spec, None))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # sample's draws: the noise at the grid's first sigma, then the sampler's own
         raw = spec.fn(D, torch.randn((3, *SHAPE), generator=g), sigmas, generator=g)
     assert torch.isfinite(raw).all()
     torch.testing.assert_close(out.images, raw.clamp(-1, 1), rtol=0, atol=0)  # the sampler's images, in range

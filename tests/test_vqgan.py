@@ -208,6 +208,7 @@ def test_dead_code_restart_revives_unused_codes():
     assert restarted == [0, 1]
     assert draws == [(4, 3)]  # one fixed-size draw (K indices), taken only when a code was dead
     torch.testing.assert_close(vq.embedding[2], rows[2])  # draw index for code 2 is 2 % 4
+    assert vq.usage[2].item() == pytest.approx(1 / 3)  # a revived code starts at the uniform share 1/K
     _, k, _ = vq(z)
     assert 2 in k.flatten().tolist()  # the revived code is used again
     live = VectorQuantizer(3, 2, restart_threshold=0.0)

@@ -137,3 +137,50 @@ def test_cli_w1_in_pixels_separates_a_set_from_a_shifted_copy(tmp_path, capsys):
     assert main([*args, str(tmp_path / "a.npz"), "--fake", str(tmp_path / "c.npz"), "--holdout", "0.25"]) == 0
     same = json.loads(capsys.readouterr().out)  # a fresh draw of one distribution: zero within its error
     assert abs(same["w1"]) < 3 * same["w1_se"] and same["split"]["held_out"] == [100, 100], same
+
+
+def test_compute_w1_is_wasserstein1_of_the_specs_vectors_with_its_record(tmp_path):
+    """Pixels are x / 127.5 - 1; features are the extractor's; the record names what was measured."""
+    from genkit.errors import GenkitError
+    from genkit.eval.engine import EvalSettings, all_features, build_extractor
+    from genkit.eval.stats import RefStats, save_stats
+    from genkit.eval.w1 import compute_w1
+
+    g = np.random.default_rng(1)
+    a, b = (g.integers(0, 256, size=(40, 1, 8, 8), dtype=np.uint8) for _ in range(2))
+    np.savez(tmp_path / "a.npz", images=a)
+    np.savez(tmp_path / "b.npz", images=b)
+    critic = CriticSettings(steps=5, hidden=8, seed=3)
+    s = EvalSettings(features="pixels", n=30, seed=2)
+    out = compute_w1(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), s, critic)
+    chosen = sorted(torch.randperm(40, generator=torch.Generator().manual_seed(2))[:30].tolist())
+    va, vb = (torch.from_numpy(x[chosen]).float().flatten(1) / 127.5 - 1 for x in (a, b))
+    want = wasserstein1(va, vb, critic)
+    assert out["w1"] == want["w1"] and out["w1_se"] == want["w1_se"] and out["value"] == want["w1"]
+    assert out["metric"] == "w1" and (out["n_real"], out["n_fake"]) == (30, 30)
+    assert out["protocol"] == {"features": "pixels", "dim": 64} and out["critic"]["seed"] == 3
+    assert out["subset"] == {"real": {"n": 30, "of": 40, "seed": 2}, "fake": {"n": 30, "of": 40, "seed": 2}}
+    assert (out["real"], out["fake"], out["seed"]) == (str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), 2)
+    # features: the extractor's vectors; without critic settings the critic takes the eval seed
+    s = EvalSettings(features="digits", n=None, seed=4)
+    out = compute_w1(str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), s, critic)
+    ex = build_extractor(s)
+    fa, fb = (all_features(str(tmp_path / f"{k}.npz"), ex, s).float() for k in "ab")
+    assert out["w1"] == wasserstein1(fa, fb, critic)["w1"] and out["protocol"] == ex.protocol_dict()
+    np.savez(tmp_path / "c.npz", images=g.integers(0, 256, size=(40, 1, 4, 4), dtype=np.uint8))
+    with pytest.raises(GenkitError, match=r"^'.*a\.npz' and '.*c\.npz' differ in size \(64 vs 16 pixels\)$"):
+        compute_w1(str(tmp_path / "a.npz"), str(tmp_path / "c.npz"), EvalSettings(features="pixels"), critic)
+    save_stats(tmp_path / "st.npz", RefStats(np.zeros(2), np.eye(2), 3, {"features": "digits"}))
+    with pytest.raises(GenkitError, match=r"^'.*st\.npz' holds only statistics; W1 needs images$"):
+        compute_w1(str(tmp_path / "a.npz"), str(tmp_path / "st.npz"), EvalSettings(features="pixels"), critic)
+
+
+def test_compute_w1_seeds_its_critic_with_the_eval_seed(tmp_path, monkeypatch):
+    from genkit.eval import w1 as w1_module
+    from genkit.eval.engine import EvalSettings
+
+    np.savez(tmp_path / "a.npz", images=np.random.default_rng(0).integers(0, 256, (8, 1, 2, 2), dtype=np.uint8))
+    seen = []
+    monkeypatch.setattr(w1_module, "wasserstein1", lambda a, b, critic: seen.append(critic) or {"w1": 0.0})
+    w1_module.compute_w1(str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), EvalSettings(features="pixels", seed=7))
+    assert seen == [CriticSettings(seed=7)]

@@ -16,7 +16,7 @@ from typing import Any
 from genkit.eval.engine import EvalSettings, build_extractor, default_features, generated_stats, reference_stats
 from genkit.eval.frechet import frechet_distance
 from genkit.eval.stats import check_same_protocol
-from genkit.families.sampling import resolve_sampler
+from genkit.families.sampling import resolve_grid, resolve_sampler
 from genkit.io import atomic_write, write_text
 from genkit.runs import load
 
@@ -36,11 +36,13 @@ def fd_curve(run: str | Path, samplers: list[str], steps: list[int], s: EvalSett
     check_same_protocol(ref.protocol, extractor.protocol_dict(), "the reference")
     rows = []
     for sampler in samplers:
-        for k in [None] if resolve_sampler(family, sampler)[1].adaptive else steps:
+        spec = resolve_sampler(family, sampler)[1]
+        grid = "-" if spec.adaptive else str(resolve_grid(family, spec, schedule))  # the grid it really ran on
+        for k in [None] if spec.adaptive else steps:
             acc, nfe, seconds = generated_stats(family, extractor, s.n, s.batch_size, s.seed, progress=s.progress,
                                                 sampler=sampler, steps=k, schedule=schedule)
             mu, sigma = acc.mean_cov()
-            rows.append({"sampler": sampler, "steps": k, "schedule": schedule or "family", "nfe": nfe,
+            rows.append({"sampler": sampler, "steps": k, "schedule": grid, "nfe": nfe,
                          "fd": frechet_distance(ref.mu, ref.sigma, mu, sigma), "seconds": seconds})
     return rows
 

@@ -451,7 +451,7 @@ def build_dinov2(protocol: str | None = None, weights: str | Path | None = None)
     """DINOv2 through timm (built with pretrained=False: no code or weights fetched), official weights file."""
     import timm
 
-    protocol = _check_protocol("dinov2", protocol, ["vitb14", "vits14", "vitl14", "vitg14"])
+    protocol = _check_protocol("dinov2", protocol, [FD_DINOV2_PROTOCOL, "vits14", "vitb14", "vitg14"])
     filename = f"dinov2_{protocol}_pretrain.pth"
     url = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_{protocol}/{filename}"
     path, sha = _locate(filename, weights, url=url)
@@ -528,7 +528,7 @@ def build_features(name: str, *, protocol: str | None = None, weights: str | Pat
     Args:
         name: a key of FEATURES (inception, clip, dinov2, digits, cmmd).
         protocol: inception: 'tf' (default), 'pytorch-fid' or 'clean-fid'; clip: an open_clip model name;
-            dinov2: vitb14 (default), vits14, vitl14 (FD-DINOv2's), vitg14; digits: 'genkit';
+            dinov2: vitl14 (default: FD-DINOv2's), vits14, vitb14, vitg14; digits: 'genkit';
             cmmd: an open_clip model name (default ViT-L-14-336-quickgelu, the paper's).
         weights: a weights file, a folder holding the canonical file, a bare file name searched in
             $GENKIT_WEIGHTS_DIR and the caches, or 'local-dir:FOLDER' (clip, cmmd); None: the default file.

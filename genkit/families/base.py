@@ -27,7 +27,7 @@ Optional hooks, each with its default here:
 What a family can do is declared by the capability classes it derives from, each with its own
 abstract methods (so a family that declares one and lacks a method fails at construction):
     Denoising       denoise(z, sigma, **cond), sigmas(steps), sigma_range(),  `ddim`, `euler`, ...
-                    clip_x0 (None)
+                    clip_x0 (None), noise_process ("vp"; "ve", "flow")
     Direct          direct(n, *, generator, batch_size, **options)            `direct`
     Autoregressive  autoregressive(n, *, generator, batch_size, ...)          `autoregressive`
     Likelihood      log_prob(x), n_bits                                       exact bits/dim
@@ -188,6 +188,9 @@ class Denoising(ABC):
     """An iterative family: its denoiser and sigma grid drive the shared samplers (`genkit.samplers`)."""
 
     capability: ClassVar[str] = "denoise"
+    # the noise process, which picks each sampler's default grid (`genkit.samplers.SamplerSpec.grids`):
+    # "vp" (DDPM, latent diffusion), "ve" (EDM), "flow" (rectified flow)
+    noise_process: ClassVar[str] = "vp"
 
     @abstractmethod
     def denoise(self, z: Tensor, sigma: Tensor, **cond: Any) -> Tensor:

@@ -2,7 +2,11 @@
 
 Forward process q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), t = 0 .. T-1,
 alpha_bar_t = prod_{s <= t} (1 - beta_s). The network predicts eps, x_0 or
-v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, trained with plain MSE.
+v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, trained with plain MSE, or with the
+Min-SNR-gamma weighting (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting
+Strategy", ICCV 2023): with SNR_t = alpha_bar_t / (1 - alpha_bar_t), each sample's MSE is weighted
+so that the loss equals min(SNR_t, gamma) ||x0_hat - x0||^2 whatever the prediction type:
+    eps: min(SNR, gamma) / SNR      x0: min(SNR, gamma)      v: min(SNR, gamma) / (SNR + 1)
 
 In the samplers' sigma picture (as k-diffusion's discrete-schedule wrapper):
     sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
@@ -23,7 +27,7 @@ import torch
 from torch import Tensor
 
 from genkit.config import FamilyConfig
-from genkit.errors import SamplerError
+from genkit.errors import ConfigError, SamplerError
 from genkit.families.base import StepHandle
 from genkit.families.unet_family import UNetFamily
 from genkit.nn.unet import UNetConfig
@@ -38,6 +42,8 @@ class DDPMConfig(FamilyConfig):
     beta_start: float = 1e-4                     # linear / scaled_linear schedule: beta_0
     beta_end: float = 0.02                       # linear / scaled_linear schedule: beta_{T-1}
     prediction: Literal["epsilon", "x0", "v"] = "epsilon"
+    loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Min-SNR-gamma (Hang et al. 2023)
+    snr_gamma: float = 5.0                       # gamma of min-snr (the paper's default, 5)
     clip_sample: bool = True                     # ddim/ancestral clamp x0_hat to [-1, 1] (not the ODE solvers)
     spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timesteps of a short grid
     class_cond: bool = False                     # condition on data labels (classifier-free guidance)
@@ -74,6 +80,11 @@ class NoiseSchedule:
         ab = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.dim() - 1)).to(dtype)
         alpha, s = ab.sqrt(), (1 - ab).sqrt()
         return alpha * x0 + s * eps, training_target(prediction, x0, eps, alpha, s)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """SNR_t = alpha_bar_t / (1 - alpha_bar_t) = 1 / sigma_t^2 of integer timesteps t, float64."""
+        ab = self.alpha_bar.to(t.device)[t]
+        return ab / (1 - ab)
 
     def posterior(self, x0: Tensor, xt: Tensor, t: int) -> tuple[Tensor, float]:
         """Mean and variance of q(x_{t-1} | x_t, x0) (Ho et al. eq. 6-7)."""
@@ -115,6 +126,38 @@ class NoiseSchedule:
         return torch.cat([self.sigma_table[ts], torch.zeros(1, dtype=torch.float64)])
 
 
+def min_snr_weight(snr: Tensor, prediction: str, gamma: float) -> Tensor:
+    """Min-SNR-gamma loss weight per sample (Hang et al. 2023, eq. 9 and its eps / v forms): the MSE of
+    each prediction type times it is min(SNR, gamma) times the MSE of x0_hat."""
+    clipped_snr = snr.clamp(max=gamma)
+    if prediction == "epsilon":
+        return clipped_snr / snr        # ||eps_hat - eps||^2 = SNR ||x0_hat - x0||^2
+    if prediction == "x0":
+        return clipped_snr
+    return clipped_snr / (snr + 1)      # ||v_hat - v||^2 = (SNR + 1) ||x0_hat - x0||^2
+
+
+def weighted_mse(out: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean squared error over pixels and batch; with `weight` (B,), each sample's pixel mean weighted."""
+    if weight is None:
+        return torch.mean((out.float() - target) ** 2)
+    per_sample = ((out.float() - target) ** 2).flatten(1).mean(1)
+    return torch.mean(weight.to(per_sample) * per_sample)
+
+
+def loss_weight(cfg: Any, schedule: NoiseSchedule, t: Tensor) -> Tensor | None:
+    """The per-sample loss weight of `model.loss_weighting` at timesteps t (None: unweighted MSE)."""
+    if cfg.loss_weighting == "none":
+        return None
+    return min_snr_weight(schedule.snr(t), cfg.prediction, cfg.snr_gamma)
+
+
+def check_weighting(cfg: Any) -> None:
+    """`model.snr_gamma` must be > 0."""
+    if not cfg.snr_gamma > 0:
+        raise ConfigError(f"model.snr_gamma: must be > 0, got {cfg.snr_gamma}")
+
+
 def output_to_x0(prediction: str, z: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
     """x0_hat from a network output (eps, x0 or v) at the VP-scaled state z of noise level sigma (B,)."""
     dtype = torch.promote_types(z.dtype, torch.float32)  # float64 sampling stays float64
@@ -132,12 +175,14 @@ class DDPM(UNetFamily):
     def __init__(self, cfg: DDPMConfig, shape: tuple[int, int, int], num_classes: int = 0):
         super().__init__(cfg, shape, cfg.unet, num_classes)
         self.schedule = NoiseSchedule(make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end))
+        check_weighting(cfg)
 
     def loss(self, x0: Tensor, t: Tensor, eps: Tensor, label: Tensor | None = None) -> Tensor:
-        """Simple loss: || target - net(x_t, t[, y]) ||^2 averaged over pixels and batch."""
+        """Simple loss: || target - net(x_t, t[, y]) ||^2 averaged over pixels and batch (each sample
+        weighted by `model.loss_weighting`)."""
         xt, target = self.schedule.noised(x0, t, eps, self.cfg.prediction)
         out = self.unet(xt, t.float(), label)
-        return torch.mean((out.float() - target) ** 2)
+        return weighted_mse(out, target, loss_weight(self.cfg, self.schedule, t))
 
     def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """One step of the simple loss on a global-batch draw of t and eps."""

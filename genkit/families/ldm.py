@@ -6,8 +6,9 @@ the token embeddings tau(y) of the caption y (sec. 3.3):
 
     L = E_{z0, y, eps, t} || target - eps_theta(z_t, t, tau(y)) ||^2
 
-The forward process, its sigma picture, the prediction types and the x0 adapters are DDPM's
-(`genkit.families.ddpm`: NoiseSchedule, output_to_x0); only the conditioning is new here.
+The forward process, its sigma picture, the prediction types, the x0 adapters and the loss weighting
+(`model.loss_weighting: min-snr`) are DDPM's (`genkit.families.ddpm`: NoiseSchedule, output_to_x0,
+loss_weight); only the conditioning is new here.
 Classifier-free guidance (Ho & Salimans 2022): captions are replaced by the empty caption "" with
 probability `caption_dropout`, so one network learns D(z; sigma, tau(y)) and D(z; sigma, tau(""));
 `conditions` returns both for `genkit.samplers.guidance`. Optional class labels (`class_cond`)
@@ -40,7 +41,14 @@ from genkit.config import FamilyConfig
 from genkit.data import ImageDataset
 from genkit.errors import ConfigError, DataError, SamplerError
 from genkit.families.base import Autoencoder, Denoising, Family, Stage, StepHandle
-from genkit.families.ddpm import NoiseSchedule, make_betas, output_to_x0
+from genkit.families.ddpm import (
+    NoiseSchedule,
+    check_weighting,
+    loss_weight,
+    make_betas,
+    output_to_x0,
+    weighted_mse,
+)
 from genkit.families.first_stage import latent_scale_factor, latent_shape
 from genkit.families.unet_family import null_dropout, sample_labels
 from genkit.nn.cond_unet import CondUNetConfig, build_cond_unet
@@ -69,6 +77,8 @@ class LDMConfig(FamilyConfig):
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: Literal["epsilon", "x0", "v"] = "epsilon"
+    loss_weighting: Literal["none", "min-snr"] = "none"  # min-snr: Min-SNR-gamma (Hang et al. 2023), as DDPM's
+    snr_gamma: float = 5.0
     spacing: Literal["leading", "trailing", "linspace"] = "leading"
     text: TextConfig = field(default_factory=TextConfig)
     caption_dropout: float = 0.1                 # P(caption -> "") in training, for guidance
@@ -104,6 +114,7 @@ class LDM(Family, Denoising):
             raise ConfigError(f"model.class_cond: the dataset has {num_classes} classes; class conditioning "
                               "needs labelled data")
         self.schedule = NoiseSchedule(make_betas(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end))
+        check_weighting(cfg)
         text = TextEncoder(cfg.text)
         unet = build_cond_unet(cfg.unet, self.latent_shape[0], self.latent_shape[1], text.width,
                                self.num_classes + 1 if self.num_classes else None)
@@ -171,7 +182,7 @@ class LDM(Family, Denoising):
         t = opt.randint(self.schedule.T, b)
         zt, target = self.schedule.noised(z0, t, opt.randn(b, *self.latent_shape), self.cfg.prediction)
         out = self.unet(zt, t.float(), self.text_encoder()(captions), label)
-        loss = torch.mean((out.float() - target) ** 2)
+        loss = weighted_mse(out, target, loss_weight(self.cfg, self.schedule, t))
         opt.step("model", loss)
         return {"loss": loss.detach()}
 

@@ -83,6 +83,7 @@ class RectifiedFlow(UNetFamily):
     name = "rectified_flow"
     default_sampler = "ddim"   # the paper's Euler step in this family's coordinates (see module doc)
     default_steps = 50
+    noise_process = "flow"
 
     def __init__(self, cfg: RectifiedFlowConfig, shape: tuple[int, int, int], num_classes: int = 0):
         if cfg.distill_steps < 1:

@@ -2,7 +2,8 @@
 
 The samplers themselves (`genkit.samplers`) are free functions over a denoiser and a sigma grid;
 this module drives a family through them: it picks the sampler the family declares a capability
-for, draws the initial noise, binds the family's conditions and classifier-free guidance, runs
+for, draws the initial noise, binds the family's conditions and guidance (classifier-free, or
+autoguidance by another family), runs
 batches under the requested precision (and torch.compile), decodes latents, and reports the NFE.
 """
 
@@ -22,11 +23,11 @@ from genkit.errors import SamplerError
 from genkit.families.base import Denoising, Family
 from genkit.progress import Progress
 from genkit.rng import randn
-from genkit.samplers import KARRAS_SIGMA_MAX, SAMPLERS, CountingDenoiser, SamplerSpec, autocast
-from genkit.samplers.compiled import compile_mode, compiled_nets
+from genkit.samplers import SAMPLERS, CountingDenoiser, SamplerSpec, autocast
 from genkit.samplers.adapters import clipped
-from genkit.samplers.guidance import guided, slice_condition
-from genkit.samplers.schedules import grid
+from genkit.samplers.compiled import compile_mode, compiled_nets
+from genkit.samplers.guidance import guided, guided_evaluations, slice_condition
+from genkit.samplers.schedules import FAMILY, GridSpec
 
 
 @dataclass
@@ -36,6 +37,7 @@ class SampleOutput:
     sampler: str
     steps: int | None
     seconds: float  # wall time of the whole call
+    schedule: str | None = None  # the sigma grid's spec (`genkit.samplers.schedules.GridSpec`); None: no grid
 
 
 def samplers_for(family: Family) -> list[str]:
@@ -90,14 +92,32 @@ def _check_options(name: str, fn: Callable[..., Any], options: dict[str, Any]) -
                            f"{', '.join(allowed) or 'none'}")
 
 
-def sigma_grid(family: Denoising, steps: int, schedule: str | None = None) -> Tensor:
-    """The family's own grid, or a named one over its sigma range (karras: capped at EDM's 80)."""
-    if schedule is None:
+def sigma_grid(family: Denoising, steps: int, schedule: GridSpec | str | None = None) -> Tensor:
+    """The family's own grid (None, "family"), or a named one over its sigma range (`GridSpec`)."""
+    spec = GridSpec.parse(schedule) if isinstance(schedule, str) else schedule
+    if spec is None or spec.name == FAMILY:
         return family.sigmas(steps)
     sigma_min, sigma_max = family.sigma_range()
-    if schedule == "karras":
-        sigma_max = min(sigma_max, KARRAS_SIGMA_MAX)
-    return grid(schedule, steps, sigma_min, sigma_max)
+    return spec.sigmas(steps, sigma_min, sigma_max)
+
+
+def resolve_grid(family: Denoising, spec: SamplerSpec, schedule: GridSpec | str | None) -> GridSpec:
+    """The grid asked for, or the one the sampler recommends for the family's noise process."""
+    if schedule is None:
+        return spec.grids[family.noise_process]
+    return GridSpec.parse(schedule) if isinstance(schedule, str) else schedule
+
+
+def steps_for_nfe(name: str, spec: SamplerSpec, nfe: int, grid: GridSpec, per_call: int = 1) -> int:
+    """The step count that spends exactly `nfe` network evaluations on `grid` (`per_call` network calls per
+    denoiser call: 2 under autoguidance), or a one-line refusal that lists the possible values."""
+    ends_at_zero = grid.end == "zero"
+    for steps in range(1, nfe + 1):
+        if per_call * spec.nfe(steps, ends_at_zero) == nfe:
+            return steps
+    possible = ", ".join(str(per_call * spec.nfe(k, ends_at_zero)) for k in range(1, 5))
+    raise SamplerError(f"sampler '{name}' cannot spend exactly {nfe} evaluations on the grid '{grid}': "
+                       f"its possible NFE there are {possible}, ...")
 
 
 def full_range(family: Denoising) -> Tensor:
@@ -110,19 +130,23 @@ def full_range(family: Denoising) -> Tensor:
 def sample(
     family: Family, n: int, *, sampler: str | None = None, steps: int | None = None,
     generator: torch.Generator | None = None, batch_size: int | None = None, schedule: str | None = None,
-    noise: Tensor | None = None, labels: Tensor | Sequence[int] | None = None,
-    prompts: Sequence[str] | None = None, guidance: float | None = None,
+    nfe: int | None = None, noise: Tensor | None = None, labels: Tensor | Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None, guidance: float | None = None, guide: Family | None = None,
     precision: str = "no", compile: bool | str = False, progress: bool = False, **options: Any,
 ) -> SampleOutput:
     """Generate n images with a registered sampler, in batches, networks in eval mode.
 
-    `schedule` picks the sigma grid of denoising families: None is the family's own
-    (DDPM: its discrete timesteps), "karras" (EDM rho=7) or "uniform" (arctan time) span
-    the family's sigma range. `noise` (n, *latent_shape), if given, is the initial state at the
+    `schedule` picks the sigma grid of denoising families (`genkit.samplers.schedules.GridSpec`:
+    "karras", "karras:rho=5", "logsnr:end=sigma_min", "time-uniform", "family" = the family's own,
+    e.g. DDPM's discrete timesteps); None is the grid the sampler recommends for the family's noise
+    process (`SamplerSpec.grids`). `nfe` instead of `steps`: the step count that spends exactly that
+    many network evaluations (refused when the sampler cannot). `noise` (n, *latent_shape), if given, is the initial state at the
     grid's first sigma instead of fresh N(0, I) (reflow pairs, fixed-noise comparisons).
     `labels` / `prompts` go to the family's `conditions(n, ...)`; a conditional family without them
     samples its own default (class-balanced labels, its sample prompts).
-    `guidance` is the classifier-free guidance scale w (`genkit.samplers.guidance`; 1: none).
+    `guidance` is the classifier-free guidance scale w (`genkit.samplers.guidance`; 1: none); with a
+    `guide` (a denoising family of the same state space: a smaller or earlier model of the same data)
+    it is the autoguidance scale instead: D_guide + w (D - D_guide), the guide's calls counted in the NFE.
     `precision` "bf16" / "fp16" runs the networks under autocast (faster on CPUs with bf16
     instructions and on GPUs); the sampler's own arithmetic stays float32.
     `compile=True` (or a torch.compile mode, e.g. "max-autotune") runs the networks as
@@ -140,7 +164,10 @@ def sample(
         raise SamplerError(f"steps must be >= 1, got {steps}")
     name, spec = resolve_sampler(family, sampler)
     _check_options(name, sampler_function(family, spec), options)
-    _check_grid_options(name, spec, steps, schedule)
+    _check_grid_options(name, spec, steps, schedule, nfe)
+    grid = resolve_grid(family, spec, schedule) if spec.needs == "denoise" and not spec.adaptive else None
+    if nfe is not None:
+        steps = steps_for_nfe(name, spec, nfe, grid, guided_evaluations(guidance, guide))
     steps = None if spec.adaptive or spec.needs != "denoise" else steps or family.default_steps
     batch_size = batch_size or min(n, DEFAULT_BATCH)
     if compile is not False and not family.compile_sampling:
@@ -150,37 +177,51 @@ def sample(
     nets = compiled_nets(family.nets, mode) if mode else contextlib.nullcontext()
     t0 = time.perf_counter()
     was_training = family.nets.training
+    guide_training = guide is not None and guide.nets.training
     family.nets.eval()
+    if guide is not None:
+        guide.nets.eval()
     try:
         with autocast(family.device, precision), nets, _out_of_memory_hint(batch_size):
             if spec.needs == "denoise":
-                sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, schedule)
+                sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, grid)
                 conds = family.conditions(n, labels=labels, prompts=prompts)
+                guiding = None if guide is None else (guide, _guide_condition(family, guide, n, labels, prompts))
                 images, nfe = _sample_denoising(family, n, spec, sigmas, generator, batch_size, options, noise,
-                                                conds, guidance, progress and n > batch_size)
+                                                conds, guidance, progress and n > batch_size, guiding)
             else:
+                if guide is not None:
+                    raise SamplerError(f"guide: sampler '{name}' is not a denoising sampler; autoguidance guides "
+                                       "the denoiser of a diffusion or flow model")
                 images, nfe = _sample_own(family, name, spec, n, generator, batch_size, options, noise,
                                           labels, prompts, guidance)
     finally:
         family.nets.train(was_training)
+        if guide is not None:
+            guide.nets.train(guide_training)
     if images.is_cuda:
         torch.cuda.synchronize()
-    return SampleOutput(images.clamp(-1, 1), nfe, name, steps, time.perf_counter() - t0)
+    return SampleOutput(images.clamp(-1, 1), nfe, name, steps, time.perf_counter() - t0,
+                        None if grid is None else str(grid))
 
 
 DEFAULT_BATCH = 256  # images per network batch when none is given: memory bounded for any n
 
 
-def _check_grid_options(name: str, spec: SamplerSpec, steps: int | None, schedule: str | None) -> None:
-    """Refuse a step count or sigma grid the sampler would ignore (rather than ignoring it silently)."""
-    if spec.needs != "denoise":
-        what = [w for w, v in (("steps", steps), ("schedule", schedule)) if v is not None]
-        if what:
-            raise SamplerError(f"sampler '{name}' takes no --{what[0]}: it is not a denoising sampler "
-                               "(one network pass per batch, or one per token)")
-    elif spec.adaptive and (steps is not None or schedule is not None):
+def _check_grid_options(name: str, spec: SamplerSpec, steps: int | None, schedule: str | None,
+                        nfe: int | None = None) -> None:
+    """Refuse a step count, NFE or sigma grid the sampler would ignore (rather than ignoring it silently)."""
+    given = [w for w, v in (("steps", steps), ("schedule", schedule), ("nfe", nfe)) if v is not None]
+    if spec.needs != "denoise" and given:
+        raise SamplerError(f"sampler '{name}' takes no --{given[0]}: it is not a denoising sampler "
+                           "(one network pass per batch, or one per token)")
+    if spec.adaptive and given:
         raise SamplerError(f"sampler '{name}' chooses its own steps over the family's whole sigma range: drop "
-                           "--steps/--schedule and set its tolerances (--rtol, --atol)")
+                           f"--{given[0]} and set its tolerances (--rtol, --atol)")
+    if nfe is not None and steps is not None:
+        raise SamplerError("give --steps or --nfe, not both")
+    if nfe is not None and nfe < 1:
+        raise SamplerError(f"nfe must be >= 1, got {nfe}")
 
 
 @contextlib.contextmanager
@@ -209,12 +250,26 @@ def _sample_own(family: Family, name: str, spec: SamplerSpec, n: int, generator:
     return out if spec.needs == "autoregressive" else (out, 1)  # (images, forward passes); direct: one pass
 
 
+def _guide_condition(family: Family, guide: Family, n: int, labels: Any, prompts: Any) -> dict[str, Any]:
+    """The guide's own denoiser keywords for the same labels / prompts, after checking that it can guide."""
+    if not isinstance(guide, Denoising):
+        raise SamplerError(f"guide: family '{guide.name}' is not a denoising family; autoguidance needs a "
+                           "diffusion or flow model of the same data")
+    if tuple(guide.latent_shape) != tuple(family.latent_shape):
+        raise SamplerError(f"guide: its states have shape {tuple(guide.latent_shape)}, the model's "
+                           f"{tuple(family.latent_shape)}: guide with a model of the same data and resolution")
+    if guide.device != family.device:
+        raise SamplerError(f"guide: on {guide.device}, the model on {family.device}: load both on one device")
+    return guide.conditions(n, labels=labels, prompts=prompts)[0]
+
+
 def sampler_denoiser(family: Family, spec: SamplerSpec, cond: dict[str, Any], uncond: dict[str, Any] | None,
-                     guidance: float | None) -> Callable[[Tensor, Tensor], Tensor]:
-    """The denoiser a shared sampler runs: the family's raw x0_hat, combined by classifier-free guidance,
-    then clamped to the family's `clip_x0` by the samplers that clip (ddim, ancestral), as GLIDE and
-    diffusers do. The ODE solvers get the unclipped field."""
-    D = guided(family.denoise, cond, uncond, guidance)
+                     guidance: float | None, guide: Family | None = None,
+                     guide_cond: dict[str, Any] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """The denoiser a shared sampler runs: the family's raw x0_hat, combined by classifier-free guidance
+    (or autoguidance against `guide`'s raw x0_hat), then clamped to the family's `clip_x0` by the samplers
+    that clip (ddim, ancestral), as GLIDE and diffusers do. The ODE solvers get the unclipped field."""
+    D = guided(family.denoise, cond, uncond, guidance, None if guide is None else guide.denoise, guide_cond)
     bound = family.clip_x0 if spec.clips else None
     return D if bound is None else clipped(D, bound)
 
@@ -222,10 +277,12 @@ def sampler_denoiser(family: Family, spec: SamplerSpec, cond: dict[str, Any], un
 def _sample_denoising(family: Family, n: int, spec: SamplerSpec, sigmas: Tensor,
                       generator: torch.Generator | None, batch_size: int, options: dict[str, Any],
                       noise: Tensor | None, conds: tuple[dict, dict | None], guidance: float | None,
-                      progress: bool = False) -> tuple[Tensor, int]:
-    """The images of a shared sampler, batch by batch, through `sampler_denoiser`."""
+                      progress: bool = False, guiding: tuple[Family, dict] | None = None) -> tuple[Tensor, int]:
+    """The images of a shared sampler, batch by batch, through `sampler_denoiser`; NFE counts network calls
+    (a guide's too)."""
     device = family.device
     cond, uncond = conds
+    guide, guide_cond = guiding or (None, {})
     chunks, nfe = [], 0
     with Progress(n, "sample", "image", disable=not progress) as bar:
         for start in range(0, n, batch_size):
@@ -236,9 +293,9 @@ def _sample_denoising(family: Family, n: int, spec: SamplerSpec, sigmas: Tensor,
                 z = noise[start:start + b].to(device)
             D = CountingDenoiser(sampler_denoiser(family, spec, slice_condition(cond, start, start + b),
                                                   None if uncond is None else slice_condition(uncond, start, start + b),
-                                                  guidance))
+                                                  guidance, guide, slice_condition(guide_cond, start, start + b)))
             x = spec.fn(D, z, sigmas, generator=generator, **options)
             chunks.append(family.decode_latents(x).float())
-            nfe = D.nfe
+            nfe = D.nfe * guided_evaluations(guidance, guide)
             bar.update(b)
     return torch.cat(chunks), nfe

@@ -1,39 +1,51 @@
-"""Samplers of the probability-flow ODE: Euler, Heun, DPM-Solver++(2M) and adaptive RK45.
+"""Samplers of the probability-flow ODE: EDM's Euler and Heun in sigma, their arctan-time
+variants, and adaptive RK45.
 
-Convention: arctan time
------------------------
-The state is the VP-scaled z = alpha x0 + s eps of `genkit.samplers`. In the time
+EDM's variable: sigma
+---------------------
+Karras et al. (2022, eq. 4 with s(t) = 1, sigma(t) = t) write the ODE in x = z / alpha (the
+variance-exploding state x0 + sigma eps) against sigma itself:
+
+    dx/dsigma = (x - D(x; sigma)) / sigma = eps_hat,
+
+and `euler` and `heun` are their Algorithm 1 (without churn), k-diffusion's `sample_euler` and
+`sample_heun`. Euler's step x_n = x + (sigma_n - sigma) eps_hat = x0_hat + sigma_n eps_hat is DDIM
+(Karras et al. 2022, Sec. 3): `euler` and `ddim` (eta = 0) take the same steps, except that `ddim`
+clamps x0_hat when the family asks. The steps are written in the VP-scaled z of `genkit.samplers`,
+so a grid may start at sigma = inf for Euler (x is infinite there, Euler's step has the finite limit
+z_n = s_n z + alpha_n x0_hat); Heun's trapezoidal correction does not, and refuses such a grid.
+
+Arctan time
+-----------
+In the time
 
     t = arctan(sigma) in [0, pi/2],      alpha = cos t,      s = sin t,
 
-the probability-flow ODE (Song et al. 2021, eq. 13; Karras et al. 2022, eq. 4 with
-s(t) = cos t and sigma(t) = tan t) reads
+the same ODE (Song et al. 2021, eq. 13; Karras et al. 2022, eq. 4 with s(t) = cos t and
+sigma(t) = tan t) reads
 
     dz/dt = v(z, t) = alpha eps_hat - s x0_hat,     x0_hat = D(z; sigma),
                                                      eps_hat = (z - alpha x0_hat) / s,
 
 the "velocity" v of Salimans & Ho (2022, Sec. 4). Every quantity stays finite on the whole
-interval: sigma = inf is t = pi/2, where alpha = 0, eps_hat = z and v = -x0_hat, so grids that
-start at inf (rectified flow, zero-terminal-SNR schedules) need no special case. Euler, Heun
-and RK45 integrate this one vector field, `velocity`; t = 0 itself (0/0 in eps_hat) is never
-evaluated: Euler and Heun only step onto it, and RK45 hands the last step to the denoiser.
+interval: sigma = inf is t = pi/2, where alpha = 0, eps_hat = z and v = -x0_hat.
+`euler-arctan`, `heun-arctan` and `rk45` integrate this one vector field, `velocity`; t = 0 itself
+(0/0 in eps_hat) is never evaluated: Euler and Heun only step onto it, and RK45 hands the last step
+to the denoiser. Euler in arctan time follows the tangent of DDIM's arc cos t x0_hat + sin t eps_hat
+instead of the arc itself: first order too, but a different method from `euler`.
 
-This Euler is not DDIM: DDIM (`genkit.samplers.ddim`) moves z along the exact arc
-cos t x0_hat + sin t eps_hat with x0_hat and eps_hat frozen; Euler follows its tangent. Both are
-first order and meet in the many-step limit. (Euler in k-diffusion's variable x = z / alpha over
-sigma *is* DDIM, Karras et al. 2022, Sec. 3.) DPM-Solver++ has its own update in the log-SNR
-lambda = log(alpha / s) = -log sigma, exact for the linear part of the ODE.
+The multistep solvers in log-SNR (DPM-Solver++, UniPC) and iPNDM are in `genkit.samplers.multistep`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from genkit.errors import SamplerError
 from genkit.samplers.adapters import Denoiser, eps_from_x0, vp_coefficients
 from genkit.samplers.schedules import arctan_time, sigma_at
 
@@ -50,7 +62,57 @@ def _times(sigmas: Tensor) -> list[float]:
     return [arctan_time(float(sigma)) for sigma in sigmas]
 
 
+def _sigma(z: Tensor, sigma: float) -> Tensor:
+    return z.new_full((z.shape[0],), sigma)
+
+
+def euler_step(z: Tensor, x0: Tensor, sigma: float, sigma_n: float) -> Tensor:
+    """EDM's Euler step x_n = x0_hat + sigma_n eps_hat, VP-scaled: z_n = alpha_n x0_hat + s_n eps_hat."""
+    alpha, s = vp_coefficients(sigma)
+    alpha_n, s_n = vp_coefficients(sigma_n)
+    return alpha_n * x0 + s_n * eps_from_x0(z, x0, alpha, s)
+
+
 def sample_euler(
+    D: Denoiser, z: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, **cond: Any,
+) -> Tensor:
+    """Euler's method in sigma (Karras et al. 2022, Alg. 1 without its correction; k-diffusion's
+    `sample_euler`): x_n = x + (sigma_n - sigma) (x - D(x; sigma)) / sigma. NFE = steps."""
+    sig = [float(sigma) for sigma in sigmas]
+    for sigma, sigma_n in zip(sig[:-1], sig[1:]):
+        z = euler_step(z, D(z, _sigma(z, sigma), **cond), sigma, sigma_n)
+    return z
+
+
+def sample_heun(
+    D: Denoiser, z: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, **cond: Any,
+) -> Tensor:
+    """Heun's 2nd-order method in sigma (Karras et al. 2022, Alg. 1, no churn; k-diffusion's `sample_heun`).
+
+    In x = z / alpha: d = (x - D(x; sigma)) / sigma, x' = x + (sigma_n - sigma) d, then the trapezoid
+    x_n = x + (sigma_n - sigma) (d + d') / 2 with d' the slope at (x', sigma_n); the step onto
+    sigma = 0 keeps Euler's x'. NFE = 2 steps - 1 on grids that end at zero, 2 steps otherwise.
+    """
+    sig = [float(sigma) for sigma in sigmas]
+    if sig[0] == float("inf"):
+        raise SamplerError("heun integrates in sigma and cannot start at sigma = inf: use a grid with a finite "
+                           "sigma_max (karras, logsnr) or heun-arctan")
+    for sigma, sigma_n in zip(sig[:-1], sig[1:]):
+        alpha, s = vp_coefficients(sigma)
+        alpha_n, s_n = vp_coefficients(sigma_n)
+        x = z / alpha
+        d = eps_from_x0(z, D(z, _sigma(z, sigma), **cond), alpha, s)  # (x - x0_hat) / sigma
+        x_euler = x + (sigma_n - sigma) * d
+        if sigma_n == 0:
+            z = x_euler
+            continue
+        z_euler = alpha_n * x_euler
+        d_n = eps_from_x0(z_euler, D(z_euler, _sigma(z, sigma_n), **cond), alpha_n, s_n)
+        z = alpha_n * (x + (sigma_n - sigma) * (d + d_n) / 2)
+    return z
+
+
+def sample_euler_arctan(
     D: Denoiser, z: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, **cond: Any,
 ) -> Tensor:
     """Euler's method on the PF-ODE in arctan time (first order): z += (t_n - t) v(z, t)."""
@@ -60,10 +122,10 @@ def sample_euler(
     return z
 
 
-def sample_heun(
+def sample_heun_arctan(
     D: Denoiser, z: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, **cond: Any,
 ) -> Tensor:
-    """Heun's 2nd-order method (Karras et al. 2022, Alg. 1) in arctan time; NFE = 2 steps - 1.
+    """Heun's 2nd-order method in arctan time; NFE = 2 steps - 1 on grids that end at zero.
 
     An Euler step, then the trapezoidal correction with the slope at its end point, except on a
     step onto sigma = 0 (t = 0), where the slope is not defined and Euler's step is kept.
@@ -77,41 +139,6 @@ def sample_heun(
             z = z_euler
         else:
             z = z + (h / 2) * (d + velocity(D, z_euler, t_next, **cond))
-    return z
-
-
-def log_snr(sigma: float) -> float:
-    """lambda = log(alpha / s) = -log sigma, +inf at sigma = 0 and -inf at sigma = inf."""
-    return math.inf if sigma == 0 else -math.log(sigma)
-
-
-def sample_dpmpp_2m(
-    D: Denoiser, z: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None, **cond: Any,
-) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), as k-diffusion's `sample_dpmpp_2m`; NFE = steps.
-
-    With h = lambda_n - lambda_t and r = h_prev / h, one step is (eq. 10 and Alg. 2)
-
-        D_d = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev          (x0_hat alone on the first step)
-        z_n = (s_n / s_t) z - alpha_n (exp(-h) - 1) D_d
-
-    The step onto sigma = 0 is first order (z_n = x0_hat). From sigma = inf, h = inf and
-    exp(-h) = 0: z_n = s_n z + alpha_n x0_hat, DDIM's step with eps_hat = z; the step after it
-    sees r = inf and is first order as well.
-    """
-    sig = [float(sigma) for sigma in sigmas]
-    x0_prev, h_prev = None, math.nan
-    for sigma_t, sigma_n in zip(sig[:-1], sig[1:]):
-        _, s_t = vp_coefficients(sigma_t)
-        alpha_n, s_n = vp_coefficients(sigma_n)
-        x0 = D(z, z.new_full((z.shape[0],), sigma_t), **cond)
-        h = log_snr(sigma_n) - log_snr(sigma_t)
-        x0_d = x0
-        if x0_prev is not None and sigma_n > 0:
-            c = 1 / (2 * (h_prev / h))  # 1 / (2r); 0 when the previous step came from sigma = inf
-            x0_d = (1 + c) * x0 - c * x0_prev
-        z = (s_n / s_t) * z - alpha_n * math.expm1(-h) * x0_d
-        x0_prev, h_prev = x0, h
     return z
 
 

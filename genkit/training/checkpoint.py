@@ -6,9 +6,15 @@ step-N/
   optim-<group>.pt      optimizer state dict      (torch.save; loaded with weights_only=True)
   sched-<group>.pt      LR scheduler state dict
   scaler.pt             fp16 GradScaler state (fp16 only)
+  phema.safetensors     post-hoc EMA profiles (train.posthoc_ema only)
   rng-<rank>.pt         torch / CUDA / numpy / python RNG states of each process
-  state.json            step, data position, EMA updates, world size, genkit version, and the
-                        SHA-256 of every other file (checked at resume)
+  state.json            step, data position (in samples: genkit.data.position), samples per step, EMA
+                        updates, world size, genkit version, and the SHA-256 of every other file
+                        (checked at resume)
+Every file holds full tensors, whatever the number of processes and whether the networks were
+sharded (genkit.training.sharding gathers them), so a checkpoint resumes with any number of
+processes: each process restores its own RNG file when there is one, and a process the saving run
+did not have seeds its generators from (seed, step, rank).
 The folder is assembled as .step-N.tmp and renamed, so "latest" is always a whole checkpoint.
 A checkpoint damaged later (truncated copy, bad disk) fails its checksums: at resume (the trainer
 falls back to the previous one with a warning) or when pruning. Either way it is moved aside as
@@ -30,7 +36,15 @@ import torch
 
 from genkit.errors import RunError
 from genkit.io import load_tensors, load_torch, save_tensors, save_torch, sha256_file, write_json
+from genkit.rng import mix_seed
 from genkit.runs import CKPT_EMA, CKPT_NETS, CKPT_STATE, list_checkpoints
+from genkit.training.sharding import (
+    full_model_state,
+    full_optimizer_state,
+    full_tensors,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 from genkit.version import __version__
 
 
@@ -63,9 +77,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_rng(seed: int) -> None:
+    """Seed this process's torch (and CUDA), numpy and python generators from one integer."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def save_checkpoint(root: Path, step: int, accelerator: Any, nets: torch.nn.Module, ema: Any,
                     optimizers: dict[str, Any], schedulers: dict[str, Any], state: dict[str, Any],
-                    keep_last: int) -> Path:
+                    keep_last: int, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoints/step-N atomically from every process, then prune to `keep_last`.
 
     An OSError (disk full, folder removed) removes the partial folder and is raised after
@@ -79,8 +100,9 @@ def save_checkpoint(root: Path, step: int, accelerator: Any, nets: torch.nn.Modu
         failure = _attempt(lambda: tmp.mkdir(parents=True))
     accelerator.wait_for_everyone()
     failure = failure or _attempt(lambda: save_torch(tmp / f"rng-{accelerator.process_index}.pt", rng_state()))
+    full = _gather(nets, ema, optimizers)  # every process: sharded tensors are gathered collectively
     if accelerator.is_main_process and failure is None:
-        failure = _attempt(lambda: _write_main(tmp, nets, ema, optimizers, schedulers, accelerator))
+        failure = _attempt(lambda: _write_main(tmp, full, schedulers, accelerator, extra or {}))
     accelerator.wait_for_everyone()  # every rank's rng file is in place
     if accelerator.is_main_process and failure is None:
         failure = _attempt(lambda: _seal(tmp, dict(state, step=step, world_size=accelerator.num_processes,
@@ -133,14 +155,22 @@ def _attempt(write: Any) -> OSError | None:
     return None
 
 
-def _write_main(tmp: Path, nets: torch.nn.Module, ema: Any, optimizers: dict[str, Any],
-                schedulers: dict[str, Any], accelerator: Any) -> None:
-    """The main process's files: networks, EMA, optimizers, schedulers, GradScaler."""
-    save_tensors(tmp / CKPT_NETS, nets.state_dict())
-    if ema is not None:
-        save_tensors(tmp / CKPT_EMA, ema.state_dict())
-    for group, opt in optimizers.items():
-        save_torch(tmp / f"optim-{group}.pt", opt.state_dict())
+def _gather(nets: torch.nn.Module, ema: Any, optimizers: dict[str, Any]) -> dict[str, Any]:
+    """Full state dicts of the networks, EMA and optimizers (genkit.training.sharding; as they are unsharded)."""
+    return {"nets": full_model_state(nets), "ema": None if ema is None else full_tensors(ema.state_dict()),
+            "optim": {group: full_optimizer_state(nets, opt) for group, opt in optimizers.items()}}
+
+
+def _write_main(tmp: Path, full: dict[str, Any], schedulers: dict[str, Any], accelerator: Any,
+                extra: dict[str, dict[str, torch.Tensor]]) -> None:
+    """The main process's files: networks, EMA, optimizers, schedulers, GradScaler, `extra` tensors."""
+    save_tensors(tmp / CKPT_NETS, full["nets"])
+    for name, tensors in extra.items():
+        save_tensors(tmp / f"{name}.safetensors", tensors)
+    if full["ema"] is not None:
+        save_tensors(tmp / CKPT_EMA, full["ema"])
+    for group, state in full["optim"].items():
+        save_torch(tmp / f"optim-{group}.pt", state)
         save_torch(tmp / f"sched-{group}.pt", schedulers[group].state_dict())
     if accelerator.scaler is not None:
         save_torch(tmp / "scaler.pt", accelerator.scaler.state_dict())
@@ -171,19 +201,23 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path, accelerator: Any, nets: torch.nn.Module, ema: Any,
-                    optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict[str, Any]:
-    """Restore every piece written by `save_checkpoint` after verifying it; returns state.json."""
+                    optimizers: dict[str, Any], schedulers: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Restore every piece written by `save_checkpoint` after verifying it; returns state.json.
+
+    Any number of processes may resume (see the module docstring); `seed` seeds the RNG of a process
+    that has no RNG file in the checkpoint."""
     state = verify_checkpoint(path)
-    if state["world_size"] != accelerator.num_processes:
-        raise RunError(f"checkpoint '{path}' was written by {state['world_size']} processes, "
-                       f"this run has {accelerator.num_processes}: resume with the same number")
-    nets.load_state_dict(load_tensors(path / CKPT_NETS))
+    load_full_model_state(nets, load_tensors(path / CKPT_NETS))
     if ema is not None:
         ema.load_state_dict(load_tensors(path / CKPT_EMA), state["ema_updates"])
     for group, opt in optimizers.items():
-        opt.load_state_dict(load_torch(path / f"optim-{group}.pt"))
+        load_full_optimizer_state(nets, opt, load_torch(path / f"optim-{group}.pt"))
         schedulers[group].load_state_dict(load_torch(path / f"sched-{group}.pt"))
     if accelerator.scaler is not None and (path / "scaler.pt").exists():
         accelerator.scaler.load_state_dict(load_torch(path / "scaler.pt"))
-    set_rng_state(load_torch(path / f"rng-{accelerator.process_index}.pt"))
+    rank = accelerator.process_index
+    if rank < state["world_size"]:
+        set_rng_state(load_torch(path / f"rng-{rank}.pt"))
+    else:  # more processes than the saving run had
+        seed_rng(mix_seed(seed, state["step"], rank))
     return state

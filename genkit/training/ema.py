@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from genkit.training.sharding import copy_full_into
 
 
 class EMA:
     """Shadow copies of every floating-point parameter and buffer of `nets`.
 
+    The shadows of sharded networks (FSDP2) are sharded as their parameters are (DTensors): each
+    process averages its own shard; checkpoints gather them (genkit.training.sharding).
+
     With warmup the decay at update k is min(decay, (1 + k) / (10 + k)), as in
     TensorFlow's ExponentialMovingAverage with num_updates, so early weights do not linger.
+    `ramp`, if given, returns the k the warm-up uses instead of the update count (a time budget:
+    the fraction of the budget used times train.steps, `genkit.training.budget`).
     """
 
-    def __init__(self, nets: nn.Module, decay: float, warmup: bool = True):
-        self.decay, self.warmup, self.updates = decay, warmup, 0
+    def __init__(self, nets: nn.Module, decay: float, warmup: bool = True, ramp: Callable[[], float] | None = None):
+        self.decay, self.warmup, self.updates, self.ramp = decay, warmup, 0, ramp
         self.shadow = {k: v.detach().clone() for k, v in self._floats(nets).items()}
 
     @staticmethod
@@ -25,10 +32,11 @@ class EMA:
         return {k: v for k, v in nets.state_dict(keep_vars=True).items() if v.is_floating_point()}
 
     def current_decay(self) -> float:
-        """The decay of the next update: `decay`, ramped up as (1 + n) / (10 + n) with warmup."""
+        """The decay of the next update: `decay`, ramped up as (1 + k) / (10 + k) with warmup."""
         if not self.warmup:
             return self.decay
-        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+        k = self.updates if self.ramp is None else self.ramp()
+        return min(self.decay, (1 + k) / (10 + k))
 
     @torch.no_grad()
     def update(self, nets: nn.Module) -> None:
@@ -46,7 +54,7 @@ class EMA:
     def load_state_dict(self, state: dict[str, Tensor], updates: int) -> None:
         """Restore the shadow weights and the update count (resume)."""
         for k, v in state.items():
-            self.shadow[k].copy_(v)
+            copy_full_into(self.shadow[k], v)  # a sharded network's shadow takes this process's shard
         self.updates = updates
 
     @contextlib.contextmanager

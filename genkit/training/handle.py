@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from genkit.config import OptimConfig, TrainConfig
+from genkit.config import OptimConfig
 from genkit.errors import ConfigError, GenkitError
 from genkit.families.base import StepHandle
 from genkit.rng import seeded
+from genkit.training.budget import Budget
+from genkit.training.sharding import all_finite
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -22,20 +23,6 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
     if cfg.name == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay)
-
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup over `train.warmup` steps, then constant, cosine or linear decay to 0."""
-
-    def factor(k: int) -> float:
-        if k < cfg.warmup:
-            return (k + 1) / cfg.warmup
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        frac = min(1.0, (k - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-        return 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1.0 - frac
-
-    return factor
 
 
 def check_groups(groups: dict[str, Any], optim: dict[str, OptimConfig], family: str) -> None:
@@ -51,7 +38,8 @@ class OptimHandle(StepHandle):
 
     def __init__(self, accelerator: Any, optimizers: dict[str, Any], schedulers: dict[str, Any],
                  params: dict[str, list[nn.Parameter]], clip_grad: float | None, seed: int,
-                 skip_nonfinite: bool = False):
+                 skip_nonfinite: bool = False, budget: Budget | None = None, sharded: bool = False):
+        self.budget = budget  # read at each LR-scheduler step: a time-budgeted schedule follows the clock
         self.accelerator, self.optimizers, self.schedulers = accelerator, optimizers, schedulers
         self.params, self.clip_grad, self.seed = params, clip_grad, seed
         self.skip_nonfinite = skip_nonfinite  # train.on_nan=skip
@@ -59,6 +47,9 @@ class OptimHandle(StepHandle):
         self.device = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.stepped: set[str] = set()
+        # sharded (FSDP2) parameters are not the leaves autograd sees (their gathered copies are), so
+        # backward cannot be restricted to them: the trainer allows one group there (genkit.training.sharding)
+        self.sharded = sharded
         self.begin(0, 0)
 
     def begin(self, step: int, micro: int) -> None:
@@ -69,7 +60,7 @@ class OptimHandle(StepHandle):
         """Backward into `group`'s parameters only; step its optimizer when gradients sync."""
         if group not in self.optimizers:
             raise GenkitError(f"train_step stepped unknown group '{group}'; groups: {', '.join(self.optimizers)}")
-        self.accelerator.backward(loss, inputs=self.params[group])
+        self.accelerator.backward(loss, inputs=None if self.sharded else self.params[group])
         if not self.accelerator.sync_gradients:
             return False
         if self.skip_nonfinite and not self._finite_gradients(group):
@@ -80,6 +71,8 @@ class OptimHandle(StepHandle):
         if self.clip_grad:
             self.accelerator.clip_grad_norm_(self.params[group], self.clip_grad)
         self.optimizers[group].step()
+        if self.budget is not None:
+            self.budget.tick(self._step)  # the step's training time, read once, before its LR is set
         self.schedulers[group].step()
         self.optimizers[group].zero_grad(set_to_none=True)
         self.stepped.add(group)
@@ -87,10 +80,7 @@ class OptimHandle(StepHandle):
 
     def _finite_gradients(self, group: str) -> bool:
         """Whether every gradient of `group` is finite (one host sync; gradients are already all-reduced)."""
-        grads = [p.grad for p in self.params[group] if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return all_finite([p.grad for p in self.params[group] if p.grad is not None])  # sharded: every shard
 
     def _generator(self) -> torch.Generator:
         self._calls += 1

@@ -97,10 +97,14 @@ class TrainLogger:
                                   f"stopped; {self.kept()} (lower the lr, enable train.clip_grad, or set "
                                   "train.on_nan=skip)")
 
-    def step(self, step: int, lr: float, extra: dict[str, float] | None = None) -> None:
-        """On logging steps reduce, check finiteness and write; advance the progress (with the record)."""
+    def step(self, step: int, lr: float, extra: dict[str, float] | None = None, last: bool = False,
+             total: int | None = None) -> None:
+        """On logging steps (and the `last`) reduce, check finiteness and write; advance the progress (with
+        the record). `total` re-estimates the run's steps (a time budget), so the bar and its ETA follow it."""
+        if total is not None and total != self.total:
+            self.total = self.progress.total = self.progress.bar.total = total
         record = None
-        if step % self.every == 0 or step == self.total:
+        if step % self.every == 0 or step == self.total or last:
             record = self.flush(step, lr, extra)
         self.progress.update(1, **(record or {}))
 

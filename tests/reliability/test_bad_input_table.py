@@ -166,7 +166,7 @@ CASES = [
     (["sample", "{RUN}", "--device", "toaster"], "--device 'toaster': not a device"),
     (["sample", "{RUN}", "--precision", "int8"], "invalid choice: 'int8'"),
     (["sample", "{RUN}", "--compile-mode", "fastest"], "compile must be true, false or one of"),
-    (["sample", "{RUN}", "--schedule", "cosine"], "invalid choice: 'cosine'"),
+    (["sample", "{RUN}", "--schedule", "cosine"], "unknown sigma grid 'cosine'; known: karras, logsnr, time-uniform, family"),
     (["sample", "{GAN}", "--schedule", "karras"], "--schedule"),
     (["sample", "{RUN}", "--sampler", "rk45", "--steps", "10"], "sampler 'rk45' chooses its own steps"),
     (["sample", "{GAN}", "--steps", "10"], "--steps"),

@@ -25,6 +25,12 @@ FAMILY_RUNS: dict[str, tuple[str, list[str]]] = {
     "ddpm": ("ddpm_digits", [*TINY_UNET, *COMMON, "data.hflip=true", "model.unet.dropout=0.1",
                              "model.timesteps=50", "sample.steps=2"]),
     "rectified_flow": ("rf_digits", [*TINY_UNET, *COMMON, "model.time_sampling=logit_normal", "sample.steps=2"]),
+    # lognormal sigma and the noise both drawn from the global-batch stream
+    "edm": ("edm_digits", [*TINY_UNET, *COMMON, "sample.steps=2"]),
+    # iCT's curriculum doubles N every 2 steps, so a resume lands on another discretisation
+    "consistency": ("cm_digits", [*TINY_UNET, *COMMON, "model.total_steps=16", "sample.steps=2"]),
+    # the loss takes a JVP through the UNet (with its attention level)
+    "meanflow": ("meanflow_digits", [*TINY_UNET, *COMMON, "sample.steps=2"]),
     # n_critic 3 so a kill often falls inside a critic cycle; EMA of G on
     "gan": ("wgan_gp_digits", [*COMMON, "model.generator.channels=[16]", "model.critic.channels=[16]",
                                "model.latent_dim=8", "model.n_critic=3", "train.ema_decay=0.9"]),

@@ -1,0 +1,328 @@
+"""Consistency models: the exact boundary condition, iCT's formulas (curriculum, lognormal pairs,
+pseudo-Huber), ECT's gap, the multistep sampler, diffusers export, a 2-D mixture, the CLI."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TINY_UNET as TINY_UNET_OVERRIDES
+from conftest import run_cli
+from torch import nn
+
+from genkit.families.consistency import (
+    Consistency,
+    ConsistencyConfig,
+    boundary_scalings,
+    curriculum_steps,
+    ect_gap,
+    huber_c,
+    karras_grid,
+    lognormal_index_probs,
+    pseudo_huber,
+)
+from genkit.families.ddpm import DDPM, DDPMConfig
+from genkit.families.edm import preconditioning
+from genkit.families.sampling import sample
+from genkit.nn.unet import UNetConfig
+from genkit.samplers import SAMPLERS
+from genkit.samplers.consistency import sample_consistency
+
+TINY_UNET = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
+SHAPE = (1, 8, 8)
+
+
+def tiny_cm(seed: int = 0, **cfg) -> Consistency:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Consistency(ConsistencyConfig(unet=TINY_UNET, **cfg), shape=SHAPE)
+
+
+class Handle:
+    """The draws of a StepHandle from one generator (no optimizer)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, seed: int = 0):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def rand(self, *shape):
+        return torch.rand(shape, generator=self.g)
+
+    def randn(self, *shape):
+        return torch.randn(shape, generator=self.g)
+
+
+# ---------------------------------------------------------------- the boundary condition
+
+
+@pytest.mark.parametrize("parametrization", ["edm", "ddpm", "rectified_flow"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_boundary_condition_is_exact_for_random_weights(parametrization, dtype):
+    family = tiny_cm(parametrization=parametrization)
+    family.nets.to(dtype)
+    x = 3 * torch.randn(4, *SHAPE, dtype=dtype)
+    f = family.f(x, torch.full((4,), family.cfg.sigma_min, dtype=dtype))
+    assert torch.equal(f, x)                                   # bitwise: c_skip = 1, c_out = 0 exactly
+    assert not torch.equal(family.f(x, torch.full((4,), 0.5, dtype=dtype)), x)  # the network matters above it
+
+
+def test_scalings_are_the_papers_and_approach_edms_at_large_sigma():
+    sigma = torch.tensor([0.002, 0.1, 1.0, 80.0], dtype=torch.float64)
+    c_skip, c_out = boundary_scalings(sigma, 0.5, 0.002)
+    torch.testing.assert_close(c_skip, 0.25 / ((sigma - 0.002) ** 2 + 0.25))
+    torch.testing.assert_close(c_out, (sigma - 0.002) * 0.5 / (0.25 + sigma**2).sqrt())
+    assert c_skip[0] == 1 and c_out[0] == 0
+    edm_skip, edm_out, _, _ = preconditioning(sigma, 0.5)
+    torch.testing.assert_close(c_skip[-1], edm_skip[-1], rtol=1e-4, atol=0)
+    torch.testing.assert_close(c_out[-1], edm_out[-1], rtol=1e-4, atol=0)
+
+
+def test_ddpm_parametrization_reads_the_unet_as_the_ddpm_denoiser():
+    """ECT from a DDPM run: f is the DDPM's x0_hat up to the CM/EDM scalings' difference."""
+    cm = tiny_cm(parametrization="ddpm", schedule="cosine")
+    ddpm = DDPM(DDPMConfig(schedule="cosine", unet=TINY_UNET), SHAPE)
+    ddpm.nets.load_state_dict(cm.nets.state_dict())
+    y = torch.randn(3, *SHAPE).clamp(-1, 1)
+    for s in (0.5, 5.0):
+        sigma = torch.full((3,), s)
+        x = y + s * torch.randn_like(y)
+        want = ddpm.denoise(x / math.sqrt(1 + s * s), sigma)
+        torch.testing.assert_close(cm.f(x, sigma), want, rtol=0, atol=0.02 * s)
+
+
+# ---------------------------------------------------------------- iCT's formulas
+
+
+def test_curriculum_doubles_from_s0_to_s1():
+    K = 1000  # K' = floor(1000 / (log2(128) + 1)) = 125
+    assert [curriculum_steps(k, K) for k in (0, 124, 125, 250, 375, 500, 625, 750, 875, 999)] == \
+           [11, 11, 21, 41, 81, 161, 321, 641, 1281, 1281]
+    assert curriculum_steps(0, 400_000) == 11 and curriculum_steps(50_000, 400_000) == 21  # iCT: K' = 50k
+    assert curriculum_steps(399_999, 400_000) == 1281
+
+
+def test_pseudo_huber_closed_form():
+    a, b = torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    torch.testing.assert_close(pseudo_huber(a, b, 1.0), torch.tensor([math.sqrt(26) - 1, 0.0]))
+    assert huber_c(3 * 32 * 32) == pytest.approx(0.0299, abs=1e-4)  # iCT's c = 0.03 on CIFAR-10
+    small = pseudo_huber(torch.tensor([[1e-3]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), 1.0)  # ~ ||.||^2 / (2c) near 0
+    assert float(small) == pytest.approx(0.5e-6, rel=1e-3)
+
+
+def test_karras_grid_and_lognormal_pair_probabilities():
+    sigmas = karras_grid(11, 0.002, 80.0)
+    assert float(sigmas[0]) == 0.002 and float(sigmas[-1]) == 80.0 and bool((sigmas.diff() > 0).all())
+    ramp = (sigmas ** (1 / 7)).diff()
+    torch.testing.assert_close(ramp, ramp[:1].expand_as(ramp))  # uniform in sigma^(1/rho)
+    p = lognormal_index_probs(sigmas, -1.1, 2.0)
+    assert p.shape == (10,) and float(p.sum()) == pytest.approx(1.0)
+    normal = torch.distributions.Normal(-1.1, 2.0)  # mass of ln sigma between neighbours
+    mass = normal.cdf(sigmas.log()[1:]) - normal.cdf(sigmas.log()[:-1])
+    torch.testing.assert_close(p, mass / mass.sum())
+
+
+def test_ct_pairs_are_neighbours_of_the_current_grid():
+    family = tiny_cm(total_steps=1000)
+    for step, N in ((0, 11), (300, 41)):
+        hi, lo = family.noise_pair(4096, step, Handle())
+        grid = karras_grid(N, 0.002, 80.0).float()
+        i = torch.searchsorted(grid, lo)
+        assert torch.equal(grid[i], lo) and torch.equal(grid[i + 1], hi)
+    lo_frequency = (lo == grid[0]).float().mean()  # lognormal: the smallest pair is drawn as often as its mass
+    assert float(lo_frequency) == pytest.approx(float(lognormal_index_probs(karras_grid(41, 0.002, 80.0),
+                                                                              -1.1, 2.0)[0]), abs=0.02)
+
+
+def test_ect_gap_starts_at_diffusion_and_shrinks_by_q_per_stage():
+    t = torch.tensor([0.01, 1.0, 10.0])
+    assert torch.equal(ect_gap(t, 0, 2.0, 100, 8.0, 1.0), torch.zeros(3))  # stage 0: r = 0, the target is y
+    n_t = 1 + 8 * torch.sigmoid(-t)
+    torch.testing.assert_close(ect_gap(t, 250, 2.0, 100, 8.0, 1.0), (t - t * n_t / 8).clamp_min(0))  # ceil(2.5) = 3
+
+
+def test_loss_is_weighted_pseudo_huber_against_the_stopped_smaller_sigma():
+    cfg = ConsistencyConfig(huber_c=0.1)
+    fake = SimpleNamespace(cfg=cfg, f=lambda x, sigma, label=None: 2 * x)
+    y, n = torch.randn(5, 2), torch.randn(5, 2)
+    hi, lo = torch.full((5,), 1.0), torch.full((5,), 0.5)
+    got = Consistency.loss(fake, y, n, hi, lo)
+    want = (pseudo_huber(2 * (y + n), 2 * (y + 0.5 * n), 0.1) / 0.5).mean()
+    torch.testing.assert_close(got, want)
+
+
+def test_only_the_larger_sigma_gets_gradients():
+    family = tiny_cm()
+    y, n = torch.randn(2, *SHAPE), torch.randn(2, *SHAPE)
+    hi, lo = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])
+    family.loss(y, n, hi, lo).backward()
+    g1 = [p.grad.clone() for p in family.nets.parameters()]
+    family.nets.zero_grad()
+    with torch.no_grad():
+        target = family.f(y + lo.view(-1, 1, 1, 1) * n, lo)
+    pred = family.f(y + hi.view(-1, 1, 1, 1) * n, hi)
+    (pseudo_huber(pred, target, huber_c(64)) / (hi - lo)).mean().backward()
+    for a, p in zip(g1, family.nets.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+class Recorder:
+    def __init__(self):
+        self.sigmas = []
+
+    def __call__(self, z, sigma):
+        self.sigmas.append(float(sigma[0]))
+        return torch.full_like(z, 0.25)
+
+
+def test_consistency_sampler_jumps_and_renoises_once_per_sigma():
+    z = torch.randn(3, *SHAPE)
+    D = Recorder()
+    out = sample_consistency(D, z, torch.tensor([80.0, 0.821, 0.0], dtype=torch.float64),
+                             generator=torch.Generator().manual_seed(1))
+    assert D.sigmas == pytest.approx([80.0, 0.821]) and torch.equal(out, torch.full_like(z, 0.25))
+    g, D = torch.Generator().manual_seed(1), Recorder()
+    state = sample_consistency(D, z, torch.tensor([80.0, 0.821], dtype=torch.float64), generator=g)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(state, (0.25 + 0.821 * eps) / math.sqrt(1 + 0.821**2))  # re-noised to 0.821
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_family_samples_with_nfe_equal_to_the_number_of_sigmas(steps):
+    family = tiny_cm()
+    out = sample(family, 3, steps=steps, generator=torch.Generator().manual_seed(0))
+    assert out.sampler == "consistency" and out.nfe == steps and out.images.shape == (3, *SHAPE)
+    sig = family.sigmas(steps)
+    assert len(sig) == steps + 1 and float(sig[0]) == 80.0 and float(sig[-1]) == 0
+    if steps == 2:
+        assert sig.tolist() == [80.0, 0.821, 0.0]
+    if steps == 1:  # one step IS f(sigma_max eps): the denoiser at sigma_max
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn((3, *SHAPE), generator=g)
+        family.nets.eval()
+        with torch.no_grad():
+            want = family.denoise(z, torch.full((3,), 80.0)).clamp(-1, 1)
+        torch.testing.assert_close(out.images, want, rtol=0, atol=0)
+
+
+def test_export_matches_diffusers_consistency_pipeline():
+    from genkit.interop import EXPORTERS
+
+    with torch.random.fork_rng(devices=[]):  # ConsistencyModelPipeline takes 3-channel images only
+        torch.manual_seed(0)
+        family = Consistency(ConsistencyConfig(unet=TINY_UNET), shape=(3, 8, 8))
+    family.nets.eval()
+    pipe = EXPORTERS["consistency"](family)
+    eps = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = pipe(batch_size=2, num_inference_steps=1, latents=eps.clone(), output_type="pt").images
+    ours = sample(family, 2, steps=1, noise=eps * 80 / math.sqrt(1 + 80**2)).images   # x = 80 eps
+    torch.testing.assert_close(got, (ours + 1) / 2, rtol=0, atol=1e-4)  # diffusers' images are in [0, 1]
+
+
+def test_export_refuses_a_ddpm_parametrised_model():
+    from genkit.errors import ConfigError
+    from genkit.interop import EXPORTERS
+
+    with pytest.raises(ConfigError, match="parametrization='ddpm'"):
+        EXPORTERS["consistency"](tiny_cm(parametrization="ddpm"))
+
+
+def test_the_sampler_is_registered_for_denoising_families():
+    assert SAMPLERS["consistency"].needs == "denoise" and SAMPLERS["consistency"].fn is sample_consistency
+
+
+# ---------------------------------------------------------------- through the CLI
+
+
+def test_tiny_ct_and_ect_train_and_sample_through_the_cli(tmp_path, ddpm_run):
+    cm = tmp_path / "cm"
+    r = run_cli("train", "cm_digits", *TINY_UNET_OVERRIDES, "train.steps=3", "model.total_steps=3",
+                "train.sample_every=0", "data.batch_size=8", "sample.n=4", "--out", str(cm))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("sample", str(cm), "--n", "4", "--steps", "2", "--out", str(tmp_path / "cm.png"))
+    assert r.returncode == 0 and "NFE 2" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = run_cli("export", str(cm), "--format", "diffusers", "--out", str(tmp_path / "cm_diffusers"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "cm_diffusers" / "model_index.json").exists()
+    ect = tmp_path / "ect"
+    r = run_cli("train", "ect_digits", *TINY_UNET_OVERRIDES, f"model.init_from={ddpm_run}", "train.steps=2",
+                "train.sample_every=0", "data.batch_size=8", "sample.n=4", "--out", str(ect))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("export", str(ect), "--format", "diffusers", "--out", str(tmp_path / "ect_diffusers"))
+    assert r.returncode == 2 and "parametrization" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- a 2-D Gaussian mixture
+
+
+def mixture(n: int, g: torch.Generator) -> torch.Tensor:
+    """8 Gaussians (std 0.05) on a circle of radius 1."""
+    angle = torch.randint(8, (n,), generator=g) * (2 * math.pi / 8)
+    return torch.stack([angle.cos(), angle.sin()], 1) + 0.05 * torch.randn(n, 2, generator=g)
+
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely), >= 0, 0 iff the distributions agree."""
+    return float(2 * torch.cdist(a, b).mean() - torch.cdist(a, a).mean() - torch.cdist(b, b).mean())
+
+
+class MLP(nn.Module):
+    def __init__(self, times: int = 1, width: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 + 16 * times, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2))
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(100), 8)))
+
+    def forward(self, x, *times):
+        emb = [torch.cat([(t[:, None] * self.freqs).sin(), (t[:, None] * self.freqs).cos()], 1) for t in times]
+        return self.net(torch.cat([x, *emb], 1))
+
+
+@pytest.mark.slow
+def test_ct_one_step_samples_a_2d_mixture_better_than_one_euler_step_of_1rf():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    steps = 3000
+    cfg = ConsistencyConfig(sigma_data=0.7, total_steps=steps, s1=160, huber_c=0.00054 * math.sqrt(2))
+    F = MLP()
+
+    def f(x, sigma, label=None):
+        c_skip, c_out = boundary_scalings(sigma, cfg.sigma_data, cfg.sigma_min)
+        c_in = (sigma**2 + cfg.sigma_data**2).rsqrt()
+        return c_skip[:, None] * x + c_out[:, None] * F(c_in[:, None] * x, sigma.log() / 4)
+
+    fake = SimpleNamespace(cfg=cfg, f=f)
+    opt, handle = torch.optim.Adam(F.parameters(), 1e-3), Handle(1)
+    for k in range(steps):
+        y = mixture(256, g)
+        hi, lo = Consistency.noise_pair(fake, 256, k, handle)
+        loss = Consistency.loss(fake, y, torch.randn(256, 2, generator=g), hi, lo)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        cm = f(80 * torch.randn(2000, 2, generator=g), torch.full((2000,), 80.0))
+    rf = train_1rf(steps, g)
+    data = mixture(2000, g)
+    d_cm, d_rf = energy_distance(cm, data), energy_distance(rf, data)
+    assert d_cm < 0.15 and d_cm < d_rf / 3, (d_cm, d_rf)  # measured: 0.080 against 0.56
+
+
+def train_1rf(steps: int, g: torch.Generator) -> torch.Tensor:
+    """2000 one-Euler-step samples of a 1-RF trained `steps` steps (the same MLP and optimizer)."""
+    v = MLP()
+    opt = torch.optim.Adam(v.parameters(), 1e-3)
+    for _ in range(steps):
+        x, e, t = mixture(256, g), torch.randn(256, 2, generator=g), torch.rand(256, generator=g)
+        loss = (v((1 - t[:, None]) * x + t[:, None] * e, t) - (e - x)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        e = torch.randn(2000, 2, generator=g)
+        return e - v(e, torch.ones(2000))

@@ -1,0 +1,125 @@
+"""Min-SNR-gamma loss weighting (Hang et al. 2023) for DDPM and latent diffusion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from genkit.errors import ConfigError
+from genkit.families.base import Autoencoder, StepHandle
+from genkit.families.ddpm import DDPM, DDPMConfig, NoiseSchedule, make_betas, min_snr_weight
+from genkit.families.ldm import LDM, LDMConfig
+from genkit.nn.cond_unet import CondUNetConfig
+from genkit.nn.text import TextConfig
+from genkit.nn.unet import UNetConfig
+from genkit.samplers.adapters import TO_X0, training_target
+
+TINY = UNetConfig(channels=[8, 16], attention=[False, False], layers_per_block=1, norm_groups=4)
+
+
+@pytest.mark.parametrize("snr, gamma, want", [
+    (10.0, 5.0, {"epsilon": 0.5, "x0": 5.0, "v": 5 / 11}),   # SNR above gamma: clipped
+    (1.0, 5.0, {"epsilon": 1.0, "x0": 1.0, "v": 0.5}),       # below: eps weight 1, v weight SNR / (SNR + 1)
+    (0.25, 1.0, {"epsilon": 1.0, "x0": 0.25, "v": 0.2}),
+])
+def test_weights_equal_the_closed_form(snr, gamma, want):
+    for prediction, w in want.items():
+        assert float(min_snr_weight(torch.tensor([snr], dtype=torch.float64), prediction, gamma)) == pytest.approx(w)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_weighted_loss_of_every_prediction_is_min_snr_times_the_x0_error(prediction):
+    """The paper's point: w_pred ||pred_hat - pred||^2 = min(SNR, gamma) ||x0_hat - x0||^2 for each type."""
+    schedule = NoiseSchedule(make_betas("linear", 1000))
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 50, 300, 999])
+    x0, eps = torch.randn(4, 3, 2, 2, generator=g, dtype=torch.float64), torch.randn(4, 3, 2, 2, generator=g,
+                                                                                    dtype=torch.float64)
+    ab = schedule.alpha_bar[t].view(-1, 1, 1, 1)
+    alpha, s = ab.sqrt(), (1 - ab).sqrt()
+    z = alpha * x0 + s * eps
+    target = training_target(prediction, x0, eps, alpha, s)
+    out = target + 0.1 * torch.randn(target.shape, generator=g, dtype=torch.float64)  # an imperfect network
+    x0_hat = TO_X0[prediction](z, out, alpha, s)
+    snr = schedule.snr(t)
+    assert torch.allclose(snr, ab.flatten() / (1 - ab.flatten()))
+    lhs = min_snr_weight(snr, prediction, 5.0) * ((out - target) ** 2).flatten(1).mean(1)
+    rhs = snr.clamp(max=5.0) * ((x0_hat - x0) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_ddpm_loss_uses_the_weights(prediction, monkeypatch):
+    torch.manual_seed(0)
+    family = DDPM(DDPMConfig(prediction=prediction, loss_weighting="min-snr", snr_gamma=5.0, unet=TINY), (1, 8, 8))
+    x0, eps = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    t = torch.tensor([1, 20, 400, 990])
+    out = torch.randn(4, 1, 8, 8)
+    monkeypatch.setattr(family, "unet", lambda xt, t_in, label=None: out)
+    _, target = family.schedule.noised(x0, t, eps, prediction)
+    per_sample = ((out - target) ** 2).flatten(1).mean(1)
+    want = (min_snr_weight(family.schedule.snr(t), prediction, 5.0).float() * per_sample).mean()
+    torch.testing.assert_close(family.loss(x0, t, eps), want)
+    plain = DDPM(DDPMConfig(prediction=prediction, unet=TINY), (1, 8, 8))
+    monkeypatch.setattr(plain, "unet", lambda xt, t_in, label=None: out)
+    torch.testing.assert_close(plain.loss(x0, t, eps), per_sample.mean())
+    assert abs(float(plain.loss(x0, t, eps)) - float(want)) > 1e-3  # the weighting changes the loss
+
+
+def test_snr_gamma_must_be_positive():
+    with pytest.raises(ConfigError, match="model.snr_gamma"):
+        DDPM(DDPMConfig(loss_weighting="min-snr", snr_gamma=0.0, unet=TINY), (1, 8, 8))
+
+
+class Identity(Autoencoder):
+    """A first stage whose latents are the images (for a loss test without training an autoencoder)."""
+
+    name = "identity"
+
+    def __init__(self):
+        self.nets = nn.ModuleDict({"p": nn.Linear(1, 1)})
+
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+class Draws(StepHandle):
+    device = torch.device("cpu")
+
+    def __init__(self, t, eps):
+        self.t, self.eps, self.loss = t, eps, None
+
+    def step(self, group, loss):
+        self.loss = loss
+        return True
+
+    def rand(self, n):
+        return torch.ones(n)  # no caption dropout
+
+    def randint(self, high, n):
+        return self.t
+
+    def randn(self, n, *shape):
+        return self.eps
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_ldm_loss_uses_the_weights(prediction, monkeypatch):
+    torch.manual_seed(0)
+    family = LDM(LDMConfig(scale_factor=1.0, prediction=prediction, loss_weighting="min-snr", snr_gamma=2.0,
+                           unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True], head_dim=16),
+                           text=TextConfig(width=16, heads=2, layers=1, context_length=8)),
+                 shape=(1, 8, 8), first_stage=Identity())
+    x0, eps, out = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    t = torch.tensor([3, 100, 500, 900])
+    monkeypatch.setattr(family, "unet", lambda z, t_in, text, label=None: out)
+    opt = Draws(t, eps)
+    family.train_step({"image": x0, "caption": ["a"] * 4, "label": torch.zeros(4, dtype=torch.long)}, 0, opt)
+    _, target = family.schedule.noised(x0, t, eps, prediction)
+    per_sample = ((out - target) ** 2).flatten(1).mean(1)
+    want = (min_snr_weight(family.schedule.snr(t), prediction, 2.0).float() * per_sample).mean()
+    torch.testing.assert_close(opt.loss, want)

@@ -20,20 +20,8 @@ from genkit.samplers.schedules import KARRAS_SIGMA_MAX, GridSpec, karras_sigmas,
 
 # ---------------------------------------------------------------- an exact Gaussian in float64
 
-M = torch.tensor([0.3, -0.5, 1.0], dtype=torch.float64)
-V = torch.tensor([0.04, 0.25, 2.0], dtype=torch.float64)
-U = torch.tensor([-2.0, -0.5, 0.0, 1.0, 2.5], dtype=torch.float64).view(-1, 1).expand(-1, 3)
-
-
-def alpha_s(sigma):
-    """VP scales written independently of `vp_coefficients`."""
-    return 1 / (1 + sigma**2) ** 0.5, 1 / (1 + sigma**-2) ** 0.5
-
-
-def gaussian(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """E[x0 | z] for x0 ~ N(M, diag V), z = alpha x0 + s eps."""
-    alpha, s = alpha_s(sigma.view(-1, 1))
-    return M + alpha * V / (alpha**2 * V + s**2) * (z - alpha * M)
+from test_ode_samplers import M, U, V, alpha_s  # noqa: E402  the shared exact Gaussian
+from test_ode_samplers import gaussian_denoiser as gaussian  # noqa: E402
 
 
 def exact_state(sigma: float) -> torch.Tensor:

@@ -378,3 +378,22 @@ def test_family_bits_per_dim_records_its_solver_range_and_probes(monkeypatch):
     calls.clear()
     out = family_bits_per_dim(family, images, batch_size=3, generator=g)
     assert calls[0][:2] == family.sigma_range() and out["nfe"] == 10
+
+
+def test_family_bits_per_dim_checks_its_arguments_and_names_the_ode_option_a_flow_refuses():
+    from genkit.families.nice import NICE, NICEConfig
+
+    torch.manual_seed(0)
+    flow = NICE(NICEConfig(), shape=(1, 4, 4))
+    images = torch.randint(0, 256, (2, 1, 4, 4), generator=seeded(0), dtype=torch.uint8)
+    assert family_bits_per_dim(flow, images, batch_size=1)["n"] == 2  # a batch of one is allowed
+    with pytest.raises(GenkitError, match=r"^batch_size must be >= 1, got 0$"):
+        family_bits_per_dim(flow, images, batch_size=0)
+    for options, bad in (({"sigma_min": 0.1}, "sigma_min"), ({"sigma_max": 9.0}, "sigma_max"),
+                         ({"sigma_min": 0.1, "sigma_max": 9.0}, "sigma_min"), ({"rtol": 1e-3}, "rtol")):
+        with pytest.raises(GenkitError, match=rf"^family_bits_per_dim: '{bad}' is an ODE option; flow 'nice' is "
+                                              r"exact$"):
+            family_bits_per_dim(flow, images, **options)
+    with pytest.raises(GenkitError, match=r"a flow \(nice, glow\) or a denoising family \(ddpm, rectified_flow, "
+                                          r"ldm\)$"):
+        family_bits_per_dim(type("Plain", (), {"name": "plain", "sample_shape": (1, 4, 4)})(), images)

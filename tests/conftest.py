@@ -43,6 +43,15 @@ def toy_family(monkeypatch):
     return Toy
 
 
+def seeded_build(build, seed: int = 0):
+    """`build()` under torch's global seed `seed`, leaving the caller's RNG state as it was (tiny families)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 @dataclass
 class CliResult:
     returncode: int

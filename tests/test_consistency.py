@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TINY_UNET as TINY_UNET_OVERRIDES
-from conftest import run_cli
+from conftest import run_cli, seeded_build
 from torch import nn
 
 from genkit.families.consistency import (
@@ -35,9 +35,7 @@ SHAPE = (1, 8, 8)
 
 
 def tiny_cm(seed: int = 0, **cfg) -> Consistency:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Consistency(ConsistencyConfig(unet=TINY_UNET, **cfg), shape=SHAPE)
+    return seeded_build(lambda: Consistency(ConsistencyConfig(unet=TINY_UNET, **cfg), shape=SHAPE), seed)
 
 
 class Handle:

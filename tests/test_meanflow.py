@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import TINY_UNET as TINY_UNET_OVERRIDES
-from conftest import run_cli
+from conftest import run_cli, seeded_build
 from test_consistency import MLP, energy_distance, mixture, train_1rf
 
 from genkit.families.meanflow import MeanFlow, MeanFlowConfig, adaptive_loss, meanflow_target, sample_times
@@ -20,9 +20,7 @@ SHAPE = (1, 8, 8)
 
 
 def tiny_mf(seed: int = 0, **cfg) -> MeanFlow:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MeanFlow(MeanFlowConfig(unet=TINY_UNET, **cfg), shape=SHAPE)
+    return seeded_build(lambda: MeanFlow(MeanFlowConfig(unet=TINY_UNET, **cfg), shape=SHAPE), seed)
 
 
 # ---------------------------------------------------------------- the MeanFlow target

@@ -92,10 +92,20 @@ def subset_indices(count: int, n: int | None, seed: int) -> list[int] | None:
 def subset_record(spec: str, n: int | None, seed: int) -> dict[str, int] | None:
     """What a result records of the subset --n drew from a SPEC: {"n", "of", "seed"}; None when every image is
     used, and for a run folder (--n generates n) or a statistics file."""
-    if describe(spec) == "run" or is_stats_file(spec):
+    if n is None or describe(spec) == "run" or is_stats_file(spec):
         return None
-    count = _source(spec)[0]
-    return None if n is None or n >= count else {"n": n, "of": count, "seed": seed}
+    count = _npz_count(Path(spec)) if describe(spec) == "npz" else _source(spec)[0]
+    return None if n >= count else {"n": n, "of": count, "seed": seed}
+
+
+def _npz_count(path: Path) -> int:
+    """The number of images in an .npz, from its array header: the images are not read again."""
+    try:
+        with np.load(path, allow_pickle=False) as z, z.zip.open("images.npy") as f:
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            return int(read[np.lib.format.read_magic(f)](f)[0][0])
+    except (OSError, ValueError, KeyError) as e:
+        raise GenkitError(f"cannot read '{path}': {e}") from None
 
 
 def _source(spec: str) -> tuple[int, Callable[[list[int]], Tensor]]:

@@ -146,7 +146,9 @@ def kdiff_contender(family: Denoising, sampler: str, grid: str) -> Contender:
 
     def model(x: Tensor, sigma: Tensor, **_: Any) -> Tensor:  # k-diffusion's variable x = z / alpha
         alpha, _s = vp_coefficients(sigma.double().view(-1, *[1] * (x.dim() - 1)))
-        return family.denoise((x * alpha).to(x.dtype), sigma)
+        # the proxy computes in float64; a trained network runs in its parameters' dtype
+        dtype = x.dtype if isinstance(family.denoise, MixtureDenoiser) else next(family.nets.parameters()).dtype
+        return family.denoise((x * alpha).to(dtype), sigma.to(dtype)).to(x.dtype)
 
     def run(noise: Tensor, nfe: int) -> Tensor | None:
         n = next((k for k in range(1, nfe + 1) if KDIFF[sampler](k) == nfe), None)
@@ -203,22 +205,34 @@ def _model_output(family: Denoising, x: Tensor, sigma: float, flow: bool) -> Ten
 
 
 # genkit sampler/grid pairs run on the proxy (the 2-core machine could not run all 9 x 7 at n = 2000; these
-# are each sampler's grids that won a 200-sample screen, plus the family grid), and on trained networks
+# are each sampler's grids that won a 200-sample screen, plus the family grid)
 PROXY_PAIRS = [("ddim", "family"), ("heun", "karras"), ("heun-arctan", "family"), ("dpmpp-2m", "karras"),
                ("dpmpp-3m", "logsnr:end=sigma_min"), ("unipc", "family"), ("unipc", "logsnr:end=sigma_min"),
                ("ipndm", "logsnr:end=sigma_min"), ("ipndm", "time-uniform:end=sigma_min")]
-NETWORK_PAIRS = [("ddim", "family"), ("heun", "karras"), ("dpmpp-2m", "karras"), ("dpmpp-3m", "logsnr:end=sigma_min"),
-                 ("unipc", "family"), ("unipc", "logsnr:end=sigma_min"), ("ipndm", "logsnr:end=sigma_min")]
+# trained networks: every pair below is screened on the first `screen_n` noises at SCREEN_NFES; the best grid
+# of each sampler, and the best k-diffusion and diffusers contender, then run at every NFE on all n noises.
+# (`euler` in sigma is DDIM on a VP family, Karras et al. Sec. 3, so it is not run twice.)
+SCREEN_SAMPLERS = ("ddim", "heun", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm")
+SCREEN_GRIDS = ("family", "karras", "karras:end=sigma_min", "logsnr", "logsnr:end=sigma_min",
+                "time-uniform:end=sigma_min")
+SCREEN_NFES = (5, 10)
+KDIFF_PAIRS = [("dpmpp_2m", "karras"), ("dpmpp_3m", "karras"), ("dpmpp_3m", "exponential"), ("heun", "karras")]
 
 
-def contenders(family: Family, full: bool = True) -> list[Contender]:
-    out = [genkit_contender(family, s, g) for s, g in (PROXY_PAIRS if full else NETWORK_PAIRS)]
-    kd = [("dpmpp_2m", "karras"), ("dpmpp_3m", "karras"), ("dpmpp_3m", "exponential"), ("heun", "karras")]
-    out += [kdiff_contender(family, s, g) for s, g in kd]
+def peers(family: Family) -> list[Contender]:
+    out = [kdiff_contender(family, s, g) for s, g in KDIFF_PAIRS]
     out += [diffusers_contender(family, "DPMSolverMultistepScheduler", {}, "DPMSolverMultistep (order 2)"),
             diffusers_contender(family, "UniPCMultistepScheduler", {}, "UniPCMultistep (order 2)"),
             diffusers_contender(family, "UniPCMultistepScheduler", {"solver_order": 3}, "UniPCMultistep (order 3)")]
+    if family.noise_process == "vp":  # diffusers' advice for pixel-space models: dynamic thresholding of x0_hat
+        clip = {"thresholding": True, "sample_max_value": 1.0}
+        out += [diffusers_contender(family, "DPMSolverMultistepScheduler", clip, "DPMSolverMultistep, thresholding"),
+                diffusers_contender(family, "UniPCMultistepScheduler", clip, "UniPCMultistep, thresholding")]
     return out
+
+
+def contenders(family: Family) -> list[Contender]:
+    return [genkit_contender(family, s, g) for s, g in PROXY_PAIRS] + peers(family)
 
 
 # ---------------------------------------------------------------- FD
@@ -242,21 +256,22 @@ class Scorer:
         return frechet_distance(self.mu, self.sigma, mu, sigma)
 
 
-def sweep(family: Family, label: str, scorer: Scorer, noise: Tensor, full: bool, nfes=NFES,
-          log: Callable[[str], None] = lambda m: print(m, flush=True)) -> list[dict[str, Any]]:
+Log = Callable[[str], None]
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _row(label: str, c: Contender, nfe: int, fd: float, n: int, stage: str = "final") -> dict[str, Any]:
+    return {"family": label, "group": c.group, "name": c.name, "grid": c.grid, "nfe": nfe, "fd": fd, "n": n,
+            "stage": stage}
+
+
+def _run_all(cs: list[Contender], label: str, scorer: Scorer, noise: Tensor, nfes: tuple[int, ...], stage: str,
+             log: Log, t0: float) -> list[dict[str, Any]]:
     rows = []
-    t0 = time.perf_counter()
-    if full:
-        ref = sample(family, len(noise), sampler="rk45", noise=noise, rtol=1e-6, atol=1e-6, batch_size=500)
-        name = "converged ODE: rk45, tol 1e-6"
-    else:  # a half-trained network's field is stiff near a cosine schedule's sigma_max ~ 2e4: rk45 took > 20 min
-        ref = sample(family, len(noise), sampler="dpmpp-3m", steps=100, schedule="logsnr:end=sigma_min",
-                     noise=noise, batch_size=500)
-        name = "converged ODE: dpmpp-3m, 100 logsnr steps from 80"
-    rows.append({"family": label, "group": "reference", "name": name, "grid": "-",
-                 "nfe": ref.nfe, "fd": scorer.fd(ref.images)})
-    log(f"{label}: rk45 NFE {ref.nfe} FD {rows[-1]['fd']:.4g} ({time.perf_counter() - t0:.0f} s)")
-    for c in contenders(family, full):
+    for c in cs:
         for nfe in nfes:
             try:
                 images = c.run(noise, nfe)
@@ -264,23 +279,77 @@ def sweep(family: Family, label: str, scorer: Scorer, noise: Tensor, full: bool,
                 log(f"{label}: {c.group} {c.name} failed at NFE {nfe}: {type(e).__name__}: {e}")
                 break
             if images is not None:
-                rows.append({"family": label, "group": c.group, "name": c.name, "grid": c.grid, "nfe": nfe,
-                             "fd": scorer.fd(images)})
-        log(f"{label}: {c.group} {c.name} {c.grid} done ({time.perf_counter() - t0:.0f} s)")
+                rows.append(_row(label, c, nfe, scorer.fd(images), len(noise), stage))
+        log(f"{label} [{stage}]: {c.group} {c.name} {c.grid}: "
+            + " ".join(f"{r['nfe']}:{r['fd']:.3f}" for r in rows
+                       if (r["group"], r["name"], r["grid"]) == (c.group, c.name, c.grid))
+            + f" ({time.perf_counter() - t0:.0f} s)")
     return rows
+
+
+def _screen_score(rows: list[dict[str, Any]], c: Contender) -> float:
+    """Mean log FD over the screen NFEs the contender could run (inf when none)."""
+    fds = [r["fd"] for r in rows if (r["group"], r["name"], r["grid"]) == (c.group, c.name, c.grid)]
+    return sum(math.log(f) for f in fds) / len(fds) if fds else math.inf
+
+
+def sweep(family: Family, label: str, scorer: Scorer, noise: Tensor, nfes=NFES, log: Log = _log
+          ) -> list[dict[str, Any]]:
+    """Proxy: every pair in PROXY_PAIRS and every peer at every NFE, against rk45 at 1e-6."""
+    t0 = time.perf_counter()
+    ref = sample(family, len(noise), sampler="rk45", noise=noise, rtol=1e-6, atol=1e-6, batch_size=500)
+    rows = [{"family": label, "group": "reference", "name": "converged ODE: rk45, tol 1e-6", "grid": "-",
+             "nfe": ref.nfe, "fd": scorer.fd(ref.images), "n": len(noise), "stage": "final"}]
+    log(f"{label}: rk45 NFE {ref.nfe} FD {rows[-1]['fd']:.4g} ({time.perf_counter() - t0:.0f} s)")
+    return rows + _run_all(contenders(family), label, scorer, noise, nfes, "final", log, t0)
+
+
+def network_sweep(family: Family, label: str, scorer: Scorer, noise: Tensor, nfes=NFES, screen_n: int = 500,
+                  rtol: float = 1e-5, log: Log = _log) -> list[dict[str, Any]]:
+    """A trained network: the converged ODE (rk45 from sigma = 80 on the log-SNR grid's ends, which a cosine
+    schedule's sigma_max ~ 2e4 would make stiff), a screen of every sampler/grid pair and every peer on the first
+    `screen_n` noises, then each sampler's best grid, the best k-diffusion and the best diffusers contender at
+    every NFE on all noises. The ODE's FD is also given on the first half of the noises (the ancestral
+    reference's n)."""
+    t0 = time.perf_counter()
+    ref = sample(family, len(noise), sampler="rk45", schedule="logsnr:end=sigma_min", noise=noise, rtol=rtol,
+                 atol=rtol, batch_size=500)
+    name = f"converged ODE: rk45, tol {rtol:g}"
+    rows = [{"family": label, "group": "reference", "name": name, "grid": "logsnr:end=sigma_min", "nfe": ref.nfe,
+             "fd": scorer.fd(ref.images), "n": len(noise), "stage": "final"},
+            {"family": label, "group": "reference", "name": name, "grid": "logsnr:end=sigma_min", "nfe": ref.nfe,
+             "fd": scorer.fd(ref.images[: len(noise) // 2]), "n": len(noise) // 2, "stage": "half"}]
+    log(f"{label}: rk45 NFE {ref.nfe} FD {rows[0]['fd']:.4g} (n/2: {rows[1]['fd']:.4g}) "
+        f"({time.perf_counter() - t0:.0f} s)")
+    ours = [genkit_contender(family, s, g) for s in SCREEN_SAMPLERS for g in SCREEN_GRIDS]
+    ours.append(genkit_contender(family, "heun-arctan", "family"))
+    theirs = peers(family)
+    screen = _run_all(ours + theirs, label, scorer, noise[:screen_n], SCREEN_NFES, "screen", log, t0)
+    finalists = []
+    for sampler in SCREEN_SAMPLERS:  # heun-arctan is screened only, next to heun in sigma
+        finalists.append(min((c for c in ours if c.name == sampler), key=lambda c: _screen_score(screen, c)))
+    for group in ("k-diffusion", "diffusers"):
+        finalists.append(min((c for c in theirs if c.group == group), key=lambda c: _screen_score(screen, c)))
+    log(f"{label}: finalists " + ", ".join(f"{c.group}:{c.name} ({c.grid})" for c in finalists))
+    return rows + screen + _run_all(finalists, label, scorer, noise, nfes, "final", log, t0)
 
 
 def ancestral_reference(family: Family, label: str, scorer: Scorer, noise: Tensor) -> dict[str, Any]:
     out = sample(family, len(noise), sampler="ancestral", steps=1000, noise=noise, batch_size=500,
                  generator=torch.Generator().manual_seed(2))
     return {"family": label, "group": "reference", "name": "ancestral, 1000 steps", "grid": "family",
-            "nfe": out.nfe, "fd": scorer.fd(out.images)}
+            "nfe": out.nfe, "fd": scorer.fd(out.images), "n": len(noise), "stage": "half"}
 
 
 # ---------------------------------------------------------------- tables and plot
 
+def _final(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("stage", "final") == "final"]
+
+
 def best_table(rows: list[dict[str, Any]], nfes=NFES) -> str:
     """Per family and NFE: the best genkit pair, the best k-diffusion and diffusers contender, ratios to the ODE."""
+    rows = _final(rows)
     lines = ["| family | NFE | best genkit (sampler, grid) | FD | / ODE | best k-diffusion | FD | best diffusers | FD |",
              "|---|---|---|---|---|---|---|---|---|"]
     for fam in dict.fromkeys(r["family"] for r in rows):
@@ -296,7 +365,8 @@ def best_table(rows: list[dict[str, Any]], nfes=NFES) -> str:
     return "\n".join(lines)
 
 
-def full_table(rows: list[dict[str, Any]], nfes=NFES) -> str:
+def full_table(rows: list[dict[str, Any]], nfes=NFES, stage: str = "final") -> str:
+    rows = [r for r in rows if r.get("stage", "final") == stage or (stage == "final" and r["group"] == "reference")]
     lines = ["| family | contender | grid | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
              "|---|---|---|" + "---|" * len(nfes)]
     keys = dict.fromkeys((r["family"], r["group"], r["name"], r["grid"]) for r in rows if r["group"] != "reference")
@@ -305,8 +375,8 @@ def full_table(rows: list[dict[str, Any]], nfes=NFES) -> str:
         label = name if group == "genkit" else f"{group}: {name}"
         lines.append(f"| {fam} | {label} | {grid} | " + " | ".join(f"{fds[n]:.3f}" if n in fds else "-" for n in nfes) + " |")
     refs = [r for r in rows if r["group"] == "reference"]
-    lines += [f"| {r['family']} | {r['name']} | {r['grid']} | NFE {r['nfe']}: FD {r['fd']:.3f} |" + " |" * (len(nfes) - 1)
-              for r in refs]
+    lines += [f"| {r['family']} | {r['name']} (n = {r.get('n', '?')}) | {r['grid']} | NFE {r['nfe']}: FD {r['fd']:.3f} |"
+              + " |" * (len(nfes) - 1) for r in refs]
     return "\n".join(lines)
 
 
@@ -317,6 +387,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = _final(rows)
     families = list(dict.fromkeys(r["family"] for r in rows))
     fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), dpi=110, squeeze=False)
     for ax, fam in zip(axes[0], families):
@@ -348,8 +419,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 # ---------------------------------------------------------------- entry points
 
-def run(n: int = 2000, parts: tuple[str, ...] = ("proxy", "network"), runs: tuple[str, ...] = (),
-        out: str = "docs", network_nfes: tuple[int, ...] = NFES, ancestral: bool = True) -> list[dict[str, Any]]:
+DEFAULT_RUNS = ("runs/ddpm_digits", "runs/rf_digits")  # `python -m benchmarks fewstep`: train these first
+
+
+def run(n: int = 2000, parts: tuple[str, ...] = ("proxy", "network", "ancestral"), runs: tuple[str, ...] = (),
+        out: str = "docs", network_nfes: tuple[int, ...] = NFES, screen_n: int = 500) -> list[dict[str, Any]]:
+    """`ancestral` is the 1000-step ancestral reference of each VP run on the first n / 2 noises (it costs 1000
+    evaluations per sample); run it as its own process next to `network` and `--merge` the JSON rows."""
     torch.manual_seed(0)
     scorer = Scorer(n)
     noise = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(0))  # the same for everyone
@@ -357,42 +433,87 @@ def run(n: int = 2000, parts: tuple[str, ...] = ("proxy", "network"), runs: tupl
     if "proxy" in parts:
         images = build_dataset(DataConfig(source="digits", image_size=16)).images
         for label, family in proxy_families(images).items():
-            rows += sweep(family, label, scorer, noise, full=True)
-    if "network" in parts:
+            rows += sweep(family, label, scorer, noise)
+    if "network" in parts or "ancestral" in parts:
         from genkit.api import load
 
         for spec in runs or DEFAULT_RUNS:
             path, _, step = spec.partition(":")
             family = load(path, step=int(step) if step else None)
             label = f"{Path(path).name}" + (f" (step {step})" if step else "")
-            rows += sweep(family, label, scorer, noise, full=False, nfes=network_nfes)
-            if ancestral and family.noise_process == "vp":
-                rows.append(ancestral_reference(family, label, scorer, noise))
-    plot(rows, Path(out) / "fd_vs_nfe_fewstep.png")
+            if "network" in parts:
+                rows += network_sweep(family, label, scorer, noise, nfes=network_nfes, screen_n=screen_n)
+            if "ancestral" in parts and family.noise_process == "vp":
+                rows.append(ancestral_reference(family, label, scorer, noise[: n // 2]))
+                _log(f"{label}: ancestral FD {rows[-1]['fd']:.4g} (n = {n // 2})")
     return rows
 
 
-DEFAULT_RUNS = ("runs/ddpm_digits", "runs/rf_digits")  # `python -m benchmarks fewstep`: train these first
+def ratios(rows: list[dict[str, Any]]) -> str:
+    """The issue's targets, per family: best genkit at 5 and 10 NFE over the converged ODE, the ODE over
+    1000-step ancestral (both on the same first n / 2 noises), genkit's best against the best peer per NFE."""
+    lines = []
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        fr = [r for r in _final(rows) if r["family"] == fam]
+        ode = next(r for r in fr if r["group"] == "reference" and r["name"].startswith("converged"))
+        for nfe, target in ((10, 1.10), (5, 1.6)):
+            cand = [r for r in fr if r["group"] == "genkit" and r["nfe"] == nfe]
+            if not cand:
+                continue
+            best = min(cand, key=lambda r: r["fd"])
+            ratio = best["fd"] / ode["fd"]
+            lines.append(f"- {fam}, {nfe} NFE: best genkit {best['name']} ({best['grid']}) FD {best['fd']:.3f} = "
+                         f"{ratio:.2f}x the converged ODE's {ode['fd']:.3f} (target <= {target}x: "
+                         f"{'met' if ratio <= target else 'not met'})")
+        anc = [r for r in rows if r["family"] == fam and r["name"].startswith("ancestral")]
+        half = [r for r in rows if r["family"] == fam and r["name"].startswith("converged") and r["stage"] == "half"]
+        if anc and half:
+            ratio = half[0]["fd"] / anc[0]["fd"]
+            lines.append(f"- {fam}: converged ODE FD {half[0]['fd']:.3f} vs 1000-step ancestral {anc[0]['fd']:.3f} "
+                         f"(n = {anc[0]['n']} each) = {ratio:.2f}x (target <= 1.1x: "
+                         f"{'met' if ratio <= 1.1 else 'not met'})")
+        worse = []
+        for nfe in sorted({r["nfe"] for r in fr if r["group"] == "genkit"}):
+            ours = min((r["fd"] for r in fr if r["group"] == "genkit" and r["nfe"] == nfe), default=math.inf)
+            theirs = min((r["fd"] for r in fr if r["group"] in ("k-diffusion", "diffusers") and r["nfe"] == nfe),
+                         default=math.inf)
+            if ours > theirs:
+                worse.append(f"{nfe} ({ours:.3f} vs {theirs:.3f})")
+        lines.append(f"- {fam}: genkit's best no worse than the best peer at every NFE: "
+                     + ("met" if not worse else "not met at NFE " + ", ".join(worse)))
+    return "\n".join(lines)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    return (best_table(rows) + "\n\n" + full_table(rows) + "\n\n![FD vs NFE, few steps](fd_vs_nfe_fewstep.png)")
+def markdown(rows: list[dict[str, Any]], png: str = "fd_vs_nfe_fewstep.png", out: str = "docs") -> str:
+    """The targets, the tables, and the FD vs NFE plot (written to out/png)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    plot(rows, Path(out) / png)
+    parts = [ratios(rows), best_table(rows), full_table(rows)]
+    if any(r.get("stage") == "screen" for r in rows):
+        parts.append("Screen (first noises only, see n):\n\n" + full_table(rows, SCREEN_NFES, stage="screen"))
+    return "\n\n".join(parts + [f"![FD vs NFE, few steps]({png})"])
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", action="append", choices=["proxy", "network"])
-    p.add_argument("--run", action="append", default=[], help="RUN or RUN:STEP (network part)")
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--out", default="docs")
-    p.add_argument("--json", type=Path, help="also write the rows as JSON")
-    p.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFE of the network part (default all)")
-    p.add_argument("--no-ancestral", action="store_true", help="skip the 1000-step ancestral reference")
-    a = p.parse_args()
-    result = run(a.n, tuple(a.part or ("proxy", "network")), tuple(a.run), a.out,
-                 tuple(int(x) for x in a.nfes.split(",")), not a.no_ancestral)
-    if a.json:
-        import json
+    import json
 
-        a.json.write_text(json.dumps(result, indent=1))
-    print(markdown(result))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", action="append", choices=["proxy", "network", "ancestral"])
+    p.add_argument("--run", action="append", default=[], help="RUN or RUN:STEP (network and ancestral parts)")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--screen-n", type=int, default=500)
+    p.add_argument("--out", default="docs")
+    p.add_argument("--png", default="fd_vs_nfe_fewstep.png", help="plot file name under --out")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    p.add_argument("--merge", type=Path, nargs="+", help="only merge these JSON row files into tables and the plot")
+    p.add_argument("--nfes", default=",".join(map(str, NFES)), help="NFE of the network part (default all)")
+    a = p.parse_args()
+    if a.merge:
+        result = [r for f in a.merge for r in json.loads(f.read_text())]
+    else:
+        result = run(a.n, tuple(a.part or ("proxy", "network", "ancestral")), tuple(a.run), a.out,
+                     tuple(int(x) for x in a.nfes.split(",")), a.screen_n)
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(result, indent=1))
+    print(markdown(result, a.png, a.out))

@@ -41,7 +41,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 SCHEDULE_HELP = ("sigma grid: family, karras[:rho=R], logsnr or time-uniform, each with ':end=sigma_min' to end "
                  "there without the final denoising call (e.g. logsnr:end=sigma_min); default: the one the "
-                 "sampler recommends for the family")
+                 "sampler recommends for the family (rk45 integrates between its ends)")
 
 
 def _parser() -> argparse.ArgumentParser:

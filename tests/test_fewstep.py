@@ -260,8 +260,26 @@ def test_nfe_refusals_name_the_sampler_and_the_possible_values():
         sample(family, 1, sampler="heun", nfe=4)
     with pytest.raises(SamplerError, match=r"possible NFE there are 2, 4, 6, 8"):  # no final Euler step there
         sample(family, 1, sampler="heun", nfe=5, schedule="karras:end=sigma_min")
-    with pytest.raises(SamplerError, match="'rk45' chooses its own steps"):
+    with pytest.raises(SamplerError, match="'rk45' chooses its own steps between the grid's ends: drop --nfe"):
         sample(family, 1, sampler="rk45", nfe=10)
+    with pytest.raises(SamplerError, match="'rk45' chooses its own steps between the grid's ends: drop --steps"):
+        sample(family, 1, sampler="rk45", steps=10, schedule="logsnr")
+
+
+def test_rk45_integrates_between_the_ends_of_a_given_grid():
+    """`schedule` on rk45 moves only its ends: from the log-SNR grid's sigma = 80, not the cosine schedule's ~2e4,
+    to the same sigma_min; the integration from 80 is sample_rk45 on [80, sigma_min, 0] exactly."""
+    from genkit.samplers.ode import sample_rk45
+
+    family = tiny_ddpm(1000, schedule="cosine")
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigma_min, sigma_max = family.sigma_range()
+    assert sigma_max > 1000
+    grid = sample(family, 3, sampler="rk45", schedule="logsnr", noise=noise)
+    direct = sample_rk45(family.denoise, noise.clone(), torch.tensor([80.0, sigma_min, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(grid.images, direct.clamp(-1, 1), rtol=0, atol=1e-6)
+    whole = sample(family, 3, sampler="rk45", noise=noise)
+    assert (whole.images - grid.images).abs().max() > 1e-3  # the default still starts at the family's sigma_max
     with pytest.raises(SamplerError, match="give --steps or --nfe, not both"):
         sample(family, 1, sampler="ddim", nfe=10, steps=10)
 

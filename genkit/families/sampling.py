@@ -120,9 +120,16 @@ def steps_for_nfe(name: str, spec: SamplerSpec, nfe: int, grid: GridSpec, per_ca
                        f"its possible NFE there are {possible}, ...")
 
 
-def full_range(family: Denoising) -> Tensor:
-    """[sigma_max, sigma_min, 0]: the end points an adaptive solver integrates between."""
-    sigma_min, sigma_max = family.sigma_range()
+def full_range(family: Denoising, grid: GridSpec | None = None) -> Tensor:
+    """[sigma_max, sigma_min, 0]: the end points an adaptive solver integrates between; the family's whole
+    range, or the ends of `grid` (a log-SNR or Karras grid starts at sigma = 80 rather than a cosine
+    schedule's ~2e4, where an epsilon network's field is stiff)."""
+    if grid is None:
+        sigma_min, sigma_max = family.sigma_range()
+    else:
+        positive = sigma_grid(family, 2, grid)
+        positive = positive[positive > 0]
+        sigma_max, sigma_min = float(positive[0]), float(positive[-1])
     return torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
 
 
@@ -139,7 +146,8 @@ def sample(
     `schedule` picks the sigma grid of denoising families (`genkit.samplers.schedules.GridSpec`:
     "karras", "karras:rho=5", "logsnr:end=sigma_min", "time-uniform", "family" = the family's own,
     e.g. DDPM's discrete timesteps); None is the grid the sampler recommends for the family's noise
-    process (`SamplerSpec.grids`). `nfe` instead of `steps`: the step count that spends exactly that
+    process (`SamplerSpec.grids`); for the adaptive `rk45` only the grid's ends count (default: the
+    family's whole range). `nfe` instead of `steps`: the step count that spends exactly that
     many network evaluations (refused when the sampler cannot). `noise` (n, *latent_shape), if given, is the initial state at the
     grid's first sigma instead of fresh N(0, I) (reflow pairs, fixed-noise comparisons).
     `labels` / `prompts` go to the family's `conditions(n, ...)`; a conditional family without them
@@ -165,7 +173,9 @@ def sample(
     name, spec = resolve_sampler(family, sampler)
     _check_options(name, sampler_function(family, spec), options)
     _check_grid_options(name, spec, steps, schedule, nfe)
-    grid = resolve_grid(family, spec, schedule) if spec.needs == "denoise" and not spec.adaptive else None
+    grid = None
+    if spec.needs == "denoise" and (not spec.adaptive or schedule is not None):
+        grid = resolve_grid(family, spec, schedule)
     if nfe is not None:
         steps = steps_for_nfe(name, spec, nfe, grid, guided_evaluations(guidance, guide))
     steps = None if spec.adaptive or spec.needs != "denoise" else steps or family.default_steps
@@ -184,7 +194,7 @@ def sample(
     try:
         with autocast(family.device, precision), nets, _out_of_memory_hint(batch_size):
             if spec.needs == "denoise":
-                sigmas = full_range(family) if spec.adaptive else sigma_grid(family, steps, grid)
+                sigmas = full_range(family, grid) if spec.adaptive else sigma_grid(family, steps, grid)
                 conds = family.conditions(n, labels=labels, prompts=prompts)
                 guiding = None if guide is None else (guide, _guide_condition(family, guide, n, labels, prompts))
                 images, nfe = _sample_denoising(family, n, spec, sigmas, generator, batch_size, options, noise,
@@ -215,9 +225,10 @@ def _check_grid_options(name: str, spec: SamplerSpec, steps: int | None, schedul
     if spec.needs != "denoise" and given:
         raise SamplerError(f"sampler '{name}' takes no --{given[0]}: it is not a denoising sampler "
                            "(one network pass per batch, or one per token)")
-    if spec.adaptive and given:
-        raise SamplerError(f"sampler '{name}' chooses its own steps over the family's whole sigma range: drop "
-                           f"--{given[0]} and set its tolerances (--rtol, --atol)")
+    counts = [w for w in given if w != "schedule"]  # an adaptive sampler's grid gives only its ends
+    if spec.adaptive and counts:
+        raise SamplerError(f"sampler '{name}' chooses its own steps between the grid's ends: drop "
+                           f"--{counts[0]} and set its tolerances (--rtol, --atol)")
     if nfe is not None and steps is not None:
         raise SamplerError("give --steps or --nfe, not both")
     if nfe is not None and nfe < 1:

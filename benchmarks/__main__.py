@@ -19,6 +19,8 @@ BENCHMARKS = {
     "samplers": ("benchmarks.bench_samplers", "FD vs NFE of the shared samplers on the digits default"),
     "fewstep": ("benchmarks.bench_fewstep", "Few-step sampling: FD vs NFE of every sampler/grid pair vs the converged "
                 "ODE, k-diffusion and diffusers"),
+    "budget": ("benchmarks.bench_budget", "Quality per compute: FD after one wall-clock budget for DDPM, Min-SNR, "
+               "EDM, post-hoc EMA and autoguidance"),
     "onestep": ("benchmarks.bench_onestep", "One- and two-step generation on digits: consistency training, ECT, "
                 "MeanFlow, distilled 2-RF vs 1000-step DDPM, with training FLOPs"),
     "reflow": ("benchmarks.bench_reflow", "Rectified flow, reflow and 1-step distillation on digits: FD vs Euler steps"),

@@ -309,8 +309,8 @@ def network_sweep(family: Family, label: str, scorer: Scorer, noise: Tensor, nfe
     """A trained network: the converged ODE (rk45 from sigma = 80 on the log-SNR grid's ends, which a cosine
     schedule's sigma_max ~ 2e4 would make stiff), a screen of every sampler/grid pair and every peer on the first
     `screen_n` noises, then each sampler's best grid, the best k-diffusion and the best diffusers contender at
-    every NFE on all noises (only the `finalists` samplers with the best screen scores, to save time). The ODE's FD is also given on the first half of the noises (the ancestral
-    reference's n)."""
+    every NFE on all noises (only the `finalists` samplers with the best screen scores, to save time). The
+    ODE's FD is also given on the first half of the noises (the ancestral reference's n)."""
     t0 = time.perf_counter()
     ref = sample(family, len(noise), sampler="rk45", schedule="logsnr:end=sigma_min", noise=noise, rtol=rtol,
                  atol=rtol, batch_size=500)
@@ -375,8 +375,8 @@ def full_table(rows: list[dict[str, Any]], nfes=NFES, stage: str = "final") -> s
         label = name if group == "genkit" else f"{group}: {name}"
         lines.append(f"| {fam} | {label} | {grid} | " + " | ".join(f"{fds[n]:.3f}" if n in fds else "-" for n in nfes) + " |")
     refs = [r for r in rows if r["group"] == "reference"]
-    lines += [f"| {r['family']} | {r['name']} (n = {r.get('n', '?')}) | {r['grid']} | NFE {r['nfe']}: FD {r['fd']:.3f} |"
-              + " |" * (len(nfes) - 1) for r in refs]
+    lines += [f"| {r['family']} | {r['name']} (n = {r.get('n', '?')}) | {r['grid']} | "
+              f"NFE {r['nfe']}: FD {r['fd']:.3f} |" + " |" * (len(nfes) - 1) for r in refs]
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from genkit.training.sharding import copy_full_into
+from genkit.training.sharding import copy_full_into, local_parts
 
 
 class EMA:
@@ -44,7 +44,9 @@ class EMA:
         weight = 1.0 - self.current_decay()
         live = self._floats(nets)
         keys = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in keys], [live[k].detach() for k in keys], weight)
+        # shard by shard: a sharded network's parameters are DTensors, its buffers (Glow's LU factors) are not
+        torch._foreach_lerp_(local_parts([self.shadow[k] for k in keys]), local_parts([live[k].detach() for k in keys]),
+                             weight)
         self.updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:

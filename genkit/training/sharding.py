@@ -28,8 +28,10 @@ from torch import Tensor, nn
 
 from genkit.errors import ConfigError
 
-# family -> why its networks cannot be sharded (checked by training each family under torchrun with
-# fully_shard on 2 CPU processes; tests/test_sharding.py)
+# family -> why its networks cannot be sharded. Empty: every family with one parameter group trains sharded
+# (each probed under torchrun with fully_shard on 2 CPU processes against one process at twice the batch,
+# tests/reliability/test_distributed.py); families with two groups (gan, vqgan) are refused by the trainer,
+# which sees the groups (`Trainer._setup_optimizers`).
 NOT_SHARDABLE: dict[str, str] = {}
 
 
@@ -166,6 +168,14 @@ def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in tensors.items()}
 
 
+def local_parts(tensors: list[Tensor]) -> list[Tensor]:
+    """This process's shard of each DTensor (sharing its storage, so in-place ops update it), other tensors as
+    they are: one list that foreach ops take, where sharded parameters sit next to unsharded buffers."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 def copy_full_into(target: Tensor, full: Tensor) -> None:
     """Copy a full tensor into `target`, or into this process's shard of it when `target` is a DTensor."""
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -184,7 +194,7 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
     if not tensors:
         return True
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    local = local_parts(tensors)
     flags = torch.stack([torch.isfinite(t).all() for t in local])
     ok = flags.all().to(torch.int32).reshape(1)
     if any(isinstance(t, DTensor) for t in tensors) and dist.is_initialized():

@@ -428,7 +428,8 @@ DEFAULT_RUNS = ("runs/ddpm_digits", "runs/rf_digits")  # `python -m benchmarks f
 
 def run(n: int = 2000, parts: tuple[str, ...] = ("proxy", "network", "ancestral"), runs: tuple[str, ...] = (),
         out: str = "docs", network_nfes: tuple[int, ...] = NFES, screen_n: int = 500,
-        finalists: int = len(SCREEN_SAMPLERS), rtol: float = 1e-4) -> list[dict[str, Any]]:
+        finalists: int = len(SCREEN_SAMPLERS), rtol: float = 1e-4,
+        pairs: tuple[tuple[str, str], ...] = ()) -> list[dict[str, Any]]:
     """`ancestral` is the 1000-step ancestral reference of each VP run on the first n / 2 noises (it costs 1000
     evaluations per sample); run it as its own process next to `network` and `--merge` the JSON rows."""
     torch.manual_seed(0)
@@ -446,7 +447,10 @@ def run(n: int = 2000, parts: tuple[str, ...] = ("proxy", "network", "ancestral"
             path, _, step = spec.partition(":")
             family = load(path, step=int(step) if step else None)
             label = f"{Path(path).name}" + (f" (step {step})" if step else "")
-            if "network" in parts:
+            if pairs:  # only these genkit sampler/grid pairs at every NFE (no reference, screen or peers)
+                rows += _run_all([genkit_contender(family, s, g) for s, g in pairs], label, scorer, noise,
+                                 network_nfes, "final", _log, time.perf_counter())
+            elif "network" in parts:
                 rows += network_sweep(family, label, scorer, noise, nfes=network_nfes, screen_n=screen_n,
                                       finalists=finalists, rtol=rtol)
             if "ancestral" in parts and family.noise_process == "vp":
@@ -511,6 +515,7 @@ if __name__ == "__main__":
     p.add_argument("--finalists", type=int, default=len(SCREEN_SAMPLERS),
                    help="genkit samplers (best grid each) run at every NFE after the screen, best screen scores first")
     p.add_argument("--rtol", type=float, default=1e-4, help="rk45's rtol = atol for the converged ODE (network)")
+    p.add_argument("--pairs", default="", help="SAMPLER@GRID,...: run only these genkit pairs on the runs")
     p.add_argument("--out", default="docs")
     p.add_argument("--png", default="fd_vs_nfe_fewstep.png", help="plot file name under --out")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
@@ -521,7 +526,8 @@ if __name__ == "__main__":
         result = [r for f in a.merge for r in json.loads(f.read_text())]
     else:
         result = run(a.n, tuple(a.part or ("proxy", "network", "ancestral")), tuple(a.run), a.out,
-                     tuple(int(x) for x in a.nfes.split(",")), a.screen_n, a.finalists, a.rtol)
+                     tuple(int(x) for x in a.nfes.split(",")), a.screen_n, a.finalists, a.rtol,
+                     tuple(tuple(p.split("@")) for p in a.pairs.split(",") if p))
         if a.json:
             a.json.parent.mkdir(parents=True, exist_ok=True)
             a.json.write_text(json.dumps(result, indent=1))

@@ -1,5 +1,6 @@
-"""Clipping done as diffusers and GLIDE do it: guidance combines raw predictions and `ddim`/`ancestral`
-clamp the result; the ODE solvers and the likelihood follow the model's own, unclipped field."""
+"""Clipping done as diffusers and GLIDE do it: guidance combines raw predictions and `ddim`, `ancestral` and
+the multistep solvers (diffusers' thresholding) clamp the result; the ODE solvers (Euler/Heun in sigma,
+arctan-time, rk45) and the likelihood follow the model's own, unclipped field."""
 
 from __future__ import annotations
 
@@ -47,12 +48,12 @@ def test_guidance_combines_raw_predictions_and_ddim_clamps_the_result():
     below, 3.0 (guided 2.4, clamped to 1), separates clamped from unclamped."""
     z, sigma = torch.zeros(2, 3), torch.ones(2)
     cond, uncond = {"label": torch.tensor([3, 3])}, {"label": torch.tensor([-1, -1])}
-    for name in ("ddim", "ancestral"):
+    for name in ("ddim", "ancestral", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm"):
         D = sampler_denoiser(Fixed(1.0), SAMPLERS[name], cond, uncond, 3.0)
         torch.testing.assert_close(D(z, sigma), torch.full_like(z, 0.6))
         D = sampler_denoiser(Fixed(1.0), SAMPLERS[name], cond, uncond, -1.0)  # 1.2 - 2 (1.2 - 1.5) = 1.8
         torch.testing.assert_close(D(z, sigma), torch.ones_like(z))
-    for name in ("euler", "heun", "dpmpp-2m", "rk45"):  # the ODE solvers never clamp the field
+    for name in ("euler", "heun", "euler-arctan", "heun-arctan", "rk45"):  # the ODE never clamps the field
         D = sampler_denoiser(Fixed(1.0), SAMPLERS[name], cond, uncond, -1.0)
         torch.testing.assert_close(D(z, sigma), torch.full_like(z, 1.8))
     D = sampler_denoiser(Fixed(None), SAMPLERS["ddim"], cond, uncond, -1.0)  # a family that does not clip
@@ -66,7 +67,7 @@ def wide_ddpm(clip: bool):
     return family
 
 
-@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp-2m", "rk45"])
+@pytest.mark.parametrize("name", ["euler", "heun", "heun-arctan", "rk45"])
 def test_ode_solvers_follow_the_unclipped_field_whatever_clip_sample_says(name):
     kw = dict(sampler=name, steps=None if SAMPLERS[name].adaptive else 6)
     images = [sample(wide_ddpm(clip), 3, generator=torch.Generator().manual_seed(0), **kw).images
@@ -74,9 +75,10 @@ def test_ode_solvers_follow_the_unclipped_field_whatever_clip_sample_says(name):
     torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
 
 
-def test_ddim_clamps_x0_hat_when_the_family_clips():
-    """...and the clamp is not a no-op here: it changes DDIM's images (so the test above can fail)."""
-    images = [sample(wide_ddpm(clip), 3, sampler="ddim", steps=6, generator=torch.Generator().manual_seed(0)).images
+@pytest.mark.parametrize("name", ["ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "ipndm"])
+def test_x0_steppers_clamp_x0_hat_when_the_family_clips(name):
+    """...and the clamp is not a no-op here: it changes these samplers' images (so the test above can fail)."""
+    images = [sample(wide_ddpm(clip), 3, sampler=name, steps=6, generator=torch.Generator().manual_seed(0)).images
               for clip in (True, False)]
     assert (images[0] - images[1]).abs().max() > 1e-3
     x0 = wide_ddpm(False).denoise(torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)),

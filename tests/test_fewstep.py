@@ -11,17 +11,14 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from test_ddpm import tiny_ddpm
+from test_ode_samplers import M, U, V, alpha_s  # the shared exact Gaussian (float64)
+from test_ode_samplers import gaussian_denoiser as gaussian
 
 from genkit.errors import SamplerError
 from genkit.families.sampling import resolve_grid, sample, sigma_grid, steps_for_nfe
 from genkit.samplers import FLOW, SAMPLERS, VP, CountingDenoiser
 from genkit.samplers.multistep import sample_dpmpp_3m, sample_unipc
 from genkit.samplers.schedules import KARRAS_SIGMA_MAX, GridSpec, karras_sigmas, logsnr_sigmas, time_uniform_sigmas
-
-# ---------------------------------------------------------------- an exact Gaussian in float64
-
-from test_ode_samplers import M, U, V, alpha_s  # noqa: E402  the shared exact Gaussian
-from test_ode_samplers import gaussian_denoiser as gaussian  # noqa: E402
 
 
 def exact_state(sigma: float) -> torch.Tensor:

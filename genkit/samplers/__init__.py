@@ -56,6 +56,7 @@ def _grids(vp: str, ve: str = "family", flow: str | None = None) -> dict[str, Gr
 
 
 FAMILY_GRIDS = _grids("family", "family", "family")
+LOGSNR_END = "logsnr:end=sigma_min"  # uniform in log-SNR from sigma 80, no final denoising call (DPM-Solver's)
 
 
 class SamplerSpec(NamedTuple):
@@ -89,11 +90,14 @@ SAMPLERS: dict[str, SamplerSpec] = {
     # the same two methods in arctan time (`genkit.samplers.ode`): they can start at sigma = inf
     "euler-arctan": SamplerSpec(sample_euler_arctan, "denoise"),
     "heun-arctan": SamplerSpec(sample_heun_arctan, "denoise", evals=(2, 1)),
-    # multistep solvers (`genkit.samplers.multistep`): one evaluation per step
-    "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "denoise", clips=True, grids=_grids("logsnr:end=sigma_min")),
-    "dpmpp-3m": SamplerSpec(sample_dpmpp_3m, "denoise", clips=True, grids=_grids("logsnr:end=sigma_min")),
-    "unipc": SamplerSpec(sample_unipc, "denoise", clips=True, grids=_grids("logsnr:end=sigma_min")),
-    "ipndm": SamplerSpec(sample_ipndm, "denoise", clips=True, grids=_grids("logsnr:end=sigma_min")),
+    # multistep solvers (`genkit.samplers.multistep`): one evaluation per step. Grids, from the screen of every
+    # grid on ddpm_digits and rf_digits (docs/benchmarks.md, "Few-step sampling"): vp, log-SNR from sigma 80
+    # (a grid from a cosine schedule's sigma ~2e4 diverges without clamping, as in latent space); flow, the
+    # family's own grid, uniform in t from t = 1, which beat log-SNR for all four
+    "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "denoise", clips=True, grids=_grids(LOGSNR_END, flow="family")),
+    "dpmpp-3m": SamplerSpec(sample_dpmpp_3m, "denoise", clips=True, grids=_grids(LOGSNR_END, flow="family")),
+    "unipc": SamplerSpec(sample_unipc, "denoise", clips=True, grids=_grids(LOGSNR_END, flow="family")),
+    "ipndm": SamplerSpec(sample_ipndm, "denoise", clips=True, grids=_grids(LOGSNR_END, flow="family")),
     "rk45": SamplerSpec(sample_rk45, "denoise", adaptive=True),
     # multistep consistency sampling (`genkit.samplers.consistency`): jump to x0_hat, re-noise, one evaluation
     # per sigma; one step at sigma_max is a consistency model's (or MeanFlow's) one-step sample

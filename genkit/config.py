@@ -45,7 +45,7 @@ class DataConfig:
 class OptimConfig:
     """One optimizer, for one parameter group of the family."""
 
-    name: Literal["adam", "adamw", "rmsprop", "sgd"] = "adamw"
+    name: Literal["adam", "adamw", "radam", "rmsprop", "sgd"] = "adamw"  # radam: iCT's (Song & Dhariwal 2024)
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0

@@ -214,3 +214,20 @@ def test_in_training_fd_is_logged_and_best_kept(tmp_path):
     best = json.loads((run / "best" / "genkit.json").read_text())
     assert best["fd"] == min(fds.values()) and best["step"] == min(fds, key=fds.get)
     assert (run / "eval" / "reference-digits.npz").exists()  # cached reference statistics
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                       ("radam", torch.optim.RAdam), ("rmsprop", torch.optim.RMSprop),
+                                       ("sgd", torch.optim.SGD)])
+def test_each_optimizer_name_builds_its_torch_optimizer_with_the_recipe_settings(name, cls):
+    from genkit.config import OptimConfig
+    from genkit.training.handle import build_optimizer
+
+    recipe = load_recipe("cm_digits", [f"optim.model.name={name}", "optim.model.lr=3e-4", "optim.model.betas=[0.5,0.9]",
+                                       "optim.model.weight_decay=0.01"])
+    cfg = recipe.optim["model"]
+    assert isinstance(cfg, OptimConfig) and cfg.name == name
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    group = opt.param_groups[0]
+    assert type(opt) is cls and group["lr"] == 3e-4 and group["weight_decay"] == 0.01
+    assert group.get("betas", (group.get("momentum"), None))[0] == 0.5 or name == "rmsprop"

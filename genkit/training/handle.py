@@ -16,9 +16,9 @@ from genkit.training.sharding import all_finite
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam, AdamW, RMSProp or SGD (momentum = betas[0]) from an `optim.<group>` section."""
-    if cfg.name in ("adam", "adamw"):
-        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    """Adam, AdamW, RAdam, RMSProp or SGD (momentum = betas[0]) from an `optim.<group>` section."""
+    if cfg.name in ("adam", "adamw", "radam"):
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[cfg.name]
         return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)

@@ -318,7 +318,7 @@ def test_sample_refuses_bad_requests_with_one_line_errors(family):
     assert msg.endswith("eta")  # ... and DDIM lists its one
     one_line_error("steps must be >= 1", family, 1, steps=0)
     one_line_error("n must be >= 1", family, 0)
-    one_line_error("between 1 and T=100", family, 1, steps=101)
+    one_line_error("between 1 and T=100", family, 1, sampler="ddim", steps=101)  # the discrete family grid
 
 
 def test_sampler_needing_a_missing_capability_is_refused():

@@ -92,11 +92,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "heun-arctan": SamplerSpec(sample_heun_arctan, "denoise", evals=(2, 1)),
     # multistep solvers (`genkit.samplers.multistep`): one evaluation per step. Grids, from the screen of every
     # grid on ddpm_digits and rf_digits (docs/benchmarks.md, "Few-step sampling"): vp, log-SNR from sigma 80
-    # (a grid from a cosine schedule's sigma ~2e4 diverges without clamping, as in latent space); flow, the
-    # family's own grid, uniform in t from t = 1, which beat log-SNR for all four
+    # (a grid from a cosine schedule's sigma ~2e4 diverges without clamping, as in latent space); flow, uniform
+    # in t (the family's own grid from t = 1, or to sigma_min for UniPC), which beat log-SNR for all four
     "dpmpp-2m": SamplerSpec(sample_dpmpp_2m, "denoise", clips=True, grids=_grids(LOGSNR_END, flow="family")),
     "dpmpp-3m": SamplerSpec(sample_dpmpp_3m, "denoise", clips=True, grids=_grids(LOGSNR_END, flow="family")),
-    "unipc": SamplerSpec(sample_unipc, "denoise", clips=True, grids=_grids(LOGSNR_END, flow="family")),
+    "unipc": SamplerSpec(sample_unipc, "denoise", clips=True,
+                         grids=_grids(LOGSNR_END, flow="time-uniform:end=sigma_min")),
     "ipndm": SamplerSpec(sample_ipndm, "denoise", clips=True, grids=_grids(LOGSNR_END, flow="family")),
     "rk45": SamplerSpec(sample_rk45, "denoise", adaptive=True),
     # multistep consistency sampling (`genkit.samplers.consistency`): jump to x0_hat, re-noise, one evaluation

@@ -170,7 +170,7 @@ class DDPM(UNetFamily):
 
     name = "ddpm"
     # DPM-Solver++(2M) on the log-SNR grid, x0_hat clamped with clip_sample: at 10 NFE it matched the converged
-    # ODE on ddpm_digits where ddim on its best grid was 3.8x it (docs/benchmarks.md, "Few-step sampling");
+    # ODE on ddpm_digits where ddim on its best grid was 3.6x it (docs/benchmarks.md, "Few-step sampling");
     # 20 leaves a margin for data the benchmark did not see
     default_sampler = "dpmpp-2m"
     default_steps = 20

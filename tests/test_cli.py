@@ -47,6 +47,33 @@ def test_sample_writes_grid_and_npz(ddpm_run, tmp_path):
         assert np.array_equal(z["images"], first)  # same seed, same images
 
 
+def test_sample_defaults_to_the_runs_recipe_sample_section(ddpm_run, tmp_path):
+    """`genkit sample RUN` uses the sampler, steps and options the run's recipe ships (measured for it), the
+    command line wins, and the recipe's steps/options go with its sampler only."""
+    def said(*argv: str) -> str:
+        r = run_cli("sample", *argv, "--n", "4", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()[-2]
+
+    assert said(str(ddpm_run)).startswith("sampler dpmpp-2m, steps 5, NFE 5,")   # DDPM_RUN's sample.steps=5
+    assert said(str(ddpm_run), "--steps", "3").startswith("sampler dpmpp-2m, steps 3, NFE 3,")
+    assert said(str(ddpm_run), "--nfe", "4").startswith("sampler dpmpp-2m, steps 4, NFE 4,")
+    assert said(str(ddpm_run), "--sampler", "ddim").startswith("sampler ddim, steps 20,")  # the family's default
+    run = tmp_path / "eta_run"
+    shutil.copytree(ddpm_run, run)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("sampler: dpmpp-2m", "sampler: ddim").replace("eta: 0.0", "eta: 1.0"))
+    images = {}
+    for name, extra in (("recipe", []), ("eta1", ["--sampler", "ddim", "--steps", "5", "--eta", "1"]),
+                        ("eta0", ["--eta", "0"])):
+        r = run_cli("sample", str(run), *extra, "--n", "4", "--save-npz", f"{name}.npz", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        with np.load(tmp_path / f"{name}.npz") as z:
+            images[name] = z["images"]
+    assert np.array_equal(images["recipe"], images["eta1"])  # the recipe's eta 1.0 with its sampler
+    assert not np.array_equal(images["recipe"], images["eta0"])  # --eta 0 overrides it
+
+
 def test_sample_refuses_bad_arguments(ddpm_run, tmp_path):
     r = run_cli("sample", str(ddpm_run), "--sampler", "nope", cwd=tmp_path)
     assert r.returncode == 2 and "unknown sampler 'nope'" in r.stderr

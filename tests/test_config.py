@@ -321,3 +321,14 @@ def test_shipped_recipes_resolve_by_name(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_shipped_recipes_dir_is_the_package_folder() -> None:
     assert config.shipped_recipes_dir() == Path(config.__file__).parent / "recipes"
+
+
+def test_every_shipped_recipe_resolves_into_its_family_config() -> None:
+    """A key misspelt in a shipped recipe (cm_cifar, ect_cifar ... never trained in the suite) fails here."""
+    from genkit.runs import load_recipe
+
+    names = [name for name, _ in config.list_recipes()]
+    assert {"ddpm_digits", "ect_digits", "ect_cifar", "cm_cifar", "meanflow_cifar"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name and type(recipe.model).__name__ != "dict", name

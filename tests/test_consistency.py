@@ -136,9 +136,12 @@ def test_ct_pairs_are_neighbours_of_the_current_grid():
 
 def test_ect_gap_starts_at_diffusion_and_shrinks_by_q_per_stage():
     t = torch.tensor([0.01, 1.0, 10.0])
-    assert torch.equal(ect_gap(t, 0, 2.0, 100, 8.0, 1.0), torch.zeros(3))  # stage 0: r = 0, the target is y
-    n_t = 1 + 8 * torch.sigmoid(-t)
-    torch.testing.assert_close(ect_gap(t, 250, 2.0, 100, 8.0, 1.0), (t - t * n_t / 8).clamp_min(0))  # ceil(2.5) = 3
+    n_t = 1 + 8 * torch.sigmoid(-t)  # 4.98, 3.15, 1.0004: stage 0 (q = 2) denoises (r = 0) below t ~ 2.2
+    stage0 = ect_gap(t, 99, 2.0, 100, 8.0, 1.0)
+    assert torch.equal(stage0[:2], torch.zeros(2))  # r = 0: the target is y
+    torch.testing.assert_close(stage0[2], 10.0 - 10.0 * n_t[2] / 2)
+    torch.testing.assert_close(ect_gap(t, 250, 2.0, 100, 8.0, 1.0), (t - t * n_t / 8).clamp_min(0))  # 250 // 100 + 1
+    torch.testing.assert_close(ect_gap(t, 0, 256.0, 10**6, 8.0, 1.0), t - t * n_t / 256)  # ECT's one-hour run: one stage
 
 
 def test_loss_is_weighted_pseudo_huber_against_the_stopped_smaller_sigma():

@@ -31,9 +31,11 @@ network itself as its (stop-gradient) target, no EMA teacher (iCT, sec. 3.2):
          with rho = 7), N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1))
          (iCT eq. 8, "exponential curriculum"), i drawn with p(i) ~ erf((ln sigma_{i+1} - P_mean) /
          (sqrt2 P_std)) - erf((ln sigma_i - P_mean) / (sqrt2 P_std)) (iCT eq. 9, lognormal)
-    ect  ECT: sigma_hi = t, ln t ~ N(P_mean, P_std^2), sigma_lo = r = max(t - t n(t) / q^ceil(k/d), 0),
-         n(t) = 1 + k_ect sigmoid(-b t) (ECT eq. 8): the first stage (r = 0, target y) is denoising
-         score matching, later stages shrink the gap; f(x, r) = x for r <= sigma_min
+    ect  ECT: sigma_hi = t, ln t ~ N(P_mean, P_std^2), sigma_lo = r = max(t - t n(t) / q^(floor(k/d) + 1), 0),
+         n(t) = 1 + k_ect sigmoid(-b t) (ECT eq. 8; the stage count as the official code's
+         `update_schedule`): with q = 2 the first stage's r is 0 for most t (target y: denoising score
+         matching) and each later stage halves the gap; ECT's one-hour CIFAR-10 run uses q = 256 and one
+         stage (d beyond the run), a small gap from the start; f(x, r) = x for r <= sigma_min
 
     lambda = 1 / (sigma_hi - sigma_lo)                         (iCT sec. 3.5; ECT's w(t, r))
     d(a, b) = sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim)   pseudo-Huber (iCT sec. 3.3)
@@ -77,7 +79,7 @@ class ConsistencyConfig(FamilyConfig):
     s0: int = 10                                 # ct: the curriculum's first and last number of steps
     s1: int = 1280
     total_steps: int = 400000                    # ct: K, the curriculum's length (set it to train.steps)
-    ect_q: float = 2.0                           # ect: the gap halves (q = 2) ...
+    ect_q: float = 2.0                           # ect: the gap shrinks by q (2: halves) ...
     ect_stage: int = 25000                       # ... every d trainer steps
     ect_k: float = 8.0                           # ect: n(t) = 1 + k sigmoid(-b t)
     ect_b: float = 1.0
@@ -133,9 +135,9 @@ def lognormal_index_probs(sigmas: Tensor, p_mean: float, p_std: float) -> Tensor
 
 
 def ect_gap(t: Tensor, k: int, q: float, stage: int, k_ect: float, b: float) -> Tensor:
-    """r = max(t - t n(t) / q^ceil(k/d), 0), n(t) = 1 + k_ect sigmoid(-b t) (ECT eq. 8)."""
+    """r = max(t - t n(t) / q^(floor(k/d) + 1), 0), n(t) = 1 + k_ect sigmoid(-b t) (ECT eq. 8, stage as ECT's code)."""
     n_t = 1 + k_ect * torch.sigmoid(-b * t)
-    return (t - t * n_t / q ** math.ceil(k / stage)).clamp_min(0)
+    return (t - t * n_t / q ** (k // stage + 1)).clamp_min(0)
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:

@@ -40,8 +40,9 @@ network itself as its (stop-gradient) target, no EMA teacher (iCT, sec. 3.2):
     lambda = 1 / (sigma_hi - sigma_lo)                         (iCT sec. 3.5; ECT's w(t, r))
     d(a, b) = sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(dim)   pseudo-Huber (iCT sec. 3.3)
 
-Sampling: one evaluation at sigma_max, or multistep consistency sampling on `model.sample_sigmas`
-(`genkit.samplers.consistency`, sampler `consistency`; NFE = number of sigmas).
+Sampling: one evaluation at `model.sample_sigmas[0]` (80 = sigma_max in the papers; the digits recipes start
+at 10, where an epsilon-parametrised network is far better conditioned), or multistep consistency sampling on
+`model.sample_sigmas` (`genkit.samplers.consistency`, sampler `consistency`; NFE = number of sigmas).
 Notation: the samplers' VP-scaled state is z = x / sqrt(1 + sigma^2) (`genkit.samplers`).
 """
 

@@ -20,10 +20,11 @@ function that builds its pipeline: a plain dict, so latent diffusion (issue 9: U
                     DDIMPipeline(num_inference_steps=N, eta=e, use_clipped_model_output=True)
                                                          == genkit `ddim`, N steps, eta=e
                     (genkit takes eps from the clipped x0_hat; diffusers' default does not).
-    consistency     ConsistencyModelPipeline + CMStochasticIterativeScheduler (same sigma_min, sigma_max,
-                    sigma_data, rho; c_skip, c_out, c_in and the timestep 250 ln sigma are genkit's
+    consistency     ConsistencyModelPipeline + CMStochasticIterativeScheduler (same sigma_min, sigma_data,
+                    rho; its sigma_max is the run's first sampling sigma, `model.sample_sigmas[0]`, where
+                    genkit's 1 step starts; c_skip, c_out, c_in and the timestep 250 ln sigma are genkit's
                     `parametrization: edm`): pipeline(num_inference_steps=1) == genkit `consistency`
-                    1 step from the same noise (x = sigma_max eps). A run fine-tuned with
+                    1 step from the same noise (x = sample_sigmas[0] eps). A run fine-tuned with
                     `parametrization: ddpm|rectified_flow` reads its UNet otherwise: refused.
     meanflow        refused: no diffusers pipeline evaluates an average velocity u(z, r, t).
     rectified_flow  FlowMatchEulerDiscreteScheduler(shift=model.shift) in DDPMPipeline's loop,
@@ -183,7 +184,9 @@ def _consistency_pipeline(family: Consistency) -> ConsistencyModelPipeline:
         raise ConfigError(f"model.{'class_cond' if cfg.class_cond else 'parametrization'}: a {why} consistency "
                           "model has no diffusers pipeline (ConsistencyModelPipeline needs parametrization: edm, "
                           "unconditional)")
-    scheduler = CMStochasticIterativeScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+    # the scheduler's sigma_max is only where sampling starts (init_noise_sigma, the Karras grid's top): genkit's
+    # first sampling sigma, so that the pipeline's default 1 step is genkit's (cm_digits starts at 10, not 80)
+    scheduler = CMStochasticIterativeScheduler(sigma_min=cfg.sigma_min, sigma_max=cfg.sample_sigmas[0],
                                                sigma_data=cfg.sigma_data, rho=cfg.rho, clip_denoised=True)
     return ConsistencyModelPipeline(unet=family.nets["unet"], scheduler=scheduler)
 
@@ -208,7 +211,7 @@ REPRODUCE = {
     "rectified_flow": "DDPMPipeline runs FlowMatchEuler steps on the grid linspace(1, 1/1000, N), 0; "
                       "set_timesteps(sigmas=linspace(1, 1/N, N)) in a hand loop == genkit ddim N steps",
     "consistency": "ConsistencyModelPipeline(num_inference_steps=1) == genkit consistency 1 step from the same "
-                   "noise (latents=eps: x = sigma_max eps); timesteps=[...] for multistep",
+                   "noise (latents=eps: x = sample_sigmas[0] eps); timesteps=[...] for multistep",
     "ldm": "no diffusers pipeline (genkit's text encoder): load unet/, vae/, scheduler/ separately; "
            "latents = scale_factor * vae mean (genkit_ldm.json); text_encoder/ loads into genkit.nn.text.TextEncoder",
 }

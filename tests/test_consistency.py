@@ -211,17 +211,18 @@ def test_family_samples_with_nfe_equal_to_the_number_of_sigmas(steps):
         torch.testing.assert_close(out.images, want, rtol=0, atol=0)
 
 
-def test_export_matches_diffusers_consistency_pipeline():
+@pytest.mark.parametrize("start", [80.0, 10.0])  # the papers' sigma_max; cm_digits' first sampling sigma
+def test_export_matches_diffusers_consistency_pipeline(start):
     from genkit.interop import EXPORTERS
 
     with torch.random.fork_rng(devices=[]):  # ConsistencyModelPipeline takes 3-channel images only
         torch.manual_seed(0)
-        family = Consistency(ConsistencyConfig(unet=TINY_UNET), shape=(3, 8, 8))
+        family = Consistency(ConsistencyConfig(unet=TINY_UNET, sample_sigmas=[start, 0.821]), shape=(3, 8, 8))
     family.nets.eval()
     pipe = EXPORTERS["consistency"](family)
     eps = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     got = pipe(batch_size=2, num_inference_steps=1, latents=eps.clone(), output_type="pt").images
-    ours = sample(family, 2, steps=1, noise=eps * 80 / math.sqrt(1 + 80**2)).images   # x = 80 eps
+    ours = sample(family, 2, steps=1, noise=eps * start / math.sqrt(1 + start**2)).images   # x = start eps
     torch.testing.assert_close(got, (ours + 1) / 2, rtol=0, atol=1e-4)  # diffusers' images are in [0, 1]
 
 

@@ -331,7 +331,14 @@ def _sample(args: argparse.Namespace) -> None:
         guide = load(guide_run, device=args.device, step=step)
     options = {k: v for k in ("eta", "temperature", "truncation", "top_k", "top_p", "rtol", "atol")
                if (v := vars(args)[k]) is not None}
-    sampler, steps, options = _recipe_sample_defaults(args, family, options)
+    from genkit.families.sampling import recipe_sample_defaults
+    from genkit.runs import CONFIG, run_recipe
+
+    sampler, steps = args.sampler, args.steps
+    if (args.run / CONFIG).is_file():  # a genkit run (a diffusers folder's default is its scheduler)
+        sampler, steps, options = recipe_sample_defaults(family, run_recipe(args.run).sample, sampler, steps,
+                                                         args.nfe, options, guided=args.guidance is not None
+                                                         or args.guide_with is not None)
     guidance = options.pop("guidance", args.guidance)
     out = sample_with_info(family, args.n, sampler=sampler, steps=steps, nfe=args.nfe, seed=args.seed,
                            batch_size=args.batch_size, schedule=args.schedule, labels=args.labels,
@@ -343,26 +350,6 @@ def _sample(args: argparse.Namespace) -> None:
         path = save_npz(args.save_npz, out.images, sampler=out.sampler, steps=out.steps or 0,
                         nfe=out.nfe, seed=args.seed, schedule=out.schedule or "none")
         print(f"npz: {path}")
-
-
-def _recipe_sample_defaults(args: argparse.Namespace, family: Any,
-                            options: dict[str, Any]) -> tuple[str | None, int | None, dict[str, Any]]:
-    """Sampler, steps and options: the command line's, else the run's recipe `sample:` section (the sampler a
-    recipe ships was measured for it), else the family's defaults. The recipe's steps and options apply only
-    to the recipe's own sampler, and only when neither --steps nor --nfe is given."""
-    from genkit.families.sampling import sampler_options
-    from genkit.runs import CONFIG, run_recipe
-
-    if not (args.run / CONFIG).is_file():  # a diffusers folder: its scheduler is the default
-        return args.sampler, args.steps, options
-    s = run_recipe(args.run).sample
-    if s.sampler is None or args.sampler not in (None, s.sampler):
-        return args.sampler, args.steps, options
-    steps = args.steps if args.steps is not None or args.nfe is not None else s.steps
-    recipe_options = sampler_options(family, s)
-    if args.guidance is not None or args.guide_with is not None:
-        recipe_options.pop("guidance", None)
-    return s.sampler, steps, {**recipe_options, **options}
 
 
 def _run_and_step(spec: str) -> tuple[Path, int | None]:

@@ -82,6 +82,23 @@ def sampler_options(family: Family, sample_cfg: SampleConfig) -> dict[str, Any]:
     return options
 
 
+def recipe_sample_defaults(family: Family, sample_cfg: SampleConfig, sampler: str | None, steps: int | None,
+                           nfe: int | None, options: dict[str, Any],
+                           guided: bool = False) -> tuple[str | None, int | None, dict[str, Any]]:
+    """Sampler, steps and options: those given, else a run's recipe `sample:` section (the sampler a recipe
+    ships was measured for it), else the family's defaults (None). The recipe's steps and options apply only
+    to the recipe's own sampler, its steps only when neither steps nor nfe is given, and its guidance scale
+    not when a scale is given or the sampling is `guided` otherwise."""
+    if sample_cfg.sampler is None or sampler not in (None, sample_cfg.sampler):
+        return sampler, steps, options
+    if steps is None and nfe is None:
+        steps = sample_cfg.steps
+    recipe_options = sampler_options(family, sample_cfg)
+    if guided:
+        recipe_options.pop("guidance", None)
+    return sample_cfg.sampler, steps, {**recipe_options, **options}
+
+
 def _check_options(name: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
     params = inspect.signature(fn).parameters
     unknown = [k for k in options if k not in params]

@@ -82,13 +82,12 @@ def run(budget: str = "7m", root: str = "runs/budget", n: int = 2000, nfe: int =
         rows.append({"contender": label, "run": str(path), "steps": steps, "train_seconds": seconds,
                      "nfe": nfe, "fd": fd_of(load(path), scorer, noise, nfe, sampler)})
         print(rows[-1], flush=True)
-        ema = []
-        for sigma_rel in SIGMA_RELS:
-            family = posthoc_family(path, sigma_rel)
+        ema, families = [], {s: posthoc_family(path, s) for s in SIGMA_RELS}
+        for sigma_rel, family in families.items():
             ema.append({"sigma_rel": sigma_rel, "fd": fd_of(family, scorer, screen, nfe, sampler)})
         sweeps.append({"contender": label, "what": f"post-hoc EMA sigma_rel (screen, n = {screen_n})", "rows": ema})
         best = min(ema, key=lambda r: r["fd"])
-        good = posthoc_family(path, best["sigma_rel"])
+        good = families[best["sigma_rel"]]
         rows.append({"contender": f"{label} + post-hoc EMA (sigma_rel {best['sigma_rel']})", "run": str(path),
                      "steps": steps, "train_seconds": seconds, "nfe": nfe, "fd": fd_of(good, scorer, noise, nfe,
                                                                                           sampler)})

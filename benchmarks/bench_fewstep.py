@@ -66,6 +66,7 @@ def k_diffusion_sampling() -> Any:
             raise
         package = types.ModuleType("k_diffusion")
         package.__path__ = list(spec.submodule_search_locations or [])
+        package.__spec__ = spec  # a later importlib.util.find_spec("k_diffusion") raises on a module without one
         sys.modules["k_diffusion"] = package
         return importlib.import_module("k_diffusion.sampling")
 

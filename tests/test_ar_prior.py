@@ -228,3 +228,21 @@ def test_class_labels_reach_a_conditional_prior_through_sample(monkeypatch):
     assert seen == [[0, 1, 2]]
     with pytest.raises(SamplerError, match="is unconditional"):
         sample(tiny_prior(), 2, labels=[3])
+
+
+def test_train_step_is_the_token_nll_of_the_tokenizers_codes_with_the_class_prefix():
+    """Teacher forcing on the frozen tokenizer's codes of the batch, the class as the prefix token: the loss
+    stepped on group "model", its bits per token logged beside it."""
+    from step_handles import RecordingHandle
+
+    prior = tiny_prior(conditional=True)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    label = torch.tensor([3, 1, 4, 1])
+    opt = RecordingHandle()
+    logs = prior.train_step({"image": x, "label": label}, 0, opt)
+    codes = prior.codes(x)
+    [(group, loss)] = opt.steps
+    assert group == "model" and torch.equal(logs["loss"], loss.detach()) and opt.draws == []
+    torch.testing.assert_close(loss, prior.token_nll(codes, label))
+    torch.testing.assert_close(logs["bits_per_token"], loss.detach() / math.log(2))
+    assert not torch.allclose(loss, prior.token_nll(codes, torch.tensor([0, 0, 0, 0])))

@@ -81,6 +81,43 @@ def test_classifier_free_guidance_keeps_its_one_doubled_batch_call():
     assert D.batches == [8]
 
 
+def test_autoguidance_gives_each_model_its_own_condition_and_keeps_the_state_dtype():
+    good = lambda z, s, label: z * label.view(-1, 1)             # noqa: E731
+    guide = lambda z, s, label: (z * label.view(-1, 1)).double()  # noqa: E731  a guide in another dtype
+    z = torch.randn(2, 3)
+    out = guided(good, {"label": torch.tensor([2.0, 3.0])}, None, 2.5, guide, {"label": torch.tensor([1.0, 1.0])})(
+        z, torch.ones(2))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, z * torch.tensor([[2.0], [3.0]]) * 2.5 - 1.5 * z)
+    for scale in (None, 1.0):  # unguided: the condition still reaches the model
+        assert torch.equal(guided(good, {"label": torch.tensor([2.0, 3.0])}, None, scale)(z, torch.ones(2)),
+                           z * torch.tensor([[2.0], [3.0]]))
+
+
+def test_classifier_free_guidance_doubles_prompt_lists_and_label_tensors_in_order():
+    """Text conditions are lists of prompts: the doubled batch is conditional rows, then unconditional rows."""
+    seen = {}
+
+    def D(z, s, prompt, label):
+        assert torch.equal(s, torch.ones(4))
+        seen.update(prompt=prompt, label=label)
+        return z * torch.tensor([len(p) for p in prompt], dtype=z.dtype).view(-1, 1, 1, 1) + label.view(-1, 1, 1, 1)
+
+    cond = {"prompt": ["a cat", "two"], "label": torch.tensor([1.0, 2.0])}
+    uncond = {"prompt": ["", ""], "label": torch.tensor([0.0, 0.0])}
+    z = torch.randn(2, 1, 2, 2)
+    out = guided(D, cond, uncond, 3.0)(z, torch.ones(2))
+    assert seen["prompt"] == ["a cat", "two", "", ""] and torch.equal(seen["label"], torch.tensor([1.0, 2, 0, 0]))
+    x_c = z * torch.tensor([5.0, 3.0]).view(-1, 1, 1, 1) + torch.tensor([1.0, 2.0]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, x_c + 2 * (x_c - 0))
+    with pytest.raises(SamplerError, match=r"^conditional keys \['label', 'prompt'\] differ from unconditional "
+                                           r"\['prompt'\]$"):
+        guided(D, cond, {"prompt": ["", ""]}, 3.0)
+    with pytest.raises(SamplerError,
+                       match=r"^guidance=3.0 needs a conditional family \(e.g. model.class_cond: true\)$"):
+        guided(D, {}, None, 3.0)
+
+
 @pytest.mark.parametrize("build", [ddpm, rf, ldm], ids=["ddpm", "rectified_flow", "ldm"])
 def test_w_one_is_the_good_model_exactly_and_w_guides_with_both_counted(build):
     good, bad = build(0), build(1)

@@ -1,4 +1,4 @@
-"""Class conditioning and classifier-free guidance, shared by DDPM and rectified flow."""
+"""Class conditioning and classifier-free guidance, shared by the UNet families (DDPM, rectified flow, EDM, CM)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from conftest import TINY_UNET as TINY_UNET_OVERRIDES
 import genkit
 from genkit.errors import ConfigError, SamplerError
 from genkit.eval.conditional import conditional_accuracy
+from genkit.families.consistency import Consistency, ConsistencyConfig
 from genkit.families.ddpm import DDPM, DDPMConfig
+from genkit.families.edm import EDM, EDMConfig
 from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
 from genkit.families.sampling import sample
 from genkit.nn.unet import UNetConfig
@@ -18,7 +20,8 @@ from genkit.samplers.guidance import guided
 
 TINY_UNET = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
 SHAPE = (1, 8, 8)
-FAMILY_CLASSES = {"ddpm": (DDPM, DDPMConfig), "rectified_flow": (RectifiedFlow, RectifiedFlowConfig)}
+FAMILY_CLASSES = {"ddpm": (DDPM, DDPMConfig), "rectified_flow": (RectifiedFlow, RectifiedFlowConfig),
+                  "edm": (EDM, EDMConfig), "consistency": (Consistency, ConsistencyConfig)}
 
 
 def conditional(name: str, classes: int = 10, seed: int = 0, **cfg):
@@ -109,6 +112,10 @@ def test_label_dropout_uses_the_global_batch_stream_and_maps_unlabelled_to_null(
     batch = {"label": torch.tensor([1, 2, 3, -1])}
     labels = family.train_labels(batch, Draws(torch.tensor([0.9, 0.1, 0.7, 0.9])))
     assert labels.tolist() == [1, 10, 3, 10]
+    # P(u < p) = p for u ~ U[0, 1): a draw equal to p keeps its label; class 0 is a label like any other
+    batch = {"label": torch.tensor([0, 0, 5, 5])}
+    labels = family.train_labels(batch, Draws(torch.tensor([0.5, 0.499, 0.5, 0.0])))
+    assert labels.tolist() == [0, 10, 5, 10]
 
 
 @pytest.mark.slow

@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import TINY_UNET as TINY_UNET_OVERRIDES
 from conftest import run_cli, seeded_build
+from step_handles import RecordingHandle
 from torch import nn
 
+from genkit.errors import SamplerError
 from genkit.families.consistency import (
     Consistency,
     ConsistencyConfig,
@@ -36,21 +38,6 @@ SHAPE = (1, 8, 8)
 
 def tiny_cm(seed: int = 0, **cfg) -> Consistency:
     return seeded_build(lambda: Consistency(ConsistencyConfig(unet=TINY_UNET, **cfg), shape=SHAPE), seed)
-
-
-class Handle:
-    """The draws of a StepHandle from one generator (no optimizer)."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, seed: int = 0):
-        self.g = torch.Generator().manual_seed(seed)
-
-    def rand(self, *shape):
-        return torch.rand(shape, generator=self.g)
-
-    def randn(self, *shape):
-        return torch.randn(shape, generator=self.g)
 
 
 # ---------------------------------------------------------------- the boundary condition
@@ -102,9 +89,18 @@ def test_curriculum_doubles_from_s0_to_s1():
     assert curriculum_steps(399_999, 400_000) == 1281
 
 
+def test_curriculum_of_a_non_power_of_two_range_and_a_short_run():
+    """K' = floor(K / (log2 floor(s1 / s0) + 1)) with the floor inside the log (iCT eq. 8), at least 1."""
+    # s1 // s0 = 33: K' = floor(1000 / (log2 33 + 1)) = 165 (164 if the ratio were 33.3)
+    assert [curriculum_steps(k, 1000, 3, 100) for k in (164, 165, 330, 999)] == [4, 7, 13, 101]
+    assert [curriculum_steps(k, 1, 10, 1280) for k in (0, 1, 2)] == [11, 21, 41]  # K' = max(floor(1/8), 1) = 1
+
+
 def test_pseudo_huber_closed_form():
     a, b = torch.tensor([[3.0, 4.0], [0.0, 0.0]]), torch.zeros(2, 2)
     torch.testing.assert_close(pseudo_huber(a, b, 1.0), torch.tensor([math.sqrt(26) - 1, 0.0]))
+    a, b = torch.tensor([[1.0, 2.0, 2.0]]), torch.tensor([[-1.0, 1.0, 0.5]])   # |a - b|^2 = 4 + 1 + 2.25
+    torch.testing.assert_close(pseudo_huber(a, b, 0.3), torch.tensor([math.sqrt(7.25 + 0.09) - 0.3]))
     assert huber_c(3 * 32 * 32) == pytest.approx(0.0299, abs=1e-4)  # iCT's c = 0.03 on CIFAR-10
     small = pseudo_huber(torch.tensor([[1e-3]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), 1.0)  # ~ ||.||^2 / (2c) near 0
     assert float(small) == pytest.approx(0.5e-6, rel=1e-3)
@@ -125,13 +121,54 @@ def test_karras_grid_and_lognormal_pair_probabilities():
 def test_ct_pairs_are_neighbours_of_the_current_grid():
     family = tiny_cm(total_steps=1000)
     for step, N in ((0, 11), (300, 41)):
-        hi, lo = family.noise_pair(4096, step, Handle())
+        hi, lo = family.noise_pair(4096, step, RecordingHandle(seed=0))
         grid = karras_grid(N, 0.002, 80.0).float()
         i = torch.searchsorted(grid, lo)
         assert torch.equal(grid[i], lo) and torch.equal(grid[i + 1], hi)
     lo_frequency = (lo == grid[0]).float().mean()  # lognormal: the smallest pair is drawn as often as its mass
     assert float(lo_frequency) == pytest.approx(float(lognormal_index_probs(karras_grid(41, 0.002, 80.0),
                                                                               -1.1, 2.0)[0]), abs=0.02)
+
+
+class FixedNormals(RecordingHandle):
+    """Draws the given N(0, 1) values (ECT's ln t)."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def randn(self, *shape):
+        return self.values.clone()
+
+
+def test_ct_pair_is_the_inverse_cdf_of_the_draw_on_the_configured_grid():
+    """iCT with non-default s0, s1, rho, P_mean and P_std: N(k) from the curriculum, the Karras grid of N points,
+    and the pair (i, i + 1) with i the first index whose lognormal CDF exceeds u (the last pair included)."""
+    cfg = dict(total_steps=100, s0=4, s1=20, rho=3.0, p_mean=0.5, p_std=1.5, sigma_min=0.01, sigma_max=20.0,
+               sample_sigmas=[20.0])
+    family = tiny_cm(**cfg)
+    step = 40   # K' = floor(100 / (log2 5 + 1)) = 30: N = 4 * 2 + 1 = 9
+    N = curriculum_steps(step, 100, 4, 20)
+    assert N == 9
+    grid = karras_grid(N, 0.01, 20.0, 3.0)
+    cdf = lognormal_index_probs(grid, 0.5, 1.5).cumsum(0)
+    opt = RecordingHandle(seed=1)
+    hi, lo = family.noise_pair(2000, step, opt)
+    u = RecordingHandle(seed=1).rand(2000).double()
+    i = torch.tensor([int((cdf <= v).sum()) for v in u]).clamp_max(N - 2)
+    torch.testing.assert_close(lo, grid[i].float())
+    torch.testing.assert_close(hi, grid[i + 1].float())
+    assert int(i.max()) == N - 2   # the last pair (up to sigma_max) is drawn
+
+
+def test_ect_times_are_lognormal_clamped_to_the_sigma_range():
+    family = tiny_cm(training="ect", p_mean=-0.4, p_std=1.5, sigma_min=0.01, sigma_max=20.0, ect_stage=10,
+                     sample_sigmas=[20.0])
+    a = torch.tensor([-9.0, -1.0, 0.0, 0.7, 9.0])
+    t, r = family.noise_pair(5, 25, FixedNormals(a))
+    torch.testing.assert_close(t, (-0.4 + 1.5 * a).exp().clamp(0.01, 20.0))
+    assert float(t[0]) == pytest.approx(0.01) and float(t[-1]) == pytest.approx(20.0)
+    torch.testing.assert_close(r, ect_gap(t, 25, 2.0, 10, 8.0, 1.0))
 
 
 def test_ect_gap_starts_at_diffusion_and_shrinks_by_q_per_stage():
@@ -152,6 +189,21 @@ def test_loss_is_weighted_pseudo_huber_against_the_stopped_smaller_sigma():
     got = Consistency.loss(fake, y, n, hi, lo)
     want = (pseudo_huber(2 * (y + n), 2 * (y + 0.5 * n), 0.1) / 0.5).mean()
     torch.testing.assert_close(got, want)
+
+
+def test_family_loss_conditions_both_evaluations_and_uses_the_data_dimension():
+    """Both f(x_hi) and the stopped f(x_lo) see the labels; c = 0.00054 sqrt(dim) per image (a batch of one too)."""
+    family = seeded_build(lambda: Consistency(ConsistencyConfig(unet=TINY_UNET, class_cond=True), shape=SHAPE,
+                                              num_classes=3))
+    g = torch.Generator().manual_seed(0)
+    y, n = torch.rand(3, *SHAPE, generator=g) * 2 - 1, torch.randn(3, *SHAPE, generator=g)
+    hi, lo, labels = torch.tensor([2.0, 0.7, 5.0]), torch.tensor([1.0, 0.3, 0.002]), torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        pred = family.f(y + hi.view(-1, 1, 1, 1) * n, hi, labels)
+        target = family.f(y + lo.view(-1, 1, 1, 1) * n, lo, labels)
+        want = (pseudo_huber(pred, target, huber_c(64)) / (hi - lo)).mean()
+        torch.testing.assert_close(family.loss(y, n, hi, lo, labels), want)
+        assert torch.isfinite(family.loss(y[:1], n[:1], hi[:1], lo[:1], labels[:1]))
 
 
 def test_only_the_larger_sigma_gets_gradients():
@@ -191,6 +243,15 @@ def test_consistency_sampler_jumps_and_renoises_once_per_sigma():
     state = sample_consistency(D, z, torch.tensor([80.0, 0.821], dtype=torch.float64), generator=g)
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(state, (0.25 + 0.821 * eps) / math.sqrt(1 + 0.821**2))  # re-noised to 0.821
+
+
+def test_sampling_grid_takes_the_given_sigmas_then_a_karras_grid_down_to_the_last():
+    family = tiny_cm(sample_sigmas=[10.0, 2.0, 0.5], rho=3.0, sigma_max=40.0)
+    assert family.sigmas(3).tolist() == [10.0, 2.0, 0.5, 0.0] and family.sigmas(1).tolist() == [10.0, 0.0]
+    want = torch.cat([karras_grid(5, 0.5, 40.0, 3.0).flip(0), torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(family.sigmas(5), want)
+    with pytest.raises(SamplerError, match="^steps must be >= 1, got 0$"):
+        family.sigmas(0)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
@@ -299,7 +360,7 @@ def test_ct_one_step_samples_a_2d_mixture_better_than_one_euler_step_of_1rf():
         return c_skip[:, None] * x + c_out[:, None] * F(c_in[:, None] * x, sigma.log() / 4)
 
     fake = SimpleNamespace(cfg=cfg, f=f)
-    opt, handle = torch.optim.Adam(F.parameters(), 1e-3), Handle(1)
+    opt, handle = torch.optim.Adam(F.parameters(), 1e-3), RecordingHandle(seed=1)
     for k in range(steps):
         y = mixture(256, g)
         hi, lo = Consistency.noise_pair(fake, 256, k, handle)
@@ -328,3 +389,28 @@ def train_1rf(steps: int, g: torch.Generator) -> torch.Tensor:
     with torch.no_grad():
         e = torch.randn(2000, 2, generator=g)
         return e - v(e, torch.ones(2000))
+
+
+
+@pytest.mark.parametrize("training", ["ct", "ect"])
+def test_train_step_is_the_loss_of_its_noise_pair_noise_and_dropped_labels(training):
+    """The pair (sigma_hi, sigma_lo) of the trainer step, then n ~ N(0, I) of the image shape, then the label
+    dropout draw, all from the global-batch stream: the loss of those draws, stepped on group "model"."""
+    family = seeded_build(lambda: Consistency(
+                         ConsistencyConfig(unet=TINY_UNET, class_cond=True, cond_dropout=0.5, training=training,
+                                           total_steps=100, ect_stage=10), shape=SHAPE, num_classes=3))
+    y = torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    label = torch.tensor([0, 1, 2, -1, 1, 2])
+    opt, replay = RecordingHandle(seed=3), RecordingHandle(seed=3)
+    logs = family.train_step({"image": y, "label": label}, 37, opt)
+    hi, lo = family.noise_pair(6, 37, replay)
+    n, keep = replay.randn(*y.shape), replay.rand(6)
+    assert len(opt.draws) == len(replay.draws) and all(torch.equal(a, b) for a, b in zip(opt.draws, replay.draws))
+    labels = torch.where((keep < 0.5) | (label < 0), 3, label)
+    assert 0 < int((labels == 3).sum()) < 6
+    [(group, loss)] = opt.steps
+    assert group == "model" and torch.equal(logs["loss"], loss.detach())
+    torch.testing.assert_close(loss, family.loss(y, n, hi, lo, labels))
+    assert not torch.allclose(loss, family.loss(y, n, hi, lo, label.clamp_min(0)))
+    if training == "ect":  # the stage of step 37 (d = 10): other steps give other pairs
+        assert not torch.equal(lo, family.noise_pair(6, 7, RecordingHandle(seed=3))[1])

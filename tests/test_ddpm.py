@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from step_handles import RecordingHandle
 
 from genkit.errors import SamplerError
 from genkit.families.ddpm import DDPM, DDPMConfig, NoiseSchedule, make_betas
@@ -17,11 +18,11 @@ DIFFUSERS_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
-def tiny_ddpm(timesteps: int = 100, out_scale: float = 1.0, seed: int = 0, **cfg) -> DDPM:
+def tiny_ddpm(timesteps: int = 100, out_scale: float = 1.0, seed: int = 0, num_classes: int = 0, **cfg) -> DDPM:
     """A DDPM on (1, 8, 8) images with a tiny UNet; out_scale widens the untrained output."""
     with torch.random.fork_rng(devices=[]):  # seeded weights, global RNG left as it was
         torch.manual_seed(seed)
-        family = DDPM(DDPMConfig(timesteps=timesteps, unet=TINY_UNET, **cfg), shape=(1, 8, 8))
+        family = DDPM(DDPMConfig(timesteps=timesteps, unet=TINY_UNET, **cfg), shape=(1, 8, 8), num_classes=num_classes)
     with torch.no_grad():  # an untrained UNet predicts ~N(0, 0.25^2): widen it so clipping bites
         family.nets["unet"].conv_out.weight.mul_(out_scale)
         family.nets["unet"].conv_out.bias.mul_(out_scale)
@@ -198,3 +199,21 @@ def test_loss_is_mse_against_the_right_target():
         assert losses[prediction] == pytest.approx(float(((out - target) ** 2).mean()), rel=1e-5), prediction
     # the three targets really differ (same seed, same network: only the target changes)
     assert len({round(v, 4) for v in losses.values()}) == 3
+
+
+def test_train_step_is_the_loss_of_its_draws_with_dropped_labels():
+    """t ~ U{0..T-1} and eps ~ N(0, I) from the global-batch stream, labels replaced by the null label where
+    the dropout draw falls below cond_dropout (and for unlabelled items), one step of group "model"."""
+    family = tiny_ddpm(50, class_cond=True, cond_dropout=0.5, num_classes=3)
+    x0 = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    label = torch.tensor([0, 1, 2, -1, 1, 2])
+    opt = RecordingHandle(seed=3)
+    logs = family.train_step({"image": x0, "label": label}, 0, opt)
+    t, eps, keep = opt.draws
+    assert t.shape == (6,) and int(t.max()) < 50 and eps.shape == x0.shape and keep.shape == (6,)
+    labels = torch.where((keep < 0.5) | (label < 0), 3, label)
+    assert 0 < int((labels == 3).sum()) < 6   # some dropped, some kept: the test sees both
+    [(group, loss)] = opt.steps
+    assert group == "model" and torch.equal(logs["loss"], loss.detach())
+    torch.testing.assert_close(loss, family.loss(x0, t, eps, labels))
+    assert not torch.allclose(loss, family.loss(x0, t, eps, label.clamp_min(0)))

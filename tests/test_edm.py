@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TINY_UNET
+from step_handles import RecordingHandle
 
 import genkit
 from genkit.errors import ConfigError
@@ -13,6 +14,7 @@ from genkit.families.sampling import sample
 from genkit.nn.unet import UNetConfig
 from genkit.runs import load_recipe
 from genkit.samplers.ode import sample_heun
+from genkit.samplers.schedules import karras_sigmas
 
 TINY = UNetConfig(channels=[8, 16], attention=[False, False], layers_per_block=1, norm_groups=4)
 SIGMAS = torch.tensor([0.002, 0.05, 0.3, 0.5, 1.0, 3.0, 20.0, 80.0], dtype=torch.float64)
@@ -90,10 +92,12 @@ def test_gaussian_data_with_the_exact_denoiser_samples_its_std():
 
 
 def test_bad_sigmas_are_refused():
-    with pytest.raises(ConfigError, match="model.sigma_max"):
-        EDM(EDMConfig(unet=TINY, sigma_min=1.0, sigma_max=0.5), (1, 8, 8))
-    with pytest.raises(ConfigError, match="model.sigma_data"):
-        EDM(EDMConfig(unet=TINY, sigma_data=0.0), (1, 8, 8))
+    for lo, hi in ((1.0, 0.5), (1.0, 1.0)):
+        with pytest.raises(ConfigError, match=f"^model.sigma_max: must be > model.sigma_min={lo}, got {hi}$"):
+            EDM(EDMConfig(unet=TINY, sigma_min=lo, sigma_max=hi), (1, 8, 8))
+    for key in ("sigma_data", "p_std", "sigma_min", "rho"):
+        with pytest.raises(ConfigError, match=f"^model.{key}: must be > 0, got 0.0$"):
+            EDM(EDMConfig(unet=TINY, **{key: 0.0}), (1, 8, 8))
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +117,30 @@ def test_trains_and_samples_with_the_shared_samplers(edm_run):
         out = genkit.api.sample_with_info(family, 3, sampler=sampler, steps=3)
         assert out.images.shape == (3, 1, 8, 8) and torch.isfinite(out.images).all() and out.nfe == nfe
     torch.testing.assert_close(family.sigmas(3)[[0, 2, 3]], torch.tensor([80.0, 0.002, 0.0], dtype=torch.float64))
+
+
+def test_train_step_is_the_loss_of_its_draws_with_dropped_labels():
+    """ln sigma = P_mean + P_std N(0, 1) per image, n = sigma eps, labels dropped to the null label where the
+    dropout draw falls below cond_dropout, one step of group "model"."""
+    torch.manual_seed(0)
+    family = EDM(EDMConfig(unet=TINY, class_cond=True, cond_dropout=0.5, p_mean=-0.7, p_std=1.3), shape=(1, 8, 8),
+                 num_classes=3)
+    y = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    label = torch.tensor([0, 1, 2, -1, 1, 2])
+    opt = RecordingHandle(seed=3)
+    logs = family.train_step({"image": y, "label": label}, 0, opt)
+    a, eps, keep = opt.draws
+    assert a.shape == (6,) and eps.shape == y.shape
+    sigma, labels = (-0.7 + 1.3 * a).exp(), torch.where((keep < 0.5) | (label < 0), 3, label)
+    assert 0 < int((labels == 3).sum()) < 6
+    [(group, loss)] = opt.steps
+    assert group == "model" and torch.equal(logs["loss"], loss.detach())
+    torch.testing.assert_close(loss, family.loss(y, sigma, eps * sigma.view(-1, 1, 1, 1), labels))
+    assert not torch.allclose(loss, family.loss(y, sigma, eps * sigma.view(-1, 1, 1, 1), label.clamp_min(0)))
+
+
+
+def test_sampling_grid_is_edms_with_the_configured_rho_and_span():
+    family = EDM(EDMConfig(unet=TINY, rho=3.0, sigma_min=0.01, sigma_max=20.0), shape=(1, 8, 8))
+    torch.testing.assert_close(family.sigmas(6), karras_sigmas(6, 0.01, 20.0, 3.0))
+    assert family.sigma_range() == (0.01, 20.0)

@@ -65,10 +65,32 @@ def test_grid_specs_parse_print_and_refuse():
     for bad, msg in (("logsnr:rho=3", "rho is an option of the karras grid only"),
                      ("karras:end=one", "end must be one of zero, sigma_min"),
                      ("family:end=sigma_min", "the family's own grid ends at zero"),
-                     ("karras:rho=-1", "rho must be > 0"), ("karras:rho", "options are rho=FLOAT"),
-                     ("log-snr", "unknown sigma grid 'log-snr'")):
+                     ("karras:rho=-1", "rho must be > 0"), ("karras:rho=0", "rho must be > 0, got 0.0"),
+                     ("karras:rho", "options are rho=FLOAT"), ("log-snr", "unknown sigma grid 'log-snr'"),
+                     ("karras:rho=5,rho=6", "got 'rho=6'"), ("karras:rho=1=2", "rho must be a number, got '1=2'")):
         with pytest.raises(SamplerError, match=msg):
             GridSpec.parse(bad)
+    assert GridSpec.parse("karras:rho=0.5").rho == 0.5
+    for grid in (karras_sigmas, logsnr_sigmas, time_uniform_sigmas):  # exact ends, also on the shortest grids
+        for n, end in ((1, "sigma_min"), (2, "zero"), (3, "zero"), (3, "sigma_min")):
+            sigmas = grid(n, 0.0023, 71.3, end=end)
+            positive = sigmas[sigmas > 0]
+            assert (float(positive[0]), float(positive[-1]), len(positive)) == (71.3, 0.0023, n + (end != "zero"))
+        with pytest.raises(SamplerError, match="^a sigma grid needs 0 < sigma_min < sigma_max, got 2.0 and 2.0$"):
+            grid(3, 2.0, 2.0)
+        with pytest.raises(SamplerError, match="^unknown grid end 'one'; known: zero, sigma_min$"):
+            grid(3, 0.002, 80.0, end="one")
+    with pytest.raises(SamplerError, match=r"^the family grid comes from the family \(`Denoising.sigmas`\)$"):
+        GridSpec.parse("family").sigmas(4, 0.002, 80.0)
+    with pytest.raises(SamplerError,
+                       match="^the logsnr grid needs a finite sigma_max; use time-uniform to start at inf$"):
+        logsnr_sigmas(4, 0.002, math.inf)
+    # float64 through: the arctan times of a float32 linspace are off by ~1e-7 relative
+    tu = time_uniform_sigmas(6, 0.01, 50.0)
+    want = torch.tensor([math.tan(a) for a in torch.linspace(math.atan(50.0), math.atan(0.01), 6, dtype=torch.float64)],
+                        dtype=torch.float64)
+    assert tu.dtype == torch.float64
+    torch.testing.assert_close(tu[1:-2], want[1:-1], rtol=1e-13, atol=0)
 
 
 # ---------------------------------------------------------------- references, transcribed (default suite)
@@ -130,6 +152,30 @@ def test_multistep_solvers_equal_their_reference_transcriptions(name, reference,
         torch.testing.assert_close(SAMPLERS[name].fn(gaussian, z, sigmas), want, rtol=1e-10, atol=1e-10)
 
 
+def test_karras_grid_takes_any_positive_rho_and_refuses_the_rest():
+    ramp = torch.linspace(0, 1, 4, dtype=torch.float64)
+    for rho in (0.5, 1.0, 7.0):
+        want = (80.0 ** (1 / rho) + ramp * (0.002 ** (1 / rho) - 80.0 ** (1 / rho))) ** rho
+        torch.testing.assert_close(karras_sigmas(4, 0.002, 80.0, rho=rho), torch.cat([want, torch.zeros(1).double()]))
+    for rho in (0.0, -1.0):
+        with pytest.raises(SamplerError, match=f"^the karras grid needs rho > 0, got {rho}$"):
+            karras_sigmas(4, 0.002, 80.0, rho=rho)
+    with pytest.raises(SamplerError,
+                       match="^the karras grid needs a finite sigma_max; use time-uniform to start at inf$"):
+        karras_sigmas(4, 0.002, math.inf)
+
+
+@pytest.mark.parametrize("max_order", [1, 2, 3, 4])
+def test_ipndm_of_each_max_order_equals_the_reference(max_order):
+    sigmas, z = KARRAS(7), noise()
+    want = ipndm_reference(gaussian, z * (1 + float(sigmas[0]) ** 2) ** 0.5, sigmas, max_order=max_order)
+    torch.testing.assert_close(SAMPLERS["ipndm"].fn(gaussian, z, sigmas, max_order=max_order), want,
+                               rtol=1e-10, atol=1e-10)
+    for bad in (0, 5):
+        with pytest.raises(SamplerError, match=f"^ipndm: max_order must be 1, 2, 3 or 4, got {bad}$"):
+            SAMPLERS["ipndm"].fn(gaussian, z, sigmas, max_order=bad)
+
+
 def _diffusers_run(sched, n: int, z0: torch.Tensor):
     """A diffusers multistep scheduler stepped with the Gaussian's epsilon; its sigmas made float64."""
     sched.set_timesteps(n)
@@ -143,7 +189,7 @@ def _diffusers_run(sched, n: int, z0: torch.Tensor):
 
 
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
-@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_unipc_equals_diffusers_unipc_multistep_scheduler(order, final):
     """bh2 with its corrector UniC and diffusers' lower_order_final, in float64 to 1e-10."""
     for n in (3, 8):
@@ -151,6 +197,9 @@ def test_unipc_equals_diffusers_unipc_multistep_scheduler(order, final):
                                         timestep_spacing="trailing")
         want, sigmas = _diffusers_run(sched, n, noise())
         torch.testing.assert_close(sample_unipc(gaussian, noise(), sigmas, order=order), want, rtol=1e-10, atol=1e-10)
+    for bad in (0, 5):
+        with pytest.raises(SamplerError, match=f"^unipc: order must be 1, 2, 3 or 4, got {bad}$"):
+            sample_unipc(gaussian, noise(), KARRAS(3), order=bad)
 
 
 @pytest.mark.parametrize("final", ["zero", "sigma_min"])
@@ -226,7 +275,8 @@ def test_first_steps_from_sigma_inf_are_ddim_steps():
     grid = time_uniform_sigmas(40, 0.01, math.inf, end="sigma_min")  # errors 0.023, 0.005, 0.002
     for name in ("dpmpp-3m", "unipc", "ipndm"):
         assert flow_error(name, grid) < 0.05, name
-    with pytest.raises(SamplerError, match="heun integrates in sigma and cannot start at sigma = inf"):
+    with pytest.raises(SamplerError, match=r"^heun integrates in sigma and cannot start at sigma = inf: use a grid "
+                       r"with a finite sigma_max \(karras, logsnr\) or heun-arctan$"):
         SAMPLERS["heun"].fn(gaussian, noise(), sigmas)
 
 

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from step_handles import RecordingHandle
 from torch.autograd.functional import jacobian
 
 import genkit
@@ -324,3 +325,82 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     ckpts = list_checkpoints(run / "checkpoints")
     assert [p.name for p in ckpts] == ["step-1", "step-2", "step-3"]
     assert all(torch.isfinite(v).all() for v in load_tensors(ckpts[-1] / "nets.safetensors").values())
+
+
+
+@pytest.mark.parametrize("family", ["nice", "glow"])
+def test_flow_train_step_is_the_bits_per_dim_of_its_dequantized_batch(family):
+    """The batch quantized to n_bits levels, dequantized with U[0, 1) from the global-batch stream, and its
+    bits/dim under the flow: the loss stepped on group "model" and logged as "bpd"."""
+    from genkit.samplers.likelihood import bits_per_dim, dequantize_with
+
+    torch.manual_seed(0)
+    flow = (NICE(NICEConfig(hidden=16, hidden_layers=1), (1, 8, 8)) if family == "nice"
+            else tiny_glow(n_bits=5))
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    opt = RecordingHandle(seed=2)
+    logs = flow.train_step({"image": x}, 0, opt)
+    [u] = opt.draws
+    k = flow.levels(x)
+    assert u.shape == k.shape == x.shape and int(k.max()) < 2 ** flow.n_bits
+    with torch.no_grad():
+        want = bits_per_dim(-flow.log_prob(dequantize_with(k, u, flow.n_bits)), 64, flow.n_bits).mean()
+    [(group, loss)] = opt.steps
+    assert group == "model" and set(logs) == {"bpd"} and torch.equal(logs["bpd"], loss.detach())
+    torch.testing.assert_close(loss.detach(), want)
+
+
+
+def test_glow_learned_top_prior_interleaves_mean_and_log_scale_and_samples_are_seeded():
+    """learn_top: the top prior's channels alternate mean, log-scale (openai/glow's split_feature 'cross'),
+    so N(mean, exp(logs)^2) has distinct learned parameters; direct sampling follows its generator."""
+    glow = tiny_glow(learn_top=True)
+    net = glow.flow()
+    with torch.no_grad():
+        net.top.copy_(torch.randn(net.top.shape, generator=torch.Generator().manual_seed(0)))
+    mean, logs = net.top_prior(torch.zeros(2, *net.latent_shapes[-1]))
+    torch.testing.assert_close(mean, net.top[:, 0::2])
+    torch.testing.assert_close(logs, net.top[:, 1::2])
+    assert not torch.allclose(mean, logs)
+    one = glow.direct(3, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(one, glow.direct(3, generator=torch.Generator().manual_seed(4)))
+    assert not torch.equal(one, glow.direct(3, generator=torch.Generator().manual_seed(5)))
+    # temperature scales every latent, the splits' too: at 0 every seed gives the priors' means
+    torch.testing.assert_close(glow.direct(2, generator=torch.Generator().manual_seed(4), temperature=0.0),
+                               glow.direct(2, generator=torch.Generator().manual_seed(5), temperature=0.0))
+
+
+@pytest.mark.parametrize("levels,coupling,lu,learn_top", [(1, "additive", False, True), (3, "affine", True, False)])
+def test_glow_is_built_as_configured(levels, coupling, lu, learn_top):
+    """L levels of K steps (ActNorm, 1x1 conv LU or not, affine or additive coupling), L - 1 split priors, the
+    latents' shapes, and a learned top prior only when asked."""
+    net = tiny_glow(levels=levels, steps=3, coupling=coupling, lu=lu, learn_top=learn_top).flow()
+    assert [len(steps) for steps in net.levels] == [3] * levels and len(net.splits) == levels - 1
+    for steps in net.levels:
+        for step in steps:
+            _, conv, coupling_layer = step.layers
+            assert conv.lu == lu and coupling_layer.affine == (coupling == "affine")
+    c, size, shapes = 1, 8, []
+    for i in range(levels):
+        c, size = 4 * c, size // 2
+        if i < levels - 1:
+            shapes.append((c - c // 2, size, size))
+            c = c // 2
+    assert net.latent_shapes == [*shapes, (c, size, size)]
+    assert (net.top is not None) == learn_top and (not learn_top or net.top.shape == (1, 2 * c, size, size))
+
+
+def test_glow_refuses_bad_sizes_and_settings_naming_the_key():
+    for kw, msg in (({"levels": 0}, "model.levels: must be >= 1, got 0"),
+                    ({"steps": 0}, "model.steps: must be >= 1, got 0"),
+                    ({"hidden": 0}, "model.hidden: must be >= 1, got 0"),
+                    ({"n_bits": 0}, "model.n_bits: must be in 1..8, got 0"),
+                    ({"n_bits": 9}, "model.n_bits: must be in 1..8, got 9")):
+        with pytest.raises(GenkitError, match=f"^{msg}$"):
+            Glow(GlowConfig(**{"levels": 2, "steps": 1, "hidden": 8, **kw}), (1, 8, 8))
+    for bits in (1, 8):
+        assert Glow(GlowConfig(levels=2, steps=1, hidden=8, n_bits=bits), (1, 8, 8)).n_bits == bits
+    for shape, levels in (((1, 12, 12), 3), ((1, 8, 16), 2), ((1, 16, 8), 2)):
+        with pytest.raises(GenkitError, match=f"data.image_size: {shape[1]} does not fit model.levels={levels}"):
+            Glow(GlowConfig(levels=levels, steps=1, hidden=8), shape)
+    assert Glow(GlowConfig(levels=2, steps=1, hidden=8), (1, 12, 12)).flow().latent_shapes[-1] == (8, 3, 3)

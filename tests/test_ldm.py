@@ -8,12 +8,15 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
+from step_handles import RecordingHandle
+from torch import nn
 
 import genkit
 from genkit.data import build_dataset
 from genkit.data.captions import DIGIT_WORDS, digit_prompt
 from genkit.errors import DataError, SamplerError
 from genkit.eval.conditional import prompt_accuracy
+from genkit.families.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
 from genkit.families.base import StepHandle
 from genkit.families.first_stage import latent_scale_factor
 from genkit.families.ldm import LDM, LDMConfig
@@ -338,6 +341,8 @@ def test_local_diffusers_autoencoder_and_local_open_clip_text_tower(tmp_path):
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(stage.encode(x), vae.encode(x).latent_dist.mean)
+        z = torch.randn(2, 2, 8, 8)
+        torch.testing.assert_close(stage.decode(z), vae.decode(z).sample)
     clip, folder = local_clip(tmp_path / "clip")
     encoder = TextEncoder(TextConfig(encoder=f"local-dir:{folder}"))
     tokens = encoder(["a handwritten digit seven", ""])
@@ -398,3 +403,39 @@ def test_export_writes_diffusers_component_folders_that_reproduce_the_model(ldm_
     encoder = TextEncoder(TextConfig(**json.loads((out / "text_encoder" / "config.json").read_text())))
     encoder.load_state_dict(load_tensors(out / "text_encoder" / "model.safetensors"))
     torch.testing.assert_close(encoder.eval()(["a handwritten digit three"]), text[:1], rtol=1e-5, atol=1e-6)
+
+
+class PixelL2(nn.Module):
+    """A stand-in perceptual distance (LPIPS needs VGG weights): per-image mean squared difference."""
+
+    def forward(self, a, b):
+        return (a - b).pow(2).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("perceptual", [False, True])
+def test_autoencoder_kl_loss_is_l1_plus_weighted_kl_per_pixel_and_perceptual(perceptual):
+    """L = |x - D(mu + sigma eps)|_1 + kl_weight KL(q || N(0, I)) / pixels (+ perceptual_weight P), with the KL
+    of a diagonal Gaussian written out, and train_step's eps of the prior's shape from the global-batch stream."""
+    torch.manual_seed(0)
+    family = AutoencoderKL(AutoencoderKLConfig(channels=[8, 8], norm_groups=8, latent_channels=2, kl_weight=0.3,
+                                               perceptual_weight=0.7), shape=(1, 8, 8))
+    if perceptual:
+        family.lpips = PixelL2()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    opt = RecordingHandle(seed=2)
+    logs = family.train_step({"image": x}, 0, opt)
+    [eps] = opt.draws
+    assert eps.shape == (3, *family.prior_shape) == (3, 2, 4, 4)
+    with torch.no_grad():
+        q = family.nets["vae"].encode(x).latent_dist
+        x_rec = family.nets["vae"].decode(q.mean + q.std * eps).sample
+        kl = 0.5 * (q.mean**2 + q.var - 1 - q.logvar).sum((1, 2, 3)).mean() / 64
+        rec = (x - x_rec).abs().mean()
+        want = {"rec_l1": rec, "kl": kl, "loss": rec + 0.3 * kl}
+        if perceptual:
+            p = (x - x_rec).pow(2).mean()
+            want.update(lpips=p, loss=rec + 0.3 * kl + 0.7 * p)
+    assert set(logs) == set(want) and float(kl) > 0.01
+    assert set(family.loss(x[:1], eps[:1])) == set(want)   # a batch of one (the KL's pixel count is per image)
+    for key in want:
+        torch.testing.assert_close(logs[key], want[key], rtol=1e-5, atol=1e-7)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TINY_UNET as TINY_UNET_OVERRIDES
 from conftest import run_cli, seeded_build
+from step_handles import RecordingHandle
 from test_consistency import MLP, energy_distance, mixture, train_1rf
 
 from genkit.families.meanflow import MeanFlow, MeanFlowConfig, adaptive_loss, meanflow_target, sample_times
@@ -114,6 +115,17 @@ def test_one_nfe_is_noise_minus_the_average_velocity_over_0_1():
     assert two.nfe == 2 and family.sigmas(2).tolist() == [math.inf, 1.0, 0.0]  # t = 1, 0.5, 0
 
 
+def test_meanflow_shares_rectified_flows_time_and_sigma_convention():
+    """sigma = t / (1 - t): the grid is uniform in t from 1 (sigma = inf) to 0, and the adaptive solvers' span
+    ends at t = 1e-3, as rectified flow's."""
+    from genkit.families.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+
+    mf = tiny_mf()
+    rf = RectifiedFlow(RectifiedFlowConfig(unet=TINY_UNET), shape=SHAPE)
+    assert mf.sigma_range() == rf.sigma_range() == (1e-3 / (1 - 1e-3), math.inf)
+    torch.testing.assert_close(mf.sigmas(4), rf.sigmas(4))
+
+
 def test_meanflow_refuses_class_conditioning_and_export(tmp_path):
     from genkit.errors import ConfigError
 
@@ -163,3 +175,39 @@ def test_meanflow_one_step_samples_a_2d_mixture_better_than_one_euler_step_of_1r
     data = mixture(2000, g)
     d_mf, d_rf = energy_distance(mf, data), energy_distance(rf, data)
     assert d_mf < 0.15 and d_mf < d_rf / 3, (d_mf, d_rf)  # measured: 0.061 against 0.54
+
+
+
+def test_train_step_is_the_loss_of_its_time_and_noise_draws():
+    """(r, t) from two N(0, 1) draws and a U[0, 1) draw, then e ~ N(0, I): the adaptive loss of those draws
+    stepped on group "model", its plain MSE logged beside it."""
+    family = tiny_mf(ratio_r_neq_t=0.5, time_mean=-0.2, time_std=0.8)
+    x = torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    opt = RecordingHandle(seed=3)
+    logs = family.train_step({"image": x}, 0, opt)
+    a, b, keep, e = opt.draws
+    assert a.shape == b.shape == keep.shape == (6,) and e.shape == x.shape
+    r, t = sample_times(a, b, keep, -0.2, 0.8, 0.5)
+    assert bool((r < t).any()) and bool((r == t).any())
+    loss, mse = family.loss(x, e, r, t)
+    [(group, stepped)] = opt.steps
+    assert group == "model" and torch.equal(logs["loss"], stepped.detach())
+    torch.testing.assert_close(stepped, loss)
+    torch.testing.assert_close(logs["mse"], mse)
+
+
+
+def test_loss_is_the_adaptive_loss_of_u_against_its_identity_target_on_the_interpolation():
+    """z_t = (1 - t) x + t e, Delta = u(z_t, r, t) - sg[v - (t - r) du/dt] with v = e - x (the target's JVP
+    through the same network as `u`), loss = adaptive_loss(Delta), mse = mean Delta^2."""
+    family = tiny_mf(adaptive_p=0.5, adaptive_c=0.01)
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.rand(3, *SHAPE, generator=g) * 2 - 1, torch.randn(3, *SHAPE, generator=g)
+    r, t = torch.tensor([0.1, 0.5, 0.3]), torch.tensor([0.9, 0.5, 0.35])
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e
+    with torch.no_grad():
+        _, target = meanflow_target(family.u, z, r, t, e - x)
+        delta = family.u(z, r, t) - target
+        loss, mse = family.loss(x, e, r, t)
+    torch.testing.assert_close(loss, adaptive_loss(delta, 0.5, 0.01))
+    torch.testing.assert_close(mse, delta.pow(2).mean())

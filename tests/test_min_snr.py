@@ -123,3 +123,35 @@ def test_ldm_loss_uses_the_weights(prediction, monkeypatch):
     per_sample = ((out - target) ** 2).flatten(1).mean(1)
     want = (min_snr_weight(family.schedule.snr(t), prediction, 2.0).float() * per_sample).mean()
     torch.testing.assert_close(opt.loss, want)
+
+
+def test_ldm_scale_factor_reads_images_evenly_spread_over_a_large_training_split():
+    """Up to SCALE_IMAGES images, every (len // SCALE_IMAGES)-th: 1 / their latents' std."""
+    from genkit.families.ldm import SCALE_IMAGES, data_scale_factor
+
+    n = 2 * SCALE_IMAGES + 3
+    scale = torch.arange(n, dtype=torch.float32) / n   # image i is constant, its value i / n
+
+    class Ramp:
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return {"image": torch.full((1, 2, 2), float(scale[i]))}
+
+    want = 1 / float(scale[::2][:SCALE_IMAGES].double().repeat_interleave(4).std())
+    assert data_scale_factor(Identity(), Ramp()) == pytest.approx(want, rel=1e-6)
+
+
+def test_ldm_noise_schedule_spans_the_same_sigmas_as_ddpm():
+    """LDM's discrete schedule is DDPM's: the same sigma table, span (t = 0 to T - 1) and step grids."""
+    torch.manual_seed(0)
+    ldm = LDM(LDMConfig(scale_factor=1.0, schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012, timesteps=200,
+                        unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True], head_dim=16),
+                        text=TextConfig(width=16, heads=2, layers=1, context_length=8)),
+              shape=(1, 8, 8), first_stage=Identity())
+    ddpm = DDPM(DDPMConfig(schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012, timesteps=200, unet=TINY),
+                (1, 8, 8))
+    table = ddpm.schedule.sigma_table
+    assert ldm.sigma_range() == ddpm.sigma_range() == (float(table[0]), float(table[-1]))
+    torch.testing.assert_close(ldm.sigmas(7), ddpm.sigmas(7))

@@ -118,6 +118,20 @@ def test_rk45_uses_only_the_ends_of_the_grid_and_denoises_onto_zero():
     assert D.nfe == 1
 
 
+def test_rk45_honours_each_tolerance_and_never_evaluates_below_sigma_min():
+    """rtol and atol each bound the step (the other set negligible); the end time is a step boundary
+    (`step_t`), so the field is never evaluated past sigma_min."""
+    def nfe_and_lowest(rtol, atol):
+        seen = []
+        D = CountingDenoiser(lambda z, sigma: (seen.append(float(sigma.min())), gaussian_denoiser(z, sigma))[1])
+        flow_error(sample_rk45, KARRAS(10), D=D, rtol=rtol, atol=atol)
+        return D.nfe, min(seen)
+
+    assert nfe_and_lowest(1e-2, 1e-12)[0] < nfe_and_lowest(1e-8, 1e-12)[0]
+    assert nfe_and_lowest(1e-12, 1e-2)[0] < nfe_and_lowest(1e-12, 1e-8)[0]
+    assert nfe_and_lowest(1e-6, 1e-6)[1] >= 0.002 * (1 - 1e-9)
+
+
 def test_rk45_tolerances_are_options_of_sample():
     family = tiny_ddpm(100)
     nfe = [sample(family, 2, sampler="rk45", rtol=tol, atol=tol,

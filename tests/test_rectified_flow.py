@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_UNET as TINY_UNET_OVERRIDES
 from diffusers import FlowMatchEulerDiscreteScheduler
+from step_handles import RecordingHandle
 from torch import nn
 
 import genkit
@@ -186,32 +187,6 @@ def test_ddim_matches_diffusers_flow_match_euler_scheduler():
 # ---------------------------------------------------------------- the training loss
 
 
-class FakeOpt:
-    """Records its random draws and the losses it is asked to step."""
-
-    device = torch.device("cpu")
-
-    def __init__(self):
-        self.g, self.draws, self.steps = torch.Generator().manual_seed(5), [], []
-
-    def _keep(self, x):
-        self.draws.append(x)
-        return x
-
-    def randn(self, *shape):
-        return self._keep(torch.randn(shape, generator=self.g))
-
-    def rand(self, *shape):
-        return self._keep(torch.rand(shape, generator=self.g))
-
-    def randint(self, high, *shape):
-        return self._keep(torch.randint(high, shape, generator=self.g))
-
-    def step(self, group, loss):
-        self.steps.append((group, loss))
-        return True
-
-
 def hand_loss(family, x, t, eps):
     x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * eps
     with torch.no_grad():
@@ -223,7 +198,7 @@ def hand_loss(family, x, t, eps):
 def test_train_step_loss_is_flow_matching_mse(time_sampling):
     family = tiny_rf(time_sampling=time_sampling, logit_mean=0.5, logit_std=0.7)
     x = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    opt = FakeOpt()
+    opt = RecordingHandle()
     logs = family.train_step({"image": x}, 0, opt)
     assert len(opt.draws) == 2 and opt.draws[1].shape == x.shape
     t = opt.draws[0] if time_sampling == "uniform" else torch.sigmoid(0.5 + 0.7 * opt.draws[0])
@@ -237,7 +212,7 @@ def test_train_step_uses_the_batch_noise_of_a_reflow_pair():
     g = torch.Generator().manual_seed(4)
     x = torch.rand(4, *SHAPE, generator=g) * 2 - 1
     noise = torch.randn(4, *SHAPE, generator=g)
-    opt = FakeOpt()
+    opt = RecordingHandle()
     logs = family.train_step({"image": x, "noise": noise}, 0, opt)
     assert len(opt.draws) == 1  # only t was drawn
     assert float(logs["loss"]) == pytest.approx(hand_loss(family, x, opt.draws[0], noise), rel=1e-5)

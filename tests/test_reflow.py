@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TINY_UNET
-from test_rectified_flow import FakeOpt, Oracle, hand_loss, tiny_rf
+from step_handles import RecordingHandle
+from test_rectified_flow import Oracle, hand_loss, tiny_rf
 
 import genkit
 import genkit.reflow
@@ -159,7 +160,7 @@ def test_grid_time_sampling_draws_the_k_step_grid_start_points(k):
     g = torch.Generator().manual_seed(4)
     x = torch.rand(64, *SHAPE, generator=g) * 2 - 1
     noise = torch.randn(64, *SHAPE, generator=g)
-    opt = FakeOpt()
+    opt = RecordingHandle()
     logs = family.train_step({"image": x, "noise": noise}, 0, opt)
     [draw] = opt.draws
     t = 1 - draw.float() / k

@@ -141,6 +141,32 @@ def test_adapters_invert_each_training_target():
     assert (float(alpha), float(s)) == (0.0, 1.0) == vp_coefficients(math.inf)
 
 
+def test_clipped_denoiser_clamps_after_the_conditional_prediction():
+    D = clipped(lambda z, sigma, *, shift: z + shift, 1.5)
+    z = torch.tensor([[-3.0, 0.2, 1.0]])
+    torch.testing.assert_close(D(z, torch.ones(1), shift=0.4), torch.tensor([[-1.5, 0.6, 1.4]]))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, spec in SAMPLERS.items() if spec.fn is not None))
+def test_every_sampler_passes_the_condition_to_every_evaluation(name):
+    """The condition reaches D at every call: D needs `target` (no default) and returns it as x0_hat, the
+    denoiser of a point mass at `target`. The path equals the one with `target` bound into D, and ends on
+    the target (exactly for the samplers in sigma; the arctan-time integrators are off by their step error)."""
+    target = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(2, 1, 2, 2)
+
+    def point_mass(z: torch.Tensor, sigma: torch.Tensor, *, target: torch.Tensor) -> torch.Tensor:
+        return target.expand_as(z)
+
+    z = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.0], dtype=torch.float64)
+    fn = SAMPLERS[name].fn
+    out = fn(point_mass, z, sigmas, generator=torch.Generator().manual_seed(1), target=target)
+    bound = fn(lambda z, sigma: point_mass(z, sigma, target=target), z, sigmas,
+               generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, bound, rtol=0, atol=0)
+    torch.testing.assert_close(out, target, rtol=0, atol=1e-2 if name.endswith("arctan") else 1e-6)
+
+
 # ---------------------------------------------------------------- Gaussian data, exact denoiser
 
 M = torch.tensor([0.3, -0.5, 0.0], dtype=torch.float64)
@@ -220,6 +246,59 @@ def test_ddim_eta_one_over_all_steps_lands_on_the_data_distribution():
     se_mean, se_var = (var / n).sqrt(), var * math.sqrt(2 / (n - 1))
     assert ((x.mean(0) - mean).abs() < 5 * se_mean).all()
     assert ((x.var(0) - var).abs() < 5 * se_var).all()
+
+
+def test_consistency_sampling_is_algorithm_1_written_out():
+    """Song et al. 2023, Alg. 1 in the VP-scaled state: jump to x0_hat, re-noise to the next sigma with fresh
+    N(0, I) from the generator (in the state's dtype), ..., and return x0_hat on the step onto 0. The grid holds
+    sigma = 1 (the re-noising there must happen) and the batch (5) differs from the channels (3)."""
+    sigmas = torch.tensor([80.0, 2.0, 1.0, 0.3, 0.0], dtype=torch.float64)
+    z0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    calls = []
+
+    def D(z, sigma):
+        assert sigma.shape == (5,)
+        calls.append(float(sigma[0]))
+        return gaussian_denoiser(z, sigma)
+
+    out = SAMPLERS["consistency"].fn(D, z0, sigmas, generator=torch.Generator().manual_seed(1))
+    g, x0 = torch.Generator().manual_seed(1), gaussian_denoiser(z0, sigmas[:1].expand(5))
+    for sigma in sigmas[1:-1]:
+        alpha, s = alpha_s(float(sigma))
+        z = alpha * x0 + s * torch.randn(5, 3, generator=g, dtype=torch.float64)
+        x0 = gaussian_denoiser(z, sigma.expand(5))
+    torch.testing.assert_close(out, x0, rtol=1e-12, atol=1e-12)
+    assert calls == [80.0, 2.0, 1.0, 0.3]   # NFE = the positive sigmas before the final 0
+
+
+def test_consistency_sampling_of_the_exact_denoiser_has_the_closed_form_moments():
+    """x0_hat = E[x0 | z] is affine in z: from the exact marginal at sigma_0, each jump leaves N(M, W) with
+    W = k^2 (alpha^2 V + s^2), k = alpha V / (alpha^2 V + s^2), and each re-noising N(alpha M, alpha^2 W + s^2)."""
+    n, sigmas = 20_000, torch.tensor([80.0, 1.0, 0.2, 0.0], dtype=torch.float64)
+    z = exact_marginal(80.0, n, torch.Generator().manual_seed(0))
+    x = SAMPLERS["consistency"].fn(gaussian_denoiser, z, sigmas, generator=torch.Generator().manual_seed(1))
+    var = V
+    for i, sigma in enumerate(sigmas[:-1].tolist()):
+        alpha, s = alpha_s(sigma)
+        k, marginal = alpha * V / (alpha**2 * V + s**2), (alpha**2 * (V if i == 0 else var) + s**2)
+        var = k**2 * marginal
+    assert ((var / V - 1).abs() > 0.02).any()   # the chain is not the data distribution: a distinct target
+    assert ((x.mean(0) - M).abs() < 5 * (var / n).sqrt()).all()
+    assert ((x.var(0) / var - 1).abs() < 5 * math.sqrt(2 / (n - 1))).all(), (x.var(0), var)
+    one_step = SAMPLERS["consistency"].fn(gaussian_denoiser, z, sigmas[[0, -1]])
+    torch.testing.assert_close(one_step, gaussian_denoiser(z, torch.full((n,), 80.0, dtype=torch.float64)))
+
+
+def test_sampler_grid_tables_default_flow_to_vp():
+    """`_grids(vp, ve, flow)`: ve defaults to the family's grid and flow to vp's (called at import for SAMPLERS,
+    so checked directly)."""
+    from genkit.samplers import FLOW, VE, VP, _grids
+    from genkit.samplers.schedules import GridSpec
+
+    assert _grids("karras") == {VP: GridSpec.parse("karras"), VE: GridSpec.parse("family"),
+                                FLOW: GridSpec.parse("karras")}
+    assert _grids("karras", "logsnr", "time-uniform") == {VP: GridSpec.parse("karras"), VE: GridSpec.parse("logsnr"),
+                                                          FLOW: GridSpec.parse("time-uniform")}
 
 
 # ---------------------------------------------------------------- the `sample` contract
@@ -340,6 +419,8 @@ def test_counting_denoiser_counts_calls():
     D = CountingDenoiser(lambda z, sigma: torch.zeros_like(z))
     sample_ddim(D, torch.zeros(2, 3), torch.tensor([4.0, 2.0, 1.0, 0.0], dtype=torch.float64))
     assert D.nfe == 3
+    conditional = CountingDenoiser(lambda z, sigma, *, shift: z + shift)
+    assert torch.equal(conditional(torch.zeros(2), torch.ones(2), shift=3.0), torch.full((2,), 3.0))
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),

@@ -414,6 +414,24 @@ def test_lpips_backbone_loads_torchvision_features_and_checks_the_hash(tmp_path)
         lp(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16))
 
 
+def test_vqgan_perceptual_loss_is_built_from_its_config_offline(tmp_path, monkeypatch):
+    """model.perceptual: lpips finds model.perceptual_net's backbone at model.perceptual_weights (hash-checked)
+    and names that key when it is missing; lpips_random builds a random backbone, with a warning."""
+    from genkit.families.vqgan import VQGANConfig, build_perceptual
+
+    for var in ("GENKIT_WEIGHTS_DIR", "XDG_CACHE_HOME", "TORCH_HOME"):
+        monkeypatch.setenv(var, str(tmp_path))
+    with pytest.warns(UserWarning, match="^model.perceptual=lpips_random: LPIPS with a RANDOMLY INITIALISED backbone$"):
+        lp = build_perceptual(VQGANConfig(perceptual="lpips_random", perceptual_net="alex"))
+    assert "random" in lp.backbone and type(lp.model.net).__name__ == "alexnet"
+    with pytest.raises(GenkitError, match=r"alexnet-owt-7be5be79\.pth.* or pass model\.perceptual_weights=PATH$"):
+        build_perceptual(VQGANConfig(perceptual="lpips", perceptual_net="alex"))
+    bad = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save({}, bad)
+    with pytest.raises(GenkitError, match="wrong or corrupted"):
+        build_perceptual(VQGANConfig(perceptual="lpips", perceptual_net="alex", perceptual_weights=str(bad)))
+
+
 # ---------------------------------------------------------------- training and evaluation
 
 

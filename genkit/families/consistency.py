@@ -208,8 +208,9 @@ class Consistency(UNetFamily):
             N = curriculum_steps(step, cfg.total_steps, cfg.s0, cfg.s1)
             sigmas = karras_grid(N, cfg.sigma_min, cfg.sigma_max, cfg.rho)
             cdf = lognormal_index_probs(sigmas, cfg.p_mean, cfg.p_std).cumsum(0)
-            u = opt.rand(n).double().cpu() * float(cdf[-1])
-            i = torch.searchsorted(cdf, u, right=True).clamp_max(N - 2)  # inverse CDF: pair (i, i + 1)
+            u = opt.rand(n).double().cpu()
+            # inverse CDF: pair (i, i + 1); the clamp catches u above a last CDF value rounded below 1
+            i = torch.searchsorted(cdf, u, right=True).clamp_max(N - 2)
             return sigmas[i + 1].float().to(opt.device), sigmas[i].float().to(opt.device)
         t = (cfg.p_mean + cfg.p_std * opt.randn(n)).exp().clamp(cfg.sigma_min, cfg.sigma_max)
         return t, ect_gap(t, step, cfg.ect_q, cfg.ect_stage, cfg.ect_k, cfg.ect_b)

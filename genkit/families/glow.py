@@ -77,7 +77,7 @@ class GlowFlow(nn.Module):
     def top_prior(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, logs) of the top latent: zeros, or the learned `top` interleaved [0::2, 1::2]."""
         if self.top is None:
-            zero = like.new_zeros(1, *like.shape[1:])
+            zero = like.new_zeros(())  # broadcasts against the top latent
             return zero, zero
         return self.top[:, 0::2], self.top[:, 1::2]
 
@@ -97,7 +97,7 @@ class GlowFlow(nn.Module):
             return eps + [h], logdet
         mean, logs = self.top_prior(h)
         eps.append((h - mean) * torch.exp(-logs))
-        return eps, logdet - logs.flatten(1).to(logdet.dtype).sum(1).expand(x.shape[0])
+        return eps, logdet - logs.sum().to(logdet.dtype)  # the prior's scale is shared by the batch
 
     def decode(self, eps: list[Tensor], temperature: float = 1.0) -> Tensor:
         """x = f^{-1}(temperature * eps): the top and every split's z2 = mean + T exp(logs) eps."""

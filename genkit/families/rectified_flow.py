@@ -69,8 +69,8 @@ def sigma_to_t(sigma: Tensor) -> Tensor:
 
 
 def t_to_sigma(t: Tensor) -> Tensor:
-    """sigma = t / (1 - t); inf at t = 1."""
-    return torch.where(t >= 1, torch.full_like(t, float("inf")), t / (1 - t))
+    """sigma = t / (1 - t); inf at t = 1 (IEEE division by +0)."""
+    return t / (1 - t)
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:

@@ -32,9 +32,7 @@ def sample_ddim(
         alpha_n, s_n = vp_coefficients(sigma_n)
         x0 = D(z, z.new_full((z.shape[0],), sigma_t), **cond)
         eps = eps_from_x0(z, x0, alpha_t, s_t)
-        c = 0.0
-        if eta > 0 and alpha_n > 0:
-            c = eta * (s_n / s_t) * math.sqrt(max(1.0 - (alpha_t / alpha_n) ** 2, 0.0))
+        c = eta * (s_n / s_t) * math.sqrt(max(1.0 - (alpha_t / alpha_n) ** 2, 0.0))  # alpha_n > 0: sigma_n < inf
         z = alpha_n * x0 + math.sqrt(max(s_n * s_n - c * c, 0.0)) * eps
         if c > 0:
             z = z + c * randn(z.shape, generator, z.device, z.dtype)

@@ -95,9 +95,8 @@ def sample_dpmpp_3m(
         _, s_t = vp_coefficients(sigma_t)
         alpha_n, s_n = vp_coefficients(sigma_n)
         x0 = D(z, _sigma(z, sigma_t), **cond)
-        if sigma_n == 0:
-            z = x0
-            continue
+        if sigma_n == 0:  # the last step (a grid's only 0 is its end)
+            return x0
         h = log_snr(sigma_n) - log_snr(sigma_t)
         z = (s_n / s_t) * z - alpha_n * math.expm1(-h) * x0
         phi_2 = math.expm1(-h) / h + 1
@@ -151,12 +150,11 @@ def _unipc_update(z: Tensor, sigmas: list[float], outs: list[Tensor], sigma_n: f
     z_n = (s_n / s_0) * z - alpha_n * math.expm1(-h) * m0
     # order p uses p - 1 earlier outputs; one at sigma = inf (lambda = -inf) contributes nothing
     k = min(order, 1 + sum(1 for sigma in sigmas[1:] if sigma < math.inf)) - 1
-    if (k == 0 and new is None) or sigma_n == 0:
+    if k == 0 and new is None:  # (the step onto sigma = 0, where h = inf, is order 1: see sample_unipc)
         return z_n
     rks = [(log_snr(sigmas[i]) - lam_0) / h for i in range(1, k + 1)]
     rhos = _unipc_rhos(rks, h, k + 1, corrector=new is not None)
-    res = sum((rho * (outs[i] - m0) / rk for i, (rho, rk) in enumerate(zip(rhos, rks), start=1)),
-              torch.zeros_like(z))
+    res = sum(rho * (outs[i] - m0) / rk for i, (rho, rk) in enumerate(zip(rhos, rks), start=1))  # 0 if k = 0
     if new is not None:
         res = res + rhos[-1] * (new - m0)
     return z_n - alpha_n * math.expm1(-h) * res
@@ -178,15 +176,15 @@ def sample_unipc(
     n = len(sig) - 1
     seen: list[float] = []   # sigmas of the outputs, newest first
     outs: list[Tensor] = []  # x0_hat at those sigmas
-    z_last, order_last = None, 0
+    z_last: Tensor | None = None
     for i, (sigma_t, sigma_n) in enumerate(zip(sig[:-1], sig[1:])):
         x0 = D(z, _sigma(z, sigma_t), **cond)
-        if z_last is not None:  # UniC on the state the last predictor reached
-            z = _unipc_update(z_last, seen, outs, sigma_t, order_last, new=x0)
+        # step i has order n - i (lower_order_final); the outputs at hand (<= order, i + 1) cap it in _unipc_update
+        if z_last is not None:  # UniC on the state the last predictor (step i - 1) reached
+            z = _unipc_update(z_last, seen, outs, sigma_t, n - i + 1, new=x0)
         seen, outs = [sigma_t, *seen][:order], [x0, *outs][:order]
-        order_last = min(order, i + 1, n - i)
         z_last = z
-        z = _unipc_update(z, seen, outs, sigma_n, order_last)
+        z = _unipc_update(z, seen, outs, sigma_n, n - i)
     return z
 
 

@@ -39,6 +39,7 @@ The multistep solvers in log-SNR (DPM-Solver++, UniPC) and iPNDM are in `genkit.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -94,7 +95,7 @@ def sample_heun(
     sigma = 0 keeps Euler's x'. NFE = 2 steps - 1 on grids that end at zero, 2 steps otherwise.
     """
     sig = [float(sigma) for sigma in sigmas]
-    if sig[0] == float("inf"):
+    if math.isinf(sig[0]):
         raise SamplerError("heun integrates in sigma and cannot start at sigma = inf: use a grid with a finite "
                            "sigma_max (karras, logsnr) or heun-arctan")
     for sigma, sigma_n in zip(sig[:-1], sig[1:]):
@@ -103,12 +104,12 @@ def sample_heun(
         x = z / alpha
         d = eps_from_x0(z, D(z, _sigma(z, sigma), **cond), alpha, s)  # (x - x0_hat) / sigma
         x_euler = x + (sigma_n - sigma) * d
-        if sigma_n == 0:
+        if sigma_n == 0:  # the last step: Euler's (the slope at sigma = 0 is not defined)
             z = x_euler
-            continue
-        z_euler = alpha_n * x_euler
-        d_n = eps_from_x0(z_euler, D(z_euler, _sigma(z, sigma_n), **cond), alpha_n, s_n)
-        z = alpha_n * (x + (sigma_n - sigma) * (d + d_n) / 2)
+        else:
+            z_euler = alpha_n * x_euler
+            d_n = eps_from_x0(z_euler, D(z_euler, _sigma(z, sigma_n), **cond), alpha_n, s_n)
+            z = alpha_n * (x + (sigma_n - sigma) * (d + d_n) / 2)
     return z
 
 

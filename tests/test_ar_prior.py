@@ -71,6 +71,17 @@ def test_top_k_keeps_exactly_the_k_largest_logits():
     assert torch.equal(filter_logits(logits, top_k=50), logits)
 
 
+def test_filters_work_on_the_last_axis_of_any_batch_shape_and_stop_at_exact_mass():
+    """(B, T, V) logits filter as each row does; a set whose mass equals top_p exactly is kept whole, no more."""
+    logits = torch.randn(2, 3, 20, generator=torch.Generator().manual_seed(1))
+    for options in ({"top_k": 4}, {"top_p": 0.6}, {"top_k": 6, "top_p": 0.5}):
+        rows = torch.stack([filter_logits(row, **options) for row in logits])
+        assert torch.equal(filter_logits(logits, **options), rows), options
+    exact = torch.tensor([0.5, 0.25, 0.125, 0.125]).log().unsqueeze(0)
+    assert filter_logits(exact, top_p=0.5).isfinite().tolist() == [[True, False, False, False]]
+    assert filter_logits(exact, top_p=0.75).isfinite().tolist() == [[True, True, False, False]]
+
+
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(0)) * 2
     p = logits.softmax(-1)
@@ -85,14 +96,19 @@ def test_top_p_keeps_the_smallest_set_reaching_the_mass():
         assert (dropped_max <= smallest_kept).all()                # a top set: nothing dropped beats anything kept
 
 
-def test_inverse_cdf_draws_follow_the_probabilities():
-    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0, float("-inf")]])
+@pytest.mark.parametrize("logits", [[0.0, 1.0, -1.0, 2.0, float("-inf")], [float("-inf"), 0.0, 1.0, -1.0, 2.0]])
+def test_inverse_cdf_draws_follow_the_probabilities(logits):
+    logits = torch.tensor([logits])
     n = 10000
     u = (torch.arange(n) + 0.5) / n                              # stratified uniforms
     tokens = draw_tokens(logits.expand(n, -1), u)
     freq = torch.bincount(tokens, minlength=5).float() / n
     torch.testing.assert_close(freq, logits.softmax(-1)[0], atol=2e-4, rtol=0)
-    assert freq[4] == 0                                          # filtered tokens are never drawn
+    assert freq[logits[0].isinf()].sum() == 0                    # filtered tokens are never drawn
+    # u = 0 and u just below 1 draw the first and the last token of positive probability
+    kept = logits[0].isfinite().nonzero().flatten()
+    edges = draw_tokens(logits.expand(2, -1), torch.tensor([0.0, 1 - 1e-7]))
+    assert edges.tolist() == [int(kept[0]), int(kept[-1])]
 
 
 def test_low_temperature_is_greedy():
@@ -246,3 +262,57 @@ def test_train_step_is_the_token_nll_of_the_tokenizers_codes_with_the_class_pref
     torch.testing.assert_close(loss, prior.token_nll(codes, label))
     torch.testing.assert_close(logs["bits_per_token"], loss.detach() / math.log(2))
     assert not torch.allclose(loss, prior.token_nll(codes, torch.tensor([0, 0, 0, 0])))
+
+
+def test_sampling_options_accept_their_whole_range_and_refuse_the_rest():
+    from genkit.families.ar_prior import check_sampling
+
+    for ok in ({"top_k": 1}, {"top_k": 16}, {"top_p": 1.0}, {"top_p": 1e-6}, {"temperature": 1e-3}):
+        check_sampling(**{"temperature": 1.0, "top_k": None, "top_p": None, **ok}, vocab=16)
+    for bad, msg in (({"top_k": 0}, r"top_k: must be in \[1, 16\] \(the codebook size\), got 0"),
+                     ({"top_k": 17}, r"top_k: must be in \[1, 16\] \(the codebook size\), got 17"),
+                     ({"top_p": 0.0}, r"top_p: must be in \(0, 1\], got 0.0"),
+                     ({"top_p": 1.5}, r"top_p: must be in \(0, 1\], got 1.5"),
+                     ({"temperature": 0.0}, "temperature: must be > 0, got 0.0")):
+        with pytest.raises(SamplerError, match=f"^{msg}$"):
+            check_sampling(**{"temperature": 1.0, "top_k": None, "top_p": None, **bad}, vocab=16)
+
+
+def test_autoregressive_passes_its_sampling_options_to_every_token():
+    """top_k = 1, a tiny top_p and a tiny temperature are all greedy decoding (the same tokens from any seed);
+    the default temperature is 1; an unconditional prior samples without labels."""
+    prior = tiny_prior(conditional=True)
+
+    def draw(seed, **options):
+        return prior.autoregressive(3, generator=torch.Generator().manual_seed(seed), **options)[0]
+
+    greedy = draw(0, top_k=1)
+    for seed, options in ((1, {"top_k": 1}), (2, {"top_p": 1e-6}), (3, {"temperature": 1e-6})):
+        assert torch.equal(draw(seed, **options), greedy), options
+    default = draw(0)
+    assert torch.equal(default, draw(0, temperature=1.0)) and not torch.equal(default, greedy)
+    assert not torch.equal(default, draw(0, temperature=3.0))
+    assert torch.equal(default, draw(0, kv_cache=False))   # the cache only saves work
+    images, passes = tiny_prior().autoregressive(2, generator=torch.Generator().manual_seed(0), batch_size=1)
+    assert images.shape == (2, 1, 8, 8) and passes == prior.T
+
+
+def test_prefix_tokens_follow_the_codes_and_bad_settings_are_refused():
+    """Inputs are codes 0..K-1, then one prefix token per class (K + c), or the start token K."""
+    prior = tiny_prior(conditional=True)
+    K = prior.K
+    assert prior.prefix(torch.tensor([0, 3, 9]), 3, torch.device("cpu")).tolist() == [[K], [K + 3], [K + 9]]
+    assert tiny_prior().prefix(None, 2, torch.device("cpu")).tolist() == [[K], [K]]
+    assert prior.nets["gpt"].tok.num_embeddings == K + 10 and tiny_prior().nets["gpt"].tok.num_embeddings == K + 1
+    assert prior.sample_shape == (1, 8, 8)
+    with pytest.raises(SamplerError, match=r"^a conditional prior needs labels in \[0, num_classes\) for every image$"):
+        prior.prefix(torch.tensor([1, -1]), 2, torch.device("cpu"))
+    one_class = ArPrior(ArPriorConfig(tokenizer="unused", conditional=True, gpt=TINY_GPT), (1, 8, 8), num_classes=1,
+                        tokenizer=tiny_vqgan())
+    assert one_class.num_classes == 1
+    with pytest.raises(ConfigError,
+                       match=r"^model.conditional=true needs a labelled dataset \(this one has no classes\)$"):
+        ArPrior(ArPriorConfig(tokenizer="unused", conditional=True, gpt=TINY_GPT), (1, 8, 8), tokenizer=tiny_vqgan())
+    with pytest.raises(ConfigError, match="^model.gpt.dim=18 is not divisible by model.gpt.heads=4$"):
+        ArPrior(ArPriorConfig(tokenizer="unused", gpt=GPTConfig(layers=1, heads=4, dim=18)), (1, 8, 8),
+                tokenizer=tiny_vqgan())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import TINY_UNET as TINY_UNET_OVERRIDES
@@ -21,7 +23,8 @@ from genkit.samplers.guidance import guided
 TINY_UNET = UNetConfig(channels=[8, 16], attention=[False, True], layers_per_block=1, norm_groups=4)
 SHAPE = (1, 8, 8)
 FAMILY_CLASSES = {"ddpm": (DDPM, DDPMConfig), "rectified_flow": (RectifiedFlow, RectifiedFlowConfig),
-                  "edm": (EDM, EDMConfig), "consistency": (Consistency, ConsistencyConfig)}
+                  "edm": (EDM, EDMConfig), "consistency": (Consistency, ConsistencyConfig),
+                  "consistency_ddpm": (Consistency, partial(ConsistencyConfig, parametrization="ddpm"))}
 
 
 def conditional(name: str, classes: int = 10, seed: int = 0, **cfg):
@@ -143,3 +146,15 @@ def test_cli_class_flag_on_an_unconditional_run_is_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "g.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unconditional" in err[0]
+
+
+def test_requested_labels_are_checked_against_the_classes():
+    from genkit.families.unet_family import sample_labels
+
+    assert sample_labels(3, [0], 10).tolist() == [0, 0, 0] and sample_labels(2, [0, 9], 10).tolist() == [0, 9]
+    assert sample_labels(4, None, 3).tolist() == [0, 1, 2, 0]
+    for bad in (10, -1):
+        with pytest.raises(SamplerError, match=f"^class label {bad} out of range: this run has classes 0..9$"):
+            sample_labels(2, [1, bad], 10)
+    with pytest.raises(SamplerError, match="^3 class labels for n=2 samples: give one label or n$"):
+        sample_labels(2, [1, 2, 3], 10)

@@ -414,3 +414,36 @@ def test_train_step_is_the_loss_of_its_noise_pair_noise_and_dropped_labels(train
     assert not torch.allclose(loss, family.loss(y, n, hi, lo, label.clamp_min(0)))
     if training == "ect":  # the stage of step 37 (d = 10): other steps give other pairs
         assert not torch.equal(lo, family.noise_pair(6, 7, RecordingHandle(seed=3))[1])
+
+
+def test_bad_settings_are_refused_naming_the_key():
+    from genkit.errors import ConfigError
+
+    for key in ("sigma_data", "sigma_min", "p_std", "rho", "s0", "s1", "total_steps", "ect_stage"):
+        with pytest.raises(ConfigError, match=f"^model.{key}: must be > 0, got 0$"):
+            tiny_cm(**{key: 0})
+    with pytest.raises(ConfigError, match="^model.s1: must be >= model.s0=20, got 10$"):
+        tiny_cm(s0=20, s1=10)
+    with pytest.raises(ConfigError, match=r"^model.sigma_max: must be > model.sigma_min=1.0, got 1.0$"):
+        tiny_cm(sigma_min=1.0, sigma_max=1.0, sample_sigmas=[1.0])
+    for sigmas in ([0.821, 80.0], [80.0, 80.0], [90.0], [0.002]):
+        with pytest.raises(ConfigError,
+                           match=r"^model.sample_sigmas: need decreasing sigmas in \(sigma_min, sigma_max\]"):
+            tiny_cm(sample_sigmas=sigmas)
+    assert tiny_cm(s0=10, s1=10, sample_sigmas=[80.0]).cfg.s1 == 10
+
+
+@pytest.mark.parametrize("parametrization", ["ddpm", "rectified_flow"])
+def test_the_inner_diffusion_family_is_the_configured_one_and_shares_the_network(parametrization):
+    """ECT fine-tunes a DDPM or rectified-flow run: the inner family gets that run's schedule, prediction and
+    conditioning, and computes with the consistency model's own network."""
+    from genkit.families.rectified_flow import RectifiedFlowConfig
+
+    cfg = dict(parametrization=parametrization, schedule="linear", timesteps=300, beta_start=2e-4, beta_end=0.03,
+               prediction="v", class_cond=True, cond_dropout=0.3)
+    family = seeded_build(lambda: Consistency(ConsistencyConfig(unet=TINY_UNET, **cfg), shape=SHAPE, num_classes=3))
+    inner = family.diffusion
+    common = dict(unet=TINY_UNET, class_cond=True, cond_dropout=0.3)
+    want = (DDPMConfig(schedule="linear", timesteps=300, beta_start=2e-4, beta_end=0.03, prediction="v", **common)
+            if parametrization == "ddpm" else RectifiedFlowConfig(**common))
+    assert inner.cfg == want and inner.num_classes == family.num_classes == 3 and inner.nets is family.nets

@@ -12,6 +12,7 @@ from conftest import run_cli, seeded_build
 from step_handles import RecordingHandle
 from test_consistency import MLP, energy_distance, mixture, train_1rf
 
+from genkit.errors import ConfigError, SamplerError
 from genkit.families.meanflow import MeanFlow, MeanFlowConfig, adaptive_loss, meanflow_target, sample_times
 from genkit.families.sampling import sample
 from genkit.nn.unet import UNetConfig
@@ -211,3 +212,43 @@ def test_loss_is_the_adaptive_loss_of_u_against_its_identity_target_on_the_inter
         loss, mse = family.loss(x, e, r, t)
     torch.testing.assert_close(loss, adaptive_loss(delta, 0.5, 0.01))
     torch.testing.assert_close(mse, delta.pow(2).mean())
+
+
+def test_time_draws_are_the_sorted_logit_normals_of_the_given_normals():
+    a, b = torch.tensor([0.3, -1.2, 2.0, 0.5]), torch.tensor([-0.4, 0.9, 1.0, 0.5])
+    keep = torch.tensor([0.1, 0.25, 0.9, 0.0])   # r != t where keep < ratio = 0.25 (0.25 itself keeps r = t)
+    r, t = sample_times(a, b, keep, -0.4, 1.3, 0.25)
+    s1, s2 = torch.sigmoid(-0.4 + 1.3 * a), torch.sigmoid(-0.4 + 1.3 * b)
+    torch.testing.assert_close(t, torch.maximum(s1, s2))
+    torch.testing.assert_close(r, torch.stack([torch.minimum(s1, s2)[0], t[1], t[2], s1[3]]))
+
+
+def test_denoiser_is_the_one_step_jump_from_any_noise_level():
+    """D(z, sigma) = z_t - t u(z_t, 0, t) with t = sigma / (1 + sigma) and z_t = z sqrt(1 + sigma^2) / (1 + sigma)
+    (the VP-scaled state back in flow coordinates)."""
+    family = tiny_mf()
+    z = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5, 2.0, 9.0])
+    t = sigma / (1 + sigma)
+    z_t = z * ((1 + sigma**2).sqrt() / (1 + sigma)).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        want = z_t - t.view(-1, 1, 1, 1) * family.u(z_t, torch.zeros(3), t)
+        torch.testing.assert_close(family.denoise(z, sigma), want)
+    with pytest.raises(SamplerError, match="^steps must be >= 1, got 0$"):
+        family.sigmas(0)
+
+
+
+def test_bad_settings_are_refused_naming_the_key():
+    for kw, msg in (({"ratio_r_neq_t": -0.1}, "model.ratio_r_neq_t: must be in [0, 1], got -0.1"),
+                    ({"ratio_r_neq_t": 1.1}, "model.ratio_r_neq_t: must be in [0, 1], got 1.1"),
+                    ({"time_std": 0.0}, "model.time_std and model.adaptive_c must be > 0, model.adaptive_p >= 0"),
+                    ({"adaptive_c": 0.0}, "model.time_std and model.adaptive_c must be > 0, model.adaptive_p >= 0"),
+                    ({"adaptive_p": -0.5}, "model.time_std and model.adaptive_c must be > 0, model.adaptive_p >= 0"),
+                    ({"class_cond": True}, "model.class_cond: meanflow is unconditional (its class embedding "
+                                           "carries t - r)")):
+        with pytest.raises(ConfigError) as e:
+            tiny_mf(**kw)
+        assert str(e.value) == msg
+    for kw in ({"ratio_r_neq_t": 0.0}, {"ratio_r_neq_t": 1.0}, {"adaptive_p": 0.0}):
+        assert tiny_mf(**kw).cfg == MeanFlowConfig(unet=TINY_UNET, **kw)

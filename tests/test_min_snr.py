@@ -155,3 +155,54 @@ def test_ldm_noise_schedule_spans_the_same_sigmas_as_ddpm():
     table = ddpm.schedule.sigma_table
     assert ldm.sigma_range() == ddpm.sigma_range() == (float(table[0]), float(table[-1]))
     torch.testing.assert_close(ldm.sigmas(7), ddpm.sigmas(7))
+
+
+def test_gradient_checkpointing_reaches_each_familys_networks():
+    """train.gradient_checkpointing: the UNet of the UNet families, the autoencoder of autoencoder_kl, and
+    LDM's conditional UNet switch it on."""
+    from genkit.families.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+
+    ddpm = DDPM(DDPMConfig(unet=TINY), (1, 8, 8))
+    ae = AutoencoderKL(AutoencoderKLConfig(channels=[8, 8], norm_groups=8, latent_channels=2), (1, 8, 8))
+    ldm = LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
+                                                              head_dim=16),
+                        text=TextConfig(width=16, heads=2, layers=1, context_length=8)),
+              shape=(1, 8, 8), first_stage=Identity())
+    for family, net in ((ddpm, "unet"), (ae, "vae"), (ldm, "unet")):
+        assert not family.nets[net].is_gradient_checkpointing
+        family.enable_gradient_checkpointing()
+        assert family.nets[net].is_gradient_checkpointing, type(family).__name__
+
+
+def tiny_ldm(**cfg) -> LDM:
+    torch.manual_seed(0)
+    return LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
+                                                                head_dim=16),
+                         text=TextConfig(width=16, heads=2, layers=1, context_length=8), **cfg),
+               shape=(1, 8, 8), first_stage=Identity())
+
+
+def test_lora_model_loads_a_plain_runs_weights_under_its_adapters_and_refuses_mismatches(tmp_path):
+    """x.weight -> x.base_layer.weight; a LoRA run's own keys load too; a missing or reshaped tensor is a
+    one-line error naming it."""
+    from genkit.families.ldm import LoRAConfig
+
+    plain = tiny_ldm().nets.state_dict()
+    lora = tiny_ldm(lora=LoRAConfig(rank=2))
+    lora.init_from_weights(plain, tmp_path)
+    own = {k: v.clone() for k, v in lora.nets.state_dict().items()}
+    renamed = [k for k in own if ".base_layer." in k]
+    assert {v.shape[0] for k, v in own.items() if ".lora_A." in k} == {2}   # adapters of rank 2
+    assert renamed and all(torch.equal(own[k], plain[k.replace(".base_layer.", ".")]) for k in renamed)
+    lora.init_from_weights({k: v + 1 for k, v in own.items()}, tmp_path)   # a LoRA run's weights
+    assert torch.equal(lora.nets.state_dict()[renamed[0]], own[renamed[0]] + 1)
+    key = renamed[0].replace(".base_layer.", ".")
+    with pytest.raises(ConfigError, match=f"^model.init_from: '{tmp_path}' lacks {renamed[0]}: use the model "
+                                          "config of that run$"):
+        lora.init_from_weights({k: v for k, v in plain.items() if k != key}, tmp_path)
+    shape = tuple(plain[key].shape)
+    with pytest.raises(ConfigError, match=rf"^model.init_from: '{tmp_path}' has {renamed[0]} of shape \(3,\), "
+                                          rf"this model \({', '.join(map(str, shape))},?\): use the model config"):
+        lora.init_from_weights({**plain, key: torch.zeros(3)}, tmp_path)
+    with pytest.raises(ConfigError, match="^model.lora.rank must be >= 0, got -1$"):
+        tiny_ldm(lora=LoRAConfig(rank=-1))

@@ -57,8 +57,8 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
 def draw_tokens(logits: Tensor, u: Tensor) -> Tensor:
     """Inverse-CDF draw from softmax(logits) (B, V) with uniforms u (B,) in [0, 1): the first i with CDF_i > u."""
     cdf = logits.float().softmax(-1).cumsum(-1)  # (B, V)
-    i = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1]).unsqueeze(1), right=True)
-    return i.squeeze(1).clamp_max(logits.shape[-1] - 1)
+    # u * CDF_last < CDF_last for u < 1, so i < V (the factor absorbs a last CDF value rounded below 1)
+    return torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab: int) -> None:
@@ -127,7 +127,7 @@ class ArPrior(Family, Autoregressive):
     def train_step(self, batch: Mapping[str, Any], step: int, opt: StepHandle) -> dict[str, Tensor]:
         """Teacher-forced next-token cross-entropy on the tokenizer's codes of the batch."""
         s = self.codes(batch["image"])
-        loss = self.token_nll(s, batch.get("label") if self.num_classes else None)
+        loss = self.token_nll(s, batch.get("label"))  # an unconditional prior's prefix ignores labels
         opt.step("model", loss)
         return {"loss": loss.detach(), "bits_per_token": loss.detach() / math.log(2)}
 

@@ -174,12 +174,12 @@ def test_gradient_checkpointing_reaches_each_familys_networks():
         assert family.nets[net].is_gradient_checkpointing, type(family).__name__
 
 
-def tiny_ldm(**cfg) -> LDM:
+def tiny_ldm(num_classes: int = 0, **cfg) -> LDM:
     torch.manual_seed(0)
     return LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
                                                                 head_dim=16),
                          text=TextConfig(width=16, heads=2, layers=1, context_length=8), **cfg),
-               shape=(1, 8, 8), first_stage=Identity())
+               shape=(1, 8, 8), first_stage=Identity(), num_classes=num_classes)
 
 
 def test_lora_model_loads_a_plain_runs_weights_under_its_adapters_and_refuses_mismatches(tmp_path):
@@ -206,3 +206,25 @@ def test_lora_model_loads_a_plain_runs_weights_under_its_adapters_and_refuses_mi
         lora.init_from_weights({**plain, key: torch.zeros(3)}, tmp_path)
     with pytest.raises(ConfigError, match="^model.lora.rank must be >= 0, got -1$"):
         tiny_ldm(lora=LoRAConfig(rank=-1))
+
+
+
+def test_class_conditional_ldm_trains_on_dropped_labels_after_the_caption_draw(monkeypatch):
+    """Draw order: caption dropout, label dropout (null label C where u < cond_dropout or unlabelled), t, eps."""
+    from step_handles import RecordingHandle
+
+    family = tiny_ldm(num_classes=3, class_cond=True, cond_dropout=0.5)
+    seen = {}
+
+    def unet(zt, t_in, text, label=None):
+        seen["label"] = label
+        return torch.zeros_like(zt, requires_grad=True)
+
+    monkeypatch.setattr(family, "unet", unet)
+    label = torch.tensor([0, 1, 2, -1, 1, 2])
+    opt = RecordingHandle(seed=3)
+    family.train_step({"image": torch.zeros(6, 1, 8, 8), "caption": ["a"] * 6, "label": label}, 0, opt)
+    _, keep, t, eps = opt.draws
+    assert keep.shape == t.shape == (6,) and eps.shape == (6, *family.latent_shape)
+    want = torch.where((keep < 0.5) | (label < 0), 3, label)
+    assert 0 < int((want == 3).sum()) < 6 and torch.equal(seen["label"], want)

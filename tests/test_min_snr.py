@@ -107,13 +107,17 @@ class Draws(StepHandle):
         return self.eps
 
 
+def tiny_ldm(num_classes: int = 0, **cfg) -> LDM:
+    torch.manual_seed(0)
+    return LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
+                                                                head_dim=16),
+                         text=TextConfig(width=16, heads=2, layers=1, context_length=8), **cfg),
+               shape=(1, 8, 8), first_stage=Identity(), num_classes=num_classes)
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_ldm_loss_uses_the_weights(prediction, monkeypatch):
-    torch.manual_seed(0)
-    family = LDM(LDMConfig(scale_factor=1.0, prediction=prediction, loss_weighting="min-snr", snr_gamma=2.0,
-                           unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True], head_dim=16),
-                           text=TextConfig(width=16, heads=2, layers=1, context_length=8)),
-                 shape=(1, 8, 8), first_stage=Identity())
+    family = tiny_ldm(prediction=prediction, loss_weighting="min-snr", snr_gamma=2.0)
     x0, eps, out = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     t = torch.tensor([3, 100, 500, 900])
     monkeypatch.setattr(family, "unet", lambda z, t_in, text, label=None: out)
@@ -145,11 +149,7 @@ def test_ldm_scale_factor_reads_images_evenly_spread_over_a_large_training_split
 
 def test_ldm_noise_schedule_spans_the_same_sigmas_as_ddpm():
     """LDM's discrete schedule is DDPM's: the same sigma table, span (t = 0 to T - 1) and step grids."""
-    torch.manual_seed(0)
-    ldm = LDM(LDMConfig(scale_factor=1.0, schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012, timesteps=200,
-                        unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True], head_dim=16),
-                        text=TextConfig(width=16, heads=2, layers=1, context_length=8)),
-              shape=(1, 8, 8), first_stage=Identity())
+    ldm = tiny_ldm(schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012, timesteps=200)
     ddpm = DDPM(DDPMConfig(schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012, timesteps=200, unet=TINY),
                 (1, 8, 8))
     table = ddpm.schedule.sigma_table
@@ -164,22 +164,11 @@ def test_gradient_checkpointing_reaches_each_familys_networks():
 
     ddpm = DDPM(DDPMConfig(unet=TINY), (1, 8, 8))
     ae = AutoencoderKL(AutoencoderKLConfig(channels=[8, 8], norm_groups=8, latent_channels=2), (1, 8, 8))
-    ldm = LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
-                                                              head_dim=16),
-                        text=TextConfig(width=16, heads=2, layers=1, context_length=8)),
-              shape=(1, 8, 8), first_stage=Identity())
+    ldm = tiny_ldm()
     for family, net in ((ddpm, "unet"), (ae, "vae"), (ldm, "unet")):
         assert not family.nets[net].is_gradient_checkpointing
         family.enable_gradient_checkpointing()
         assert family.nets[net].is_gradient_checkpointing, type(family).__name__
-
-
-def tiny_ldm(num_classes: int = 0, **cfg) -> LDM:
-    torch.manual_seed(0)
-    return LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
-                                                                head_dim=16),
-                         text=TextConfig(width=16, heads=2, layers=1, context_length=8), **cfg),
-               shape=(1, 8, 8), first_stage=Identity(), num_classes=num_classes)
 
 
 def test_lora_model_loads_a_plain_runs_weights_under_its_adapters_and_refuses_mismatches(tmp_path):

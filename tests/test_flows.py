@@ -404,3 +404,83 @@ def test_glow_refuses_bad_sizes_and_settings_naming_the_key():
         with pytest.raises(GenkitError, match=f"data.image_size: {shape[1]} does not fit model.levels={levels}"):
             Glow(GlowConfig(levels=levels, steps=1, hidden=8), shape)
     assert Glow(GlowConfig(levels=2, steps=1, hidden=8), (1, 12, 12)).flow().latent_shapes[-1] == (8, 3, 3)
+
+
+def test_nice_refuses_bad_sizes_naming_the_key_and_keeps_its_config():
+    for kw, msg in (({"coupling_layers": 0}, "model.coupling_layers: must be >= 1, got 0"),
+                    ({"hidden": 0}, "model.hidden: must be >= 1, got 0"),
+                    ({"hidden_layers": 0}, "model.hidden_layers: must be >= 1, got 0"),
+                    ({"n_bits": 0}, "model.n_bits: must be in 1..8, got 0"),
+                    ({"n_bits": 9}, "model.n_bits: must be in 1..8, got 9")):
+        with pytest.raises(GenkitError, match=f"^{msg}$"):
+            NICE(NICEConfig(**{"hidden": 8, "hidden_layers": 1, **kw}), (1, 4, 4))
+    for bits in (1, 5, 8):
+        cfg = NICEConfig(hidden=8, hidden_layers=1, n_bits=bits)
+        nice = NICE(cfg, (1, 4, 4))
+        assert nice.n_bits == bits and nice.cfg is cfg
+
+
+def test_nice_couplings_alternate_which_half_they_keep():
+    """Coupling i passes x_I1 through unchanged, I1 = the indices of parity i % 2 (the paper's roles exchanged
+    from layer to layer), and changes the other half."""
+    torch.manual_seed(0)
+    net = perturb(NICE(NICEConfig(coupling_layers=4, hidden=8, hidden_layers=1), (1, 4, 4)).nets).flow
+    x = torch.randn(5, 16)
+    for i, coupling in enumerate(net.couplings):
+        y, _ = coupling(x)
+        kept = torch.arange(16) % 2 == i % 2
+        assert torch.equal(y[:, kept], x[:, kept]) and (y[:, ~kept] != x[:, ~kept]).all(), i
+
+
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+def test_nice_log_prob_is_the_prior_of_the_latent_plus_the_scaling_logdet(prior):
+    """log p_X(x) = sum_d log p_H(h_d) + sum_d s_d (eq. 3), the prior in closed form; log-det summed in float32
+    for a bf16 network."""
+    torch.manual_seed(0)
+    nice = NICE(NICEConfig(hidden=8, hidden_layers=1, prior=prior), (1, 4, 4))
+    perturb(nice.nets)
+    net = nice.flow()
+    x = torch.rand(3, 1, 4, 4) * 2 - 1
+    with torch.no_grad():
+        h, _ = net.encode(x)
+        log_p_h = (-h - 2 * torch.nn.functional.softplus(-h) if prior == "logistic"
+                   else -0.5 * h ** 2 - 0.5 * math.log(2 * math.pi)).sum(1)
+        s = net.scaling.s.sum()
+        assert abs(float(s)) > 0.1
+        torch.testing.assert_close(nice.log_prob(x), log_p_h + s)
+        net.bfloat16()
+        assert net.encode(x.bfloat16())[1].dtype == torch.float32
+
+
+def test_nice_samples_the_logistic_prior_through_its_logit_seeded():
+    """Logistic prior: h0 = log u - log(1 - u), u ~ U(0, 1) clamped off {0, 1}, so the latents of direct samples
+    have the logistic's quantiles (scaled by the temperature) and stay finite at the draw's ends."""
+    torch.manual_seed(0)
+    nice = NICE(NICEConfig(hidden=8, hidden_layers=1, prior="logistic"), (1, 4, 4))
+    perturb(nice.nets, 0.05)
+    for t in (0.5, 1.0):
+        x = nice.direct(1000, generator=torch.Generator().manual_seed(0), temperature=t)
+        h = nice.flow().encode(x)[0].flatten().double()
+        q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+        torch.testing.assert_close(torch.quantile(h, q), t * torch.log(q / (1 - q)), rtol=0, atol=0.05 * t)
+    one = nice.direct(3, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(one, nice.direct(3, generator=torch.Generator().manual_seed(4)))
+    assert not torch.equal(one, nice.direct(3, generator=torch.Generator().manual_seed(5)))
+    for prior in ("logistic", "gaussian"):
+        nice.flow().prior = prior
+        torch.manual_seed(7)
+        a = nice.direct(2, generator=torch.Generator().manual_seed(4))
+        torch.manual_seed(8)
+        assert torch.equal(a, nice.direct(2, generator=torch.Generator().manual_seed(4))), prior
+
+
+def test_nice_logistic_draw_stays_finite_at_the_ends_of_the_uniform(monkeypatch):
+    from genkit.families import nice as nice_module
+
+    nice = NICE(NICEConfig(hidden=8, hidden_layers=1, prior="logistic"), (1, 2, 2))
+    monkeypatch.setattr(nice_module, "rand", lambda shape, g, device: torch.tensor([[0.0, 1.0, 0.5, 1e-3]]))
+    h = nice.direct(1, temperature=1.0).flatten()     # untrained NICE: x = h
+    torch.testing.assert_close(h[:2].double(), torch.tensor([-1.0, 1.0], dtype=torch.float64) * math.log(1e6 - 1),
+                               rtol=1e-3, atol=0)
+    torch.testing.assert_close(h[2:].double(), torch.tensor([0.0, math.log(1e-3 / (1 - 1e-3))],
+                                                            dtype=torch.float64), rtol=1e-5, atol=1e-6)

@@ -197,6 +197,42 @@ def test_lora_model_loads_a_plain_runs_weights_under_its_adapters_and_refuses_mi
         tiny_ldm(lora=LoRAConfig(rank=-1))
 
 
+def test_lora_adapters_follow_the_config_and_start_as_the_identity():
+    """rank r, scale alpha / r (alpha defaults to r), dropout p on the targets; A ~ N(0, 1/r^2) (peft's
+    "gaussian", as diffusers' LoRA scripts), B = 0 so the adapted UNet starts as the base one."""
+    from genkit.families.ldm import LoRAConfig
+
+    for cfg, scale in [(LoRAConfig(rank=4), 1.0), (LoRAConfig(rank=4, alpha=2.0, dropout=0.25), 0.5)]:
+        unet = tiny_ldm(lora=cfg).nets["unet"]
+        adapted = [m for m in unet.modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+        names = [n for n, m in unet.named_modules() if m in adapted]
+        assert {t for n in names for t in cfg.targets if n.endswith("." + t)} == set(cfg.targets)
+        for m in adapted:
+            assert m.r["default"] == 4 and m.scaling["default"] == pytest.approx(scale)
+            drop = m.lora_dropout["default"]
+            assert (drop.p if cfg.dropout else 0.0) == cfg.dropout and isinstance(drop, nn.Dropout) == bool(cfg.dropout)
+            assert not m.lora_B["default"].weight.any()
+        a = torch.cat([m.lora_A["default"].weight.detach().flatten() for m in adapted])
+        assert a.numel() > 500 and float(a.std()) == pytest.approx(1 / 4, rel=0.15)  # kaiming-uniform: ~0.1
+
+
+def test_ldm_refuses_uncaptioned_batches_naming_the_data_it_needs():
+    from genkit.errors import DataError
+
+    with pytest.raises(DataError, match=r"^model.family=ldm trains on captioned data: data.source=digits, or a "
+                                        r"folder with metadata.jsonl \(file_name, text\)$"):
+        tiny_ldm().train_step({"image": torch.zeros(2, 1, 8, 8), "label": torch.zeros(2, dtype=torch.long)}, 0,
+                              Draws(torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 8, 8)))
+
+
+def test_lora_refuses_unknown_targets_in_one_line():
+    from genkit.families.ldm import LoRAConfig
+
+    with pytest.raises(ConfigError, match=r"^model.lora.targets \['to_nowhere'\]: Target modules \{'to_nowhere'\} "
+                                          r"not found in the base model\. [^\n]*$"):
+        tiny_ldm(lora=LoRAConfig(rank=2, targets=["to_nowhere"]))
+
+
 
 def test_class_conditional_ldm_trains_on_dropped_labels_after_the_caption_draw(monkeypatch):
     """Draw order: caption dropout, label dropout (null label C where u < cond_dropout or unlabelled), t, eps."""

@@ -50,3 +50,15 @@ def test_precision_no_is_the_default_bit_for_bit():
 def test_unknown_precision_is_refused_naming_it():
     with pytest.raises(SamplerError, match="precision must be one of no, bf16, fp16, got 'int8'"):
         _images(_ddpm(), precision="int8")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_runs_matmuls_in_the_named_dtype(precision):
+    """fp16 too: CPU autocast defaults to bf16, so the dtype must be passed on."""
+    from genkit.samplers import PRECISIONS, autocast
+
+    a = torch.randn(4, 4)
+    with autocast(torch.device("cpu"), precision):
+        assert (a @ a).dtype == PRECISIONS[precision]
+    with autocast(torch.device("cpu"), "no"):
+        assert (a @ a).dtype == torch.float32

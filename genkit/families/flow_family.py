@@ -35,7 +35,7 @@ class FlowFamily(Family, Direct, Likelihood):
     default_sampler = "direct"
     compile_sampling = False  # samples through the flow's inverse, which compiling the networks' forward does not reach
 
-    def __init__(self, cfg: FamilyConfig, shape: tuple[int, int, int], flow: nn.Module, n_bits: int = 8):
+    def __init__(self, cfg: FamilyConfig, shape: tuple[int, int, int], flow: nn.Module, n_bits: int):
         self.cfg, self.n_bits = cfg, n_bits
         self.sample_shape = tuple(shape)  # (C, H, W)
         self.dims = math.prod(shape)

@@ -154,7 +154,8 @@ class FixedDraws(StepHandle):
 def test_train_step_regresses_the_closed_form_target_and_drops_captions_where_u_is_below_the_rate(
         ae_run, monkeypatch, prediction):
     """z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, z0 = scale_factor E(x); target eps, z0 or
-    v = sqrt(ab_t) eps - sqrt(1 - ab_t) z0 (Salimans & Ho 2022); captions "" where u < caption_dropout (u = 0.1 keeps its caption)."""
+    v = sqrt(ab_t) eps - sqrt(1 - ab_t) z0 (Salimans & Ho 2022); captions "" where u < caption_dropout
+    (u = 0.1 keeps its caption)."""
     family = tiny_ldm(ae_run, prediction=prediction)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1

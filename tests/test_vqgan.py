@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from step_handles import RecordingHandle
 from torch import nn
 
 import genkit
@@ -287,23 +288,6 @@ def test_hinge_discriminator_loss():
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (0.25 + 0.5))
 
 
-class RecordingHandle:
-    """A stand-in for the trainer's handle: records which groups stepped and backprops nothing."""
-
-    device = torch.device("cpu")
-
-    def __init__(self):
-        self.groups = []
-
-    def step(self, group, loss):
-        assert loss.requires_grad
-        self.groups.append(group)
-        return True
-
-    def randint(self, high, *shape):
-        return torch.randint(high, shape, generator=torch.Generator().manual_seed(0))
-
-
 def test_two_groups_and_the_delayed_discriminator():
     family = tiny_vqgan()
     groups = family.param_groups()
@@ -313,11 +297,11 @@ def test_two_groups_and_the_delayed_discriminator():
     batch = {"image": torch.rand(4, 1, 8, 8) * 2 - 1}
     h = RecordingHandle()
     logs = family.train_step(batch, 9, h)  # disc_start = 0 in the default config: GAN on
-    assert h.groups == ["ae", "disc"] and "adaptive_weight" in logs
+    assert [g for g, _ in h.steps] == ["ae", "disc"] and "adaptive_weight" in logs
     family.cfg.disc_start = 10
     h = RecordingHandle()
     logs = family.train_step(batch, 9, h)
-    assert h.groups == ["ae"] and "d_loss" not in logs and {"perplexity", "usage"} <= set(logs)
+    assert [g for g, _ in h.steps] == ["ae"] and "d_loss" not in logs and {"perplexity", "usage"} <= set(logs)
 
 
 class AccumulatingHandle(RecordingHandle):
@@ -330,6 +314,71 @@ class AccumulatingHandle(RecordingHandle):
     def step(self, group, loss):
         super().step(group, loss)
         return not self.skip and self.micro == self.accum - 1
+
+
+class FakePerceptual(nn.Module):
+    """A stand-in for LPIPS: an asymmetric per-sample distance, so the test can recompute the loss."""
+
+    def forward(self, x, y):
+        return (x - 2 * y).abs().flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("adaptive_max", [1e4, 1e-3])
+def test_train_step_steps_the_taming_objective_on_both_groups(adaptive_max):
+    """"ae": L1 + w_p P(x, x_rec) + L_VQ + d_weight lambda (-mean D(x_rec)), lambda the gradient-norm ratio at the
+    decoder's last layer clamped to model.adaptive_max; "disc": the hinge loss; GAN terms from step disc_start on."""
+    family = tiny_vqgan()
+    family.cfg.perceptual_weight, family.cfg.disc_weight, family.cfg.adaptive_max = 0.5, 0.8, adaptive_max
+    family.cfg.disc_start = 3
+    family.perceptual = FakePerceptual()
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ae, disc = family.nets["autoencoder"], family.nets["disc"]
+    x_rec, _, _, vq = ae(x)
+    l1, p = (x - x_rec).abs().mean(), FakePerceptual()(x, x_rec).mean()
+    rec = l1 + 0.5 * p
+    g_loss = -disc(x_rec).mean()
+    g_rec = torch.autograd.grad(rec, ae.decoder.conv_out.weight, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g_loss, ae.decoder.conv_out.weight, retain_graph=True)[0]
+    lam = min(float(g_rec.norm() / (g_gan.norm() + 1e-4)), adaptive_max)
+    want_ae = rec + vq["loss"] + 0.8 * lam * g_loss
+    want_disc = 0.5 * (torch.relu(1 - disc(x)).mean() + torch.relu(1 + disc(x_rec)).mean())
+    h = RecordingHandle()
+    logs = family.train_step({"image": x}, 3, h)
+    [(g1, ae_loss), (g2, d_loss)] = h.steps
+    assert (g1, g2) == ("ae", "disc") and lam > 0 and float(p.detach()) > 0
+    torch.testing.assert_close(ae_loss, want_ae)
+    torch.testing.assert_close(d_loss, want_disc)
+    assert set(logs) == {"loss", "l1", "lpips", "g_loss", "adaptive_weight", "d_loss", "commitment", "codebook",
+                         "perplexity", "usage", "restarted"}
+    for key, want in (("loss", want_ae), ("l1", l1), ("lpips", p), ("g_loss", g_loss), ("d_loss", want_disc),
+                      ("adaptive_weight", torch.tensor(lam)), ("commitment", vq["commitment"]),
+                      ("codebook", vq["codebook"]), ("restarted", torch.tensor(0.0))):
+        torch.testing.assert_close(logs[key].detach().float(), want.detach().float(), msg=key)
+
+
+def test_dead_codes_restart_from_the_steps_draws_only_when_the_optimizer_stepped():
+    """With a restart threshold above every code's usage, the update after an optimizer step restarts codes from
+    encoder outputs picked by the handle's randint (logged as "restarted"); a skipped step updates nothing."""
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    family = tiny_vqgan(restart_threshold=1.0)
+    family.cfg.disc_start = 100
+    skipped = AccumulatingHandle(1, skip=True)
+    assert float(family.train_step({"image": x}, 0, skipped)["restarted"]) == 0 and not skipped.draws
+    h = RecordingHandle()
+    restarted = float(family.train_step({"image": x}, 1, h)["restarted"])
+    [draw] = h.draws  # a candidate for each of the K = 16 codes among the 4 x 16 encoder outputs
+    assert 0 < restarted <= 16 and draw.shape == (16,) and 0 <= int(draw.min()) <= int(draw.max()) < 64
+
+
+def test_attention_option_adds_self_attention_to_encoder_and_decoder():
+    from genkit.nn.vqgan_nets import AttnBlock
+
+    for attention in (True, False):
+        cfg = VQGANConfig(f=2, channels=[8, 16], norm_groups=4, disc_channels=8, disc_layers=1, attention=attention,
+                          quantizer=QuantizerConfig(num_codes=16, dim=8))
+        ae = VQGAN(cfg, shape=(1, 8, 8)).nets["autoencoder"]
+        for net in (ae.encoder, ae.decoder):
+            assert sum(isinstance(m, AttnBlock) for m in net.modules()) == int(attention)
 
 
 def test_the_codebook_updates_once_per_optimizer_step_from_all_its_micro_batches():
@@ -426,7 +475,8 @@ def test_vqgan_perceptual_loss_is_built_from_its_config_offline(tmp_path, monkey
     assert "random" in lp.backbone and type(lp.model.net).__name__ == "alexnet"
     with pytest.raises(GenkitError, match=r"alexnet-owt-7be5be79\.pth.* or pass model\.perceptual_weights=PATH$"):
         build_perceptual(VQGANConfig(perceptual="lpips", perceptual_net="alex"))
-    bad = tmp_path / "alexnet-owt-7be5be79.pth"
+    bad = tmp_path / "elsewhere" / "alexnet-owt-7be5be79.pth"  # off the search path: found only by the key
+    bad.parent.mkdir()
     torch.save({}, bad)
     with pytest.raises(GenkitError, match="wrong or corrupted"):
         build_perceptual(VQGANConfig(perceptual="lpips", perceptual_net="alex", perceptual_weights=str(bad)))

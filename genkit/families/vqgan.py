@@ -110,12 +110,12 @@ def hinge_d_loss(real: Tensor, fake: Tensor) -> Tensor:
     return 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
 
 
-def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_value: float = 1e4,
+def adaptive_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, max_value: float,
                     delta: float = 1e-4) -> Tensor:
     """lambda = ||grad_{G_L} L_rec|| / (||grad_{G_L} L_GAN|| + delta), clamped to [0, max] and detached (eq. 7)."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (g_rec.norm() / (g_gan.norm() + delta)).clamp(0, max_value).detach()
+    return (g_rec.norm() / (g_gan.norm() + delta)).clamp(max=max_value).detach()  # a ratio of norms: >= 0
 
 
 class VQGAN(Family, Tokenizer):
@@ -212,6 +212,6 @@ def build_perceptual(cfg: VQGANConfig) -> nn.Module:
     """The LPIPS loss of `model.perceptual` (ImageNet backbone resolved offline, or random if named)."""
     random = cfg.perceptual == "lpips_random"
     if random:
-        warnings.warn("model.perceptual=lpips_random: LPIPS with a RANDOMLY INITIALISED backbone", stacklevel=2)
+        warnings.warn("model.perceptual=lpips_random: LPIPS with a RANDOMLY INITIALISED backbone")
     return LPIPS(cfg.perceptual_net, cfg.perceptual_weights, random_backbone=random,
                  option="model.perceptual_weights=PATH")

@@ -414,6 +414,35 @@ def test_config_checks_name_the_key():
         VQGAN(VQGANConfig(f=8, channels=[8, 8, 8, 8], norm_groups=4), shape=(1, 12, 12))
     with pytest.raises(ConfigError, match="model.disc_layers=2"):
         VQGAN(VQGANConfig(f=2, channels=[8, 8], norm_groups=4, disc_layers=2), shape=(1, 8, 8))
+    with pytest.raises(ConfigError, match=r"^model.channels has 2 levels, model.f=8 needs 4$"):
+        VQGAN(VQGANConfig(f=8, channels=[8, 8], norm_groups=4), shape=(1, 16, 16))
+    with pytest.raises(ConfigError, match="^data.image_size=12 is not divisible by model.f=8$"):
+        VQGAN(VQGANConfig(f=8, channels=[8, 8, 8, 8], norm_groups=4, disc_layers=2), shape=(1, 16, 12))  # W too
+    small = dict(channels=[8], norm_groups=4, disc_channels=8, disc_layers=2)
+    assert VQGAN(VQGANConfig(f=1, **small), shape=(1, 12, 12)).token_shape == (12, 12)  # f = 1 = 2^0; 12 // 4 = 3 px
+    with pytest.raises(ConfigError, match=r"^model.disc_layers=2 down-samples data.image_size=11 below 3 px: use at "
+                                          r"most 1 layers$"):
+        VQGAN(VQGANConfig(f=1, **small), shape=(1, 11, 11))
+
+
+def test_quantizer_and_perceptual_follow_the_config():
+    from genkit.nn.perceptual import LPIPS, MIN_SIZE
+
+    q = QuantizerConfig(num_codes=16, dim=8, beta=0.5, ema=True, decay=0.8, cosine=True, restart_threshold=0.3,
+                        usage_decay=0.7)
+    vq = VQGAN(VQGANConfig(f=2, channels=[8, 16], norm_groups=4, disc_channels=8, disc_layers=1, quantizer=q),
+               shape=(1, 8, 8)).nets["autoencoder"].quantizer
+    assert (vq.num_codes, vq.dim, vq.beta, vq.ema, vq.decay, vq.cosine, vq.restart_threshold, vq.usage_decay) == \
+        (16, 8, 0.5, True, 0.8, True, 0.3, 0.7)
+    size = MIN_SIZE["vgg"]
+    cfg = VQGANConfig(f=2, channels=[8, 16], norm_groups=4, disc_channels=8, disc_layers=1,
+                      perceptual="lpips_random", perceptual_net="vgg")
+    with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
+        family = VQGAN(cfg, shape=(3, size, size))
+    assert isinstance(family.perceptual, LPIPS) and "random" in family.perceptual.backbone
+    with pytest.raises(ConfigError, match=rf"^model.perceptual=lpips_random with vgg needs data.image_size >= {size}, "
+                                          rf"got {size - 2}$"):
+        VQGAN(cfg, shape=(3, size, size - 2))
 
 
 def test_tokenizer_round_trip_shapes_and_refused_sampling():

@@ -126,16 +126,17 @@ class VQGAN(Family, Tokenizer):
     sampling_hint = ": a vqgan run is a tokenizer; train an ar_prior recipe with model.tokenizer=<this run>"
 
     def __init__(self, cfg: VQGANConfig, shape: tuple[int, int, int], num_classes: int = 0):
-        check_config(cfg, shape[1])
+        for size in shape[1:]:  # H and W
+            check_config(cfg, size)
         self.cfg, self.sample_shape = cfg, tuple(shape)
         self._codebook_step: int | None = None  # the step whose micro-batches the quantizer accumulates
         self.nets = nn.ModuleDict({"autoencoder": VQAutoencoder(cfg, shape[0]),
                                    "disc": PatchDiscriminator(shape[0], cfg.disc_channels, cfg.disc_layers)})
         self.perceptual = None
         if cfg.perceptual != "none":
-            if shape[1] < MIN_SIZE[cfg.perceptual_net]:
+            if min(shape[1:]) < MIN_SIZE[cfg.perceptual_net]:
                 raise ConfigError(f"model.perceptual={cfg.perceptual} with {cfg.perceptual_net} needs "
-                                  f"data.image_size >= {MIN_SIZE[cfg.perceptual_net]}, got {shape[1]}")
+                                  f"data.image_size >= {MIN_SIZE[cfg.perceptual_net]}, got {min(shape[1:])}")
             self.perceptual = build_perceptual(cfg)
 
     @property

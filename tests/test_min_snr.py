@@ -253,3 +253,52 @@ def test_class_conditional_ldm_trains_on_dropped_labels_after_the_caption_draw(m
     assert keep.shape == t.shape == (6,) and eps.shape == (6, *family.latent_shape)
     want = torch.where((keep < 0.5) | (label < 0), 3, label)
     assert 0 < int((want == 3).sum()) < 6 and torch.equal(seen["label"], want)
+
+
+def test_class_conditional_ldm_unet_reads_the_null_label_by_default_and_denoise_passes_labels():
+    """Without labels a class-conditional UNet sees the null label C; an unconditional LDM refuses labels."""
+    from genkit.errors import SamplerError
+
+    family = tiny_ldm(num_classes=3, class_cond=True)
+    torch.nn.init.normal_(family.nets["unet"].class_embedding.weight)
+    z, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10.0, 500.0])
+    text = family.embed(["a", "b"])
+    with torch.no_grad():
+        null = family.unet(z, t, text)
+        torch.testing.assert_close(null, family.unet(z, t, text, torch.tensor([3, 3])))
+        assert not torch.allclose(null, family.unet(z, t, text, torch.tensor([0, 0])))
+        sigma = torch.tensor([0.5, 2.0])
+        assert not torch.allclose(family.denoise(z, sigma, text, torch.tensor([0, 1])),
+                                  family.denoise(z, sigma, text, torch.tensor([2, 2])))
+    with pytest.raises(SamplerError, match=r"^family 'ldm' is not class-conditional \(model.class_cond: false\); "
+                                           r"it takes prompts$"):
+        tiny_ldm().unet(z, t, text, torch.tensor([0, 1]))
+
+
+def test_ldm_conditions_cycle_prompts_and_refuse_what_it_cannot_condition_on():
+    from genkit.errors import SamplerError
+
+    family = tiny_ldm()
+    with torch.no_grad():
+        cond, uncond = family.conditions(3, prompts="a seven")
+        torch.testing.assert_close(cond["text"], family.embed(["a seven"] * 3))
+        torch.testing.assert_close(uncond["text"], family.embed([""] * 3))
+        cond, _ = family.conditions(2)  # no model.sample_prompts: the empty caption
+        torch.testing.assert_close(cond["text"], family.embed(["", ""]))
+        family.cfg.sample_prompts = ["one", "two"]
+        cond, _ = family.conditions(3)
+        torch.testing.assert_close(cond["text"], family.embed(["one", "two", "one"]))
+    with pytest.raises(SamplerError, match="^prompts: empty list; give at least one prompt$"):
+        family.conditions(2, prompts=[])
+    with pytest.raises(SamplerError, match=r"^family 'ldm' is not class-conditional \(model.class_cond: false\); "
+                                           r"give prompts$"):
+        family.conditions(2, labels=[1, 2])
+    _, uncond = tiny_ldm(num_classes=3, class_cond=True).conditions(2, labels=[0, 1])
+    assert torch.equal(uncond["label"], torch.tensor([3, 3]))
+
+
+def test_ldm_sigma_grid_follows_the_configured_spacing():
+    for spacing in ("leading", "trailing", "linspace"):
+        family = tiny_ldm(spacing=spacing)
+        assert torch.equal(family.sigmas(7), family.schedule.sigmas(7, spacing))
+    assert not torch.equal(tiny_ldm(spacing="trailing").sigmas(7), tiny_ldm().sigmas(7))

@@ -302,3 +302,39 @@ def test_ldm_sigma_grid_follows_the_configured_spacing():
         family = tiny_ldm(spacing=spacing)
         assert torch.equal(family.sigmas(7), family.schedule.sigmas(7, spacing))
     assert not torch.equal(tiny_ldm(spacing="trailing").sigmas(7), tiny_ldm().sigmas(7))
+
+
+def test_ldm_is_built_from_its_config_and_refuses_bad_values_naming_the_key():
+    class Halving(Identity):  # latents of 2 channels at half the size: (1, 8, 8) images -> (2, 4, 4)
+        def encode(self, x):
+            return torch.cat([x, -x], 1)[..., ::2, ::2]
+
+    def build(num_classes=0, **cfg):
+        cfg = {"scale_factor": 1.0, "unet": CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
+                                                           head_dim=16),
+               "text": TextConfig(width=16, heads=2, layers=1, context_length=8), **cfg}
+        return LDM(LDMConfig(**cfg), shape=(1, 8, 8), first_stage=Halving(), num_classes=num_classes)
+
+    sf = r"^model.scale_factor must be > 0 \(set by `genkit train` from the data\), got "
+    for kw, msg in (({"scale_factor": None}, sf + "None$"), ({"scale_factor": 0.0}, sf + "0.0$"),
+                    ({"scale_factor": -1.0}, sf + "-1.0$"),
+                    ({"caption_dropout": -0.1}, r"^model.caption_dropout: must be in \[0, 1\), got -0.1$"),
+                    ({"caption_dropout": 1.0}, r"^model.caption_dropout: must be in \[0, 1\), got 1.0$"),
+                    ({"cond_dropout": 1.0}, r"^model.cond_dropout: must be in \[0, 1\), got 1.0$"),
+                    ({"snr_gamma": 0.0}, r"^model.snr_gamma: must be > 0, got 0.0$")):
+        with pytest.raises(ConfigError, match=msg):
+            build(**kw)
+    with pytest.raises(ConfigError, match=r"^model.class_cond: the dataset has 1 classes; class conditioning needs "
+                                          r"labelled data$"):
+        build(num_classes=1, class_cond=True)
+    family = build(num_classes=3, caption_dropout=0.0, cond_dropout=0.0, timesteps=50, beta_start=1e-3,
+                   beta_end=0.05, schedule="linear")
+    assert family.num_classes == 0 and family.nets["unet"].class_embedding is None  # labels without class_cond
+    torch.testing.assert_close(family.schedule.betas, make_betas("linear", 50, 1e-3, 0.05))
+    unet = family.nets["unet"]
+    assert (unet.config.in_channels, unet.config.sample_size, unet.config.cross_attention_dim) == (2, 4, 16)
+    assert family.frozen_text is None and set(family.nets) == {"unet", "text"} and family.latent_shape == (2, 4, 4)
+    assert family.sample_shape == (1, 8, 8) and family.cfg.timesteps == 50
+    cond = build(num_classes=3, class_cond=True, schedule="cosine")
+    assert cond.num_classes == 3 and cond.nets["unet"].class_embedding.num_embeddings == 4  # + the null label
+    torch.testing.assert_close(cond.schedule.betas, make_betas("cosine", 1000, 1e-4, 0.02))

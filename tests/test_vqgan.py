@@ -423,6 +423,17 @@ def test_config_checks_name_the_key():
     with pytest.raises(ConfigError, match=r"^model.disc_layers=2 down-samples data.image_size=11 below 3 px: use at "
                                           r"most 1 layers$"):
         VQGAN(VQGANConfig(f=1, **small), shape=(1, 11, 11))
+    for size, layers, most in ((5, 1, 0), (12, 3, 2)):
+        with pytest.raises(ConfigError, match=rf"below 3 px: use at most {most} layers$"):
+            VQGAN(VQGANConfig(f=1, **{**small, "disc_layers": layers}), shape=(1, size, size))
+    with pytest.raises(ConfigError, match="^model.quantizer.num_codes: must be >= 2, got 1$"):
+        VQGAN(VQGANConfig(f=1, quantizer=QuantizerConfig(num_codes=1, dim=4), **small), shape=(1, 12, 12))
+    for decay in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match=rf"^model.quantizer.decay: must be in \[0, 1\), got {decay}$"):
+            VQGAN(VQGANConfig(f=1, quantizer=QuantizerConfig(num_codes=4, dim=4, decay=decay), **small),
+                  shape=(1, 12, 12))
+    for q in (QuantizerConfig(num_codes=2, dim=4), QuantizerConfig(num_codes=4, dim=4, decay=0.0)):  # the edges
+        assert VQGAN(VQGANConfig(f=1, quantizer=q, **small), shape=(1, 12, 12)).num_codes == q.num_codes
 
 
 def test_quantizer_and_perceptual_follow_the_config():

@@ -161,6 +161,19 @@ def test_ct_pair_is_the_inverse_cdf_of_the_draw_on_the_configured_grid():
     assert int(i.max()) == N - 2   # the last pair (up to sigma_max) is drawn
 
 
+def test_ct_pair_draw_at_the_top_of_the_uniform_is_the_last_pair():
+    """u at or above a last CDF value rounded below 1: the last pair (sigma_{N-2}, sigma_{N-1}), not past the grid."""
+    family = tiny_cm(total_steps=100, s0=4, s1=20, sigma_min=0.01, sigma_max=20.0, sample_sigmas=[20.0])
+
+    class Top(RecordingHandle):
+        def rand(self, *shape):
+            return torch.ones(shape)
+
+    hi, lo = family.noise_pair(3, 40, Top())
+    grid = karras_grid(9, 0.01, 20.0, family.cfg.rho)
+    assert torch.equal(hi, grid[8].float().expand(3)) and torch.equal(lo, grid[7].float().expand(3))
+
+
 def test_ect_times_are_lognormal_clamped_to_the_sigma_range():
     family = tiny_cm(training="ect", p_mean=-0.4, p_std=1.5, sigma_min=0.01, sigma_max=20.0, ect_stage=10,
                      sample_sigmas=[20.0])

@@ -2,6 +2,7 @@
 (pytorch-fid, torchmetrics, torch-fidelity, prdc)."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -171,10 +172,28 @@ def test_gaussian_stats_errors():
         stats.update(torch.zeros(3, 5))
 
 
-def test_fd_warns_when_fewer_samples_than_dimensions():
-    x, _ = feature_pair(10, 16)
-    with pytest.warns(UserWarning, match="N=10 samples below the feature dimension d=16"):
-        stats_of(x).mean_cov()
+def test_fd_refuses_malformed_statistics_naming_the_argument():
+    mu, sigma = np.zeros(3), np.eye(3)
+    for args, msg in (((np.zeros((2, 3)), sigma, mu, sigma), r"^mu1 must be a vector \(d,\), got shape \(2, 3\)$"),
+                      ((mu, sigma, [0.0, 0.0, 0.0], sigma), "^mu2 must be a numpy array or torch tensor, got list$"),
+                      ((mu, sigma, mu, np.full((3, 3), np.nan)), "^sigma2 holds NaN or inf$"),
+                      ((mu, sigma, mu, np.eye(2)), r"^sigma2 must be \(3, 3\) to match mu2, got \(2, 2\)$"),
+                      ((mu, sigma, np.zeros(2), np.eye(2)), "^FD dimension mismatch: set 1 has d=3, set 2 has d=2$")):
+        with pytest.raises(GenkitError, match=msg):
+            frechet_distance(*args)
+
+
+def test_fd_warns_when_the_covariance_is_singular():
+    """Sigma of N samples has rank <= N - 1: singular for N <= d (N = d included), not for N = d + 1."""
+    for n in (10, 16):
+        x, _ = feature_pair(n, 16)
+        assert np.linalg.matrix_rank(np.cov(x, rowvar=False)) < 16
+        with pytest.warns(UserWarning, match=f"^FD with N={n} samples, not above the feature dimension d=16: the "
+                                             "covariance is singular and FD biased$"):
+            stats_of(x).mean_cov()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats_of(feature_pair(17, 16)[0]).mean_cov()
 
 
 # --- KID ---------------------------------------------------------------------------------------

@@ -397,3 +397,13 @@ def test_family_bits_per_dim_checks_its_arguments_and_names_the_ode_option_a_flo
     with pytest.raises(GenkitError, match=r"a flow \(nice, glow\) or a denoising family \(ddpm, rectified_flow, "
                                           r"ldm\)$"):
         family_bits_per_dim(type("Plain", (), {"name": "plain", "sample_shape": (1, 4, 4)})(), images)
+
+
+def test_conditions_repeat_per_sample_rows_only():
+    """Per-sample tensors (one row per batch item) are tiled n times; scalars, other shapes and non-tensors pass."""
+    from genkit.samplers.likelihood import _repeat
+
+    rows = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert torch.equal(_repeat(rows, 3, 2), rows.repeat(3, 1))
+    for value in (torch.tensor(5.0), torch.zeros(3, 2), "a prompt", 7, None):
+        assert _repeat(value, 3, 2) is value

@@ -184,3 +184,25 @@ def test_compute_w1_seeds_its_critic_with_the_eval_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(w1_module, "wasserstein1", lambda a, b, critic: seen.append(critic) or {"w1": 0.0})
     w1_module.compute_w1(str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), EvalSettings(features="pixels", seed=7))
     assert seen == [CriticSettings(seed=7)]
+
+
+def test_pixel_vectors_of_a_run_follow_the_eval_sampling_settings(monkeypatch):
+    """W1 in pixels of a run SPEC generates with the command's sampler, steps and options, the eval's seed and
+    device, and scales uint8 to [-1, 1]."""
+    from genkit.eval import w1
+    from genkit.eval.engine import EvalSettings
+    from genkit.eval.specs import SampleSettings
+
+    seen = {}
+
+    def fake_iter_images(spec, n, batch_size, sample=None, *, seed=0):
+        seen.update(spec=spec, n=n, batch_size=batch_size, sample=sample, seed=seed)
+        yield torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+
+    monkeypatch.setattr(w1, "iter_images", fake_iter_images)
+    s = EvalSettings(features=None, n=5, batch_size=3, device="cpu", seed=11,
+                     sample=SampleSettings(sampler="ddim", steps=7, options={"eta": 0.5}))
+    v = w1._vectors("runs/x", s, None)
+    assert torch.equal(v, torch.tensor([[-1.0, 1.0]]))
+    assert (seen["spec"], seen["n"], seen["batch_size"], seen["seed"]) == ("runs/x", 5, 3, 11)
+    assert seen["sample"] == SampleSettings(sampler="ddim", steps=7, seed=11, device="cpu", options={"eta": 0.5})

@@ -28,10 +28,10 @@ ArrayLike = Union[np.ndarray, Tensor]
 
 
 def warn_if_few(n: int, d: int) -> None:
-    """Warn when fewer samples than feature dimensions make Sigma singular (rank <= n - 1)."""
-    if n < d:
+    """Warn when too few samples make Sigma singular: its rank is at most n - 1, below d when n <= d."""
+    if n <= d:
         warnings.warn(
-            f"FD with N={n} samples below the feature dimension d={d}: "
+            f"FD with N={n} samples, not above the feature dimension d={d}: "
             "the covariance is singular and FD biased", stacklevel=2,
         )
 

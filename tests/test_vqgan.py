@@ -416,8 +416,9 @@ def test_config_checks_name_the_key():
         VQGAN(VQGANConfig(f=2, channels=[8, 8], norm_groups=4, disc_layers=2), shape=(1, 8, 8))
     with pytest.raises(ConfigError, match=r"^model.channels has 2 levels, model.f=8 needs 4$"):
         VQGAN(VQGANConfig(f=8, channels=[8, 8], norm_groups=4), shape=(1, 16, 16))
-    with pytest.raises(ConfigError, match="^data.image_size=12 is not divisible by model.f=8$"):
-        VQGAN(VQGANConfig(f=8, channels=[8, 8, 8, 8], norm_groups=4, disc_layers=2), shape=(1, 16, 12))  # W too
+    for shape in ((1, 16, 12), (1, 12, 16)):  # H and W both checked
+        with pytest.raises(ConfigError, match="^data.image_size=12 is not divisible by model.f=8$"):
+            VQGAN(VQGANConfig(f=8, channels=[8, 8, 8, 8], norm_groups=4, disc_layers=2), shape=shape)
     small = dict(channels=[8], norm_groups=4, disc_channels=8, disc_layers=2)
     assert VQGAN(VQGANConfig(f=1, **small), shape=(1, 12, 12)).token_shape == (12, 12)  # f = 1 = 2^0; 12 // 4 = 3 px
     with pytest.raises(ConfigError, match=r"^model.disc_layers=2 down-samples data.image_size=11 below 3 px: use at "
@@ -454,6 +455,8 @@ def test_quantizer_and_perceptual_follow_the_config():
     with pytest.raises(ConfigError, match=rf"^model.perceptual=lpips_random with vgg needs data.image_size >= {size}, "
                                           rf"got {size - 2}$"):
         VQGAN(cfg, shape=(3, size, size - 2))
+    with pytest.raises(ConfigError, match=rf"needs data.image_size >= {size}, got {size - 2}$"):
+        VQGAN(cfg, shape=(3, size - 2, size))
 
 
 def test_tokenizer_round_trip_shapes_and_refused_sampling():

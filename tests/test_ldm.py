@@ -440,3 +440,20 @@ def test_autoencoder_kl_loss_is_l1_plus_weighted_kl_per_pixel_and_perceptual(per
     assert set(family.loss(x[:1], eps[:1])) == set(want)   # a batch of one (the KL's pixel count is per image)
     for key in want:
         torch.testing.assert_close(logs[key], want[key], rtol=1e-5, atol=1e-7)
+
+
+def test_autoencoder_kl_latent_shape_and_perceptual_setting(tmp_path, monkeypatch):
+    """z is (latent_channels, H / f, W / f); model.perceptual=lpips needs >= 16 px on both sides and finds its
+    VGG weights offline, naming model.perceptual_weights when they are missing."""
+    from genkit.errors import ConfigError, GenkitError
+
+    cfg = AutoencoderKLConfig(channels=[8, 8, 8], norm_groups=8, latent_channels=3)
+    assert AutoencoderKL(cfg, shape=(1, 8, 16)).prior_shape == (3, 2, 4)
+    lpips = AutoencoderKLConfig(channels=[8, 8], norm_groups=8, perceptual="lpips")
+    for shape in ((1, 12, 16), (1, 16, 12)):
+        with pytest.raises(ConfigError, match="^model.perceptual=lpips needs images of at least 16 px, got 12$"):
+            AutoencoderKL(lpips, shape=shape)
+    for var in ("GENKIT_WEIGHTS_DIR", "XDG_CACHE_HOME", "TORCH_HOME"):
+        monkeypatch.setenv(var, str(tmp_path))
+    with pytest.raises(GenkitError, match=r"vgg16-397923af\.pth.* or pass model\.perceptual_weights=PATH$"):
+        AutoencoderKL(lpips, shape=(1, 16, 16))

@@ -290,6 +290,9 @@ def test_family_bits_per_dim_matches_the_closed_form():
     assert out["nats_per_dim"] == pytest.approx(out["bits_per_dim"] * math.log(2))
     assert out["bits_per_dim_se"] == pytest.approx(out["bits_per_dim_std"] / math.sqrt(6))
     assert out["field"] == "unclipped probability-flow ODE"
+    one = family_bits_per_dim(family, images[:1], generator=seeded(1), exact_divergence=True)
+    assert one["n"] == 1 and one["bits_per_dim_std"] == one["bits_per_dim_se"] == 0.0  # no spread of one image
+    assert one["bits_per_dim"] == pytest.approx(expected[0].item(), abs=1e-3 / math.log(2))
 
 
 def test_the_standard_error_covers_hutchinsons_noise():

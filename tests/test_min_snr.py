@@ -327,6 +327,7 @@ def test_ldm_is_built_from_its_config_and_refuses_bad_values_naming_the_key():
     with pytest.raises(ConfigError, match=r"^model.class_cond: the dataset has 1 classes; class conditioning needs "
                                           r"labelled data$"):
         build(num_classes=1, class_cond=True)
+    assert build(num_classes=2, class_cond=True).nets["unet"].class_embedding.num_embeddings == 3  # two classes do
     family = build(num_classes=3, caption_dropout=0.0, cond_dropout=0.0, timesteps=50, beta_start=1e-3,
                    beta_end=0.05, schedule="linear")
     assert family.num_classes == 0 and family.nets["unet"].class_embedding is None  # labels without class_cond

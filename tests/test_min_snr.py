@@ -339,3 +339,17 @@ def test_ldm_is_built_from_its_config_and_refuses_bad_values_naming_the_key():
     cond = build(num_classes=3, class_cond=True, schedule="cosine")
     assert cond.num_classes == 3 and cond.nets["unet"].class_embedding.num_embeddings == 4  # + the null label
     torch.testing.assert_close(cond.schedule.betas, make_betas("cosine", 1000, 1e-4, 0.02))
+
+
+def test_ldm_with_a_pretrained_text_tower_keeps_it_frozen_outside_the_nets(tmp_path):
+    """text.encoder=local-dir: the open_clip tower is used, frozen, and neither saved in nets nor optimised."""
+    from test_ldm import local_clip
+
+    _, folder = local_clip(tmp_path / "clip")
+    family = LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
+                                                                 head_dim=16),
+                           text=TextConfig(encoder=f"local-dir:{folder}")), shape=(1, 8, 8), first_stage=Identity())
+    assert family.frozen_text is not None and family.text_encoder() is family.frozen_text
+    assert set(family.nets) == {"unet"} and family.nets["unet"].config.cross_attention_dim == 32
+    assert not any(p.requires_grad for p in family.frozen_text.parameters())
+    assert {id(p) for p in family.param_groups()["model"]} == {id(p) for p in family.nets["unet"].parameters()}

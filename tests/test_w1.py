@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -206,3 +207,50 @@ def test_pixel_vectors_of_a_run_follow_the_eval_sampling_settings(monkeypatch):
     assert torch.equal(v, torch.tensor([[-1.0, 1.0]]))
     assert (seen["spec"], seen["n"], seen["batch_size"], seen["seed"]) == ("runs/x", 5, 3, 11)
     assert seen["sample"] == SampleSettings(sampler="ddim", steps=7, seed=11, device="cpu", options={"eta": 0.5})
+
+
+def test_input_checks_name_what_is_wrong():
+    from genkit.errors import GenkitError
+
+    x = torch.zeros(4, 2)
+    for real, fake in ((x, torch.zeros(4, 2, 1)), (torch.zeros(4, 2, 1), x), (torch.zeros(4, 3), x)):
+        with pytest.raises(GenkitError, match=rf"^W1 needs two \(N, D\) sets of one dimension D, got "
+                                              rf"{re.escape(str(tuple(real.shape)))} and "):
+            wasserstein1(real, fake, CriticSettings(steps=1))
+    with pytest.raises(GenkitError, match="^W1 needs at least 2 samples per set, got 1 and 4$"):
+        wasserstein1(x[:1], x, CriticSettings(steps=1))
+    with pytest.raises(GenkitError, match="2 fitting and 2 held-out"):   # 2 samples pass the first check
+        wasserstein1(x[:2], x[:2], CriticSettings(steps=1))
+    for bad in ({"steps": 0}, {"batch_size": 0}, {"hidden": 0}, {"depth": -1}, {"lr": 0.0}, {"holdout": 0.0}):
+        with pytest.raises(GenkitError, match="^critic settings out of range: "):
+            wasserstein1(torch.zeros(8, 2), torch.ones(8, 2), CriticSettings(**{"steps": 1, **bad}))
+
+
+def test_critic_sign_is_checked_at_each_quarter_and_at_the_end(monkeypatch):
+    """The dual estimate is checked at steps floor(k T / 4), k = 1..4 (the last step included), and a critic
+    with a negative estimate is negated."""
+    from genkit.eval import w1
+
+    real, fake = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), torch.randn(64, 2) + 1
+    for steps in (6, 8):
+        calls = []
+        monkeypatch.setattr(w1, "dual_estimate", lambda f, r, fk: calls.append(1) or 1.0)
+        kept = w1.fit_critic(real, fake, CriticSettings(steps=steps, hidden=8, seed=1))
+        assert len(calls) == 4, steps
+        calls.clear()
+        monkeypatch.setattr(w1, "dual_estimate", lambda f, r, fk: calls.append(1) or (-1.0 if len(calls) == 4 else 1.0))
+        flipped = w1.fit_critic(real, fake, CriticSettings(steps=steps, hidden=8, seed=1))
+        with torch.no_grad():
+            torch.testing.assert_close(flipped(real), -kept(real))
+
+
+def test_gradient_norm_is_measured_on_at_most_4096_interpolates(monkeypatch):
+    from genkit.eval import w1
+
+    seen = []
+    norm = w1.critic_grad_norm
+    monkeypatch.setattr(w1, "critic_grad_norm", lambda f, x, *a: seen.append(len(x)) or norm(f, x, *a))
+    g = torch.Generator().manual_seed(0)
+    out = wasserstein1(torch.randn(10000, 2, generator=g), torch.randn(10000, 2, generator=g),
+                       CriticSettings(steps=1, hidden=8))
+    assert seen == [4096] and out["split"]["held_out"][0] > 4096

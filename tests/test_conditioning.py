@@ -99,8 +99,11 @@ def test_default_labels_cycle_through_the_classes_and_bad_labels_are_refused():
 def test_unconditional_families_refuse_labels_and_guidance():
     family = RectifiedFlow(RectifiedFlowConfig(unet=TINY_UNET), shape=SHAPE, num_classes=10)
     assert family.num_classes == 0  # class_cond is off: the dataset's labels are ignored
-    with pytest.raises(SamplerError, match="unconditional"):
+    with pytest.raises(SamplerError, match=r"^family 'rectified_flow' is unconditional \(model.class_cond: false\); "
+                                           r"it takes no class labels$"):
         sample(family, 2, steps=2, labels=[1])
+    with pytest.raises(SamplerError, match=r"^family 'rectified_flow' takes no text prompts \(model.family: ldm does\)$"):
+        family.conditions(2, prompts=["a"])
     with pytest.raises(SamplerError, match="needs a conditional family"):
         sample(family, 2, steps=2, guidance=2.0)
 

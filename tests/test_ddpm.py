@@ -145,6 +145,8 @@ def test_sigma_grid_is_decreasing_and_ends_at_zero(spacing):
         assert sig.shape == (steps + 1,)
         assert sig[-1] == 0 and (sig.diff() < 0).all()
         torch.testing.assert_close(sig[:-1], ns.sigma_table[ns.timesteps(steps, spacing)], rtol=0, atol=0)
+        assert sig.dtype == torch.float64
+    assert torch.equal(ns.sigmas(7), ns.sigmas(7, "leading"))  # diffusers' default spacing is the default
 
 
 def diffusers_timesteps(sched, steps: int) -> list[int]:

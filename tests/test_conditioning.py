@@ -104,6 +104,11 @@ def test_unconditional_families_refuse_labels_and_guidance():
         sample(family, 2, steps=2, labels=[1])
     with pytest.raises(SamplerError, match=r"^family 'rectified_flow' takes no text prompts \(model.family: ldm does\)$"):
         family.conditions(2, prompts=["a"])
+    with pytest.raises(SamplerError, match=r"^family 'rectified_flow' is unconditional \(model.class_cond: false\); "
+                                           r"it takes no class labels$"):
+        family.unet(torch.zeros(2, *SHAPE), torch.zeros(2), torch.tensor([1, 2]))
+    conditional = RectifiedFlow(RectifiedFlowConfig(unet=TINY_UNET, class_cond=True), shape=SHAPE, num_classes=10)
+    assert conditional.nets["unet"].class_embedding.num_embeddings == 11  # the classes and the null label
     with pytest.raises(SamplerError, match="needs a conditional family"):
         sample(family, 2, steps=2, guidance=2.0)
 

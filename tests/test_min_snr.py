@@ -263,8 +263,11 @@ def test_class_conditional_ldm_unet_reads_the_null_label_by_default_and_denoise_
     torch.nn.init.normal_(family.nets["unet"].class_embedding.weight)
     z, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10.0, 500.0])
     text = family.embed(["a", "b"])
+    seen = []
+    family.nets["unet"].register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"]), with_kwargs=True)
     with torch.no_grad():
         null = family.unet(z, t, text)
+        assert torch.equal(seen[0], torch.tensor([3, 3]))  # one null label per sample
         torch.testing.assert_close(null, family.unet(z, t, text, torch.tensor([3, 3])))
         assert not torch.allclose(null, family.unet(z, t, text, torch.tensor([0, 0])))
         sigma = torch.tensor([0.5, 2.0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -457,3 +458,15 @@ def test_autoencoder_kl_latent_shape_and_perceptual_setting(tmp_path, monkeypatc
         monkeypatch.setenv(var, str(tmp_path))
     with pytest.raises(GenkitError, match=r"vgg16-397923af\.pth.* or pass model\.perceptual_weights=PATH$"):
         AutoencoderKL(lpips, shape=(1, 16, 16))
+    bad = tmp_path / "elsewhere" / "vgg16-397923af.pth"  # off the search path: found only by the key
+    bad.parent.mkdir()
+    torch.save({}, bad)
+    with pytest.raises(GenkitError, match="wrong or corrupted"):
+        AutoencoderKL(dataclasses.replace(lpips, perceptual_weights=str(bad)), shape=(1, 16, 16))
+    for kw in ({"kl_weight": -1.0}, {"perceptual_weight": -1.0}):
+        with pytest.raises(ConfigError, match="^model.kl_weight and model.perceptual_weight must be >= 0$"):
+            AutoencoderKL(dataclasses.replace(cfg, **kw), shape=(1, 8, 8))
+    zero = AutoencoderKL(dataclasses.replace(cfg, kl_weight=0.0, perceptual_weight=0.0), shape=(1, 8, 8))
+    assert zero.sample_shape == (1, 8, 8) and zero.lpips is None
+    deep = AutoencoderKLConfig(channels=[8, 8, 8, 8], norm_groups=8, latent_channels=3)
+    assert AutoencoderKL(deep, shape=(1, 32, 32)).prior_shape == (3, 4, 4)  # f = 2^3

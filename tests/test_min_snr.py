@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from genkit.errors import ConfigError
+from genkit.errors import ConfigError, DataError, SamplerError
 from genkit.families.base import Autoencoder, StepHandle
 from genkit.families.ddpm import DDPM, DDPMConfig, NoiseSchedule, make_betas, min_snr_weight
 from genkit.families.ldm import LDM, LDMConfig
@@ -107,12 +107,12 @@ class Draws(StepHandle):
         return self.eps
 
 
-def tiny_ldm(num_classes: int = 0, **cfg) -> LDM:
+def tiny_ldm(num_classes: int = 0, first_stage: Autoencoder | None = None, **cfg) -> LDM:
+    """An LDM on (1, 8, 8) images (latents: the images themselves unless another first stage is given)."""
     torch.manual_seed(0)
-    return LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
-                                                                head_dim=16),
-                         text=TextConfig(width=16, heads=2, layers=1, context_length=8), **cfg),
-               shape=(1, 8, 8), first_stage=Identity(), num_classes=num_classes)
+    cfg = {"scale_factor": 1.0, "unet": CondUNetConfig(channels=[16, 32], cross_attention=[False, True], head_dim=16),
+           "text": TextConfig(width=16, heads=2, layers=1, context_length=8), **cfg}
+    return LDM(LDMConfig(**cfg), shape=(1, 8, 8), first_stage=first_stage or Identity(), num_classes=num_classes)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
@@ -217,8 +217,6 @@ def test_lora_adapters_follow_the_config_and_start_as_the_identity():
 
 
 def test_ldm_refuses_uncaptioned_batches_naming_the_data_it_needs():
-    from genkit.errors import DataError
-
     with pytest.raises(DataError, match=r"^model.family=ldm trains on captioned data: data.source=digits, or a "
                                         r"folder with metadata.jsonl \(file_name, text\)$"):
         tiny_ldm().train_step({"image": torch.zeros(2, 1, 8, 8), "label": torch.zeros(2, dtype=torch.long)}, 0,
@@ -231,7 +229,6 @@ def test_lora_refuses_unknown_targets_in_one_line():
     with pytest.raises(ConfigError, match=r"^model.lora.targets \['to_nowhere'\]: Target modules \{'to_nowhere'\} "
                                           r"not found in the base model\. [^\n]*$"):
         tiny_ldm(lora=LoRAConfig(rank=2, targets=["to_nowhere"]))
-
 
 
 def test_class_conditional_ldm_trains_on_dropped_labels_after_the_caption_draw(monkeypatch):
@@ -257,8 +254,6 @@ def test_class_conditional_ldm_trains_on_dropped_labels_after_the_caption_draw(m
 
 def test_class_conditional_ldm_unet_reads_the_null_label_by_default_and_denoise_passes_labels():
     """Without labels a class-conditional UNet sees the null label C; an unconditional LDM refuses labels."""
-    from genkit.errors import SamplerError
-
     family = tiny_ldm(num_classes=3, class_cond=True)
     torch.nn.init.normal_(family.nets["unet"].class_embedding.weight)
     z, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10.0, 500.0])
@@ -279,8 +274,6 @@ def test_class_conditional_ldm_unet_reads_the_null_label_by_default_and_denoise_
 
 
 def test_ldm_conditions_cycle_prompts_and_refuse_what_it_cannot_condition_on():
-    from genkit.errors import SamplerError
-
     family = tiny_ldm()
     with torch.no_grad():
         cond, uncond = family.conditions(3, prompts="a seven")
@@ -313,10 +306,7 @@ def test_ldm_is_built_from_its_config_and_refuses_bad_values_naming_the_key():
             return torch.cat([x, -x], 1)[..., ::2, ::2]
 
     def build(num_classes=0, **cfg):
-        cfg = {"scale_factor": 1.0, "unet": CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
-                                                           head_dim=16),
-               "text": TextConfig(width=16, heads=2, layers=1, context_length=8), **cfg}
-        return LDM(LDMConfig(**cfg), shape=(1, 8, 8), first_stage=Halving(), num_classes=num_classes)
+        return tiny_ldm(num_classes, Halving(), **cfg)
 
     sf = r"^model.scale_factor must be > 0 \(set by `genkit train` from the data\), got "
     for kw, msg in (({"scale_factor": None}, sf + "None$"), ({"scale_factor": 0.0}, sf + "0.0$"),
@@ -349,9 +339,7 @@ def test_ldm_with_a_pretrained_text_tower_keeps_it_frozen_outside_the_nets(tmp_p
     from test_ldm import local_clip
 
     _, folder = local_clip(tmp_path / "clip")
-    family = LDM(LDMConfig(scale_factor=1.0, unet=CondUNetConfig(channels=[16, 32], cross_attention=[False, True],
-                                                                 head_dim=16),
-                           text=TextConfig(encoder=f"local-dir:{folder}")), shape=(1, 8, 8), first_stage=Identity())
+    family = tiny_ldm(text=TextConfig(encoder=f"local-dir:{folder}"))
     assert family.frozen_text is not None and family.text_encoder() is family.frozen_text
     assert set(family.nets) == {"unet"} and family.nets["unet"].config.cross_attention_dim == 32
     assert not any(p.requires_grad for p in family.frozen_text.parameters())

@@ -27,9 +27,14 @@ TINY_VQGAN = [  # digits at 8 px, f = 2: 4x4 codes of K = 16
 ]
 
 
+def tiny_config(**model) -> VQGANConfig:
+    """f = 2, two levels of 8 and 16 channels, K = 16 codes of dimension 8, a one-layer PatchGAN."""
+    return VQGANConfig(**{"f": 2, "channels": [8, 16], "norm_groups": 4, "disc_channels": 8, "disc_layers": 1,
+                          "quantizer": QuantizerConfig(num_codes=16, dim=8), **model})
+
+
 def tiny_vqgan(**q) -> VQGAN:
-    cfg = VQGANConfig(f=2, channels=[8, 16], norm_groups=4, disc_channels=8, disc_layers=1,
-                      quantizer=QuantizerConfig(num_codes=16, dim=8, **q))
+    cfg = tiny_config(quantizer=QuantizerConfig(num_codes=16, dim=8, **q))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return VQGAN(cfg, shape=(1, 8, 8))
@@ -374,9 +379,7 @@ def test_attention_option_adds_self_attention_to_encoder_and_decoder():
     from genkit.nn.vqgan_nets import AttnBlock
 
     for attention in (True, False):
-        cfg = VQGANConfig(f=2, channels=[8, 16], norm_groups=4, disc_channels=8, disc_layers=1, attention=attention,
-                          quantizer=QuantizerConfig(num_codes=16, dim=8))
-        ae = VQGAN(cfg, shape=(1, 8, 8)).nets["autoencoder"]
+        ae = VQGAN(tiny_config(attention=attention), shape=(1, 8, 8)).nets["autoencoder"]
         for net in (ae.encoder, ae.decoder):
             assert sum(isinstance(m, AttnBlock) for m in net.modules()) == int(attention)
 
@@ -442,13 +445,11 @@ def test_quantizer_and_perceptual_follow_the_config():
 
     q = QuantizerConfig(num_codes=16, dim=8, beta=0.5, ema=True, decay=0.8, cosine=True, restart_threshold=0.3,
                         usage_decay=0.7)
-    vq = VQGAN(VQGANConfig(f=2, channels=[8, 16], norm_groups=4, disc_channels=8, disc_layers=1, quantizer=q),
-               shape=(1, 8, 8)).nets["autoencoder"].quantizer
+    vq = VQGAN(tiny_config(quantizer=q), shape=(1, 8, 8)).nets["autoencoder"].quantizer
     assert (vq.num_codes, vq.dim, vq.beta, vq.ema, vq.decay, vq.cosine, vq.restart_threshold, vq.usage_decay) == \
         (16, 8, 0.5, True, 0.8, True, 0.3, 0.7)
     size = MIN_SIZE["vgg"]
-    cfg = VQGANConfig(f=2, channels=[8, 16], norm_groups=4, disc_channels=8, disc_layers=1,
-                      perceptual="lpips_random", perceptual_net="vgg")
+    cfg = tiny_config(perceptual="lpips_random", perceptual_net="vgg")
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
         family = VQGAN(cfg, shape=(3, size, size))
     assert isinstance(family.perceptual, LPIPS) and "random" in family.perceptual.backbone

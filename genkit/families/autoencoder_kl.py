@@ -93,9 +93,9 @@ class AutoencoderKL(Family, Direct, Autoencoder):
         self.prior_shape = (cfg.latent_channels, shape[1] // factor, shape[2] // factor)  # (c, h, w) of z
         self.lpips = None
         if cfg.perceptual == "lpips":
-            if min(shape[1:]) < MIN_SIZE["vgg"]:
+            if (size := min(shape[1:])) < MIN_SIZE["vgg"]:
                 raise ConfigError(f"model.perceptual=lpips needs images of at least {MIN_SIZE['vgg']} px, "
-                                  f"got {min(shape[1:])}")
+                                  f"got {size}")
             self.lpips = LPIPS("vgg", cfg.perceptual_weights, option="model.perceptual_weights=PATH")  # hash-checked
 
     def enable_gradient_checkpointing(self) -> None:

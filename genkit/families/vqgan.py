@@ -134,9 +134,9 @@ class VQGAN(Family, Tokenizer):
                                    "disc": PatchDiscriminator(shape[0], cfg.disc_channels, cfg.disc_layers)})
         self.perceptual = None
         if cfg.perceptual != "none":
-            if min(shape[1:]) < MIN_SIZE[cfg.perceptual_net]:
+            if (size := min(shape[1:])) < MIN_SIZE[cfg.perceptual_net]:
                 raise ConfigError(f"model.perceptual={cfg.perceptual} with {cfg.perceptual_net} needs "
-                                  f"data.image_size >= {MIN_SIZE[cfg.perceptual_net]}, got {min(shape[1:])}")
+                                  f"data.image_size >= {MIN_SIZE[cfg.perceptual_net]}, got {size}")
             self.perceptual = build_perceptual(cfg)
 
     @property
